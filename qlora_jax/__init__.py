@@ -1,0 +1,36 @@
+"""qlora_jax: QLoRA fine-tuning in JAX.
+
+Base weights are stored as packed 4-bit codes with per-block scales, in
+bitsandbytes' exact format (Dettmers et al., 2023, "QLoRA: Efficient
+Finetuning of Quantized LLMs").
+
+Example:
+    >>> import jax, qlora_jax as qj
+    >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (1024, 1024)), "nf4", double_quant=True)
+    >>> round(q.nbytes / 1024**2, 4)
+    0.5157
+"""
+
+from qlora_jax._src.formats import (
+    BLOCK_SIZES,
+    FORMATS,
+    QuantizedArray,
+    dequantize,
+    dequantize_absmax,
+    from_bnb,
+    quantize,
+    to_bnb,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BLOCK_SIZES",
+    "FORMATS",
+    "QuantizedArray",
+    "dequantize",
+    "dequantize_absmax",
+    "from_bnb",
+    "quantize",
+    "to_bnb",
+]

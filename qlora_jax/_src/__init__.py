@@ -1,0 +1,1 @@
+"""Private implementation of qlora_jax; import from `qlora_jax` instead."""

@@ -1,0 +1,387 @@
+"""Blockwise absmax quantization to NF4, FP4, int4 and int8, and back.
+
+NF4 and FP4 follow bitsandbytes 0.50 exactly (Dettmers et al., 2023, "QLoRA:
+Efficient Finetuning of Quantized LLMs"): per block of `block_size` elements
+along the input axis, `absmax = max |x|`, `scaled = clip(x * (1 / absmax), -1,
+1)`, and each value gets the code of the nearest codebook entry (a tie goes to
+the lower value). Double quantization stores the absmax values as 8-bit codes
+of the signed dynamic map in blocks of 256, after subtracting their mean.
+
+Everything here is a pure function over arrays; `quantize` is jittable and
+processes large kernels in chunks of rows so that its temporaries stay a small
+fraction of the kernel's size.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from qlora_jax._src.formats import codebooks
+from qlora_jax._src.formats.qarray import BLOCK_SIZES, FORMATS, NESTED_BLOCK_SIZE, QuantizedArray
+
+__all__ = ["quantize", "dequantize", "dequantize_absmax"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+# Rows are quantized in chunks of about this many elements (16 MiB of float32).
+_CHUNK_ELEMENTS = 1 << 22
+# Above 2**126 the float32 reciprocal 1/absmax is subnormal, which XLA on CPU
+# flushes to zero; such blocks divide instead of multiplying by the reciprocal.
+_RECIPROCAL_LIMIT = np.float32(2.0**126)
+# bitsandbytes clamps a partial block's absmax at 1e-38 (a float32 subnormal).
+# It is written by its bits so that no float operation can flush it.
+_CLAMP_BITS = np.int32(np.float32(1e-38).view(np.int32))
+
+
+def quantize(
+    x: jax.Array | np.ndarray,
+    fmt: str,
+    block_size: int = 64,
+    double_quant: bool = False,
+    *,
+    contract_axes: Sequence[int] | None = None,
+) -> QuantizedArray:
+    """Quantizes a kernel blockwise along its input axis.
+
+    For a Flax kernel `[in, out]` the codes and absmax are bit-identical to
+    `bitsandbytes.functional.quantize_4bit(kernel.T, ...)` ("nf4", "fp4"). The
+    formats "int4" (symmetric, codes -7..7 scaled by absmax/7, stored as
+    code + 8) and "int8" (codes -127..127 scaled by absmax/127, one byte each)
+    use the same blocks. Values are rounded to nearest, ties to the lower
+    code ("nf4", "fp4") or to even ("int4", "int8").
+
+    Called eagerly, non-finite weights raise `ValueError`. Under `jax.jit` the
+    values cannot be inspected: a block holding NaN gets a NaN absmax, so the
+    failure shows in the result rather than being hidden.
+
+    Float32 subnormals (|x| < 1.18e-38) count as zero: XLA on CPU flushes them.
+    bitsandbytes keeps them, so a block whose largest magnitude is subnormal
+    differs from it (its values are below 1e-38 either way).
+
+    Args:
+        x: Kernel, float32, bfloat16 or float16, at least 1-D.
+        fmt: "nf4", "fp4", "int4" or "int8".
+        block_size: Elements per block: 32 or a power of two from 64 to 4096.
+        double_quant: Also quantize the per-block absmax to 8 bits (blocks of
+            256, offset by their mean), as bitsandbytes' `compress_statistics`.
+        contract_axes: Axes of `x` that a matmul contracts (the input axes);
+            default `(0,)`, the first axis of a Flax `[in, out]` kernel.
+
+    Returns:
+        A `QuantizedArray`.
+
+    Raises:
+        ValueError: Unknown `fmt`, unsupported `block_size`, a dtype or rank of
+            `x` that cannot be quantized, bad `contract_axes`, or NaN/Inf in `x`.
+
+    Example:
+        >>> import jax, qlora_jax as qj
+        >>> kernel = jax.random.normal(jax.random.key(0), (256, 128))
+        >>> q = qj.quantize(kernel, "nf4", block_size=64, double_quant=True)
+        >>> qj.dequantize(q).shape
+        (256, 128)
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt: unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
+    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size: {block_size!r} is not supported; expected one of {BLOCK_SIZES}")
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        x = np.asarray(x)
+    if np.dtype(x.dtype) not in _FLOAT_DTYPES:
+        raise ValueError(f"x: dtype {x.dtype} cannot be quantized; expected float32, bfloat16 or float16")
+    axes = _normalize_contract_axes(contract_axes, tuple(x.shape))
+    if math.prod(x.shape) == 0:
+        raise ValueError(f"x: shape {tuple(x.shape)} has no elements to quantize")
+    x = jnp.asarray(x)
+    if not isinstance(x, jax.core.Tracer):
+        _check_finite(x)
+    return _quantize_jit(x, fmt, block_size, bool(double_quant), axes)
+
+
+def dequantize(q: QuantizedArray, dtype: jnp.dtype | None = None) -> jax.Array:
+    """Reconstructs the kernel: `codebook[code] * absmax` in float32, then cast.
+
+    Args:
+        q: A `QuantizedArray`, possibly with leading stack dimensions.
+        dtype: Output dtype; default `q.dtype`, the dtype the kernel had.
+
+    Returns:
+        An array of shape `(*q.stack_shape, *q.shape)`.
+
+    Example:
+        >>> import jax.numpy as jnp, qlora_jax as qj
+        >>> q = qj.quantize(jnp.full((64, 2), 0.5), "nf4")
+        >>> float(qj.dequantize(q)[0, 0])
+        0.5
+    """
+    dtype = q.dtype if dtype is None else np.dtype(dtype)
+    stack = q.stack_shape
+    absmax = dequantize_absmax(q)  # [*stack, *absmax_shape]
+    if q.bits == 4:
+        table = jnp.asarray(codebooks.codebook(q.fmt))
+        codes = jnp.stack([q.codes >> 4, q.codes & 0xF], axis=-1)
+        codes = codes.reshape(*q.codes.shape[:-1], 2 * q.codes.shape[-1])
+        values = table[codes.astype(jnp.int32)]
+    else:
+        values = q.codes.astype(jnp.float32)
+        absmax = absmax * np.float32(1 / 127)
+    if q.row_layout:
+        # [*stack, *out, in // bs, bs] * [*stack, *out, in // bs, 1]
+        blocks = values.reshape(*values.shape[:-1], -1, q.block_size)
+        w = (blocks * absmax[..., None]).reshape(*stack, *q.out_shape, q.in_size)
+    else:
+        padded = q.n_blocks * q.block_size
+        flat = values[..., : q.size]
+        flat = jnp.pad(flat, [(0, 0)] * len(stack) + [(0, padded - q.size)])
+        w = (flat.reshape(*stack, q.n_blocks, q.block_size) * absmax[..., None]).reshape(*stack, padded)
+        w = w[..., : q.size]
+    # Storage order is (*out axes, *contract axes); undo that permutation.
+    stored = _storage_order(len(q.shape), q.contract_axes)
+    w = w.reshape(*stack, *(q.shape[a] for a in stored))
+    inverse = np.argsort(stored)
+    w = jnp.transpose(w, (*range(len(stack)), *(len(stack) + int(i) for i in inverse)))
+    return w.astype(dtype)
+
+
+def dequantize_absmax(q: QuantizedArray) -> jax.Array:
+    """The float32 per-block absmax of `q`, undoing double quantization.
+
+    With double quantization, `dynamic_map[code] * nested_absmax[i // 256]` is
+    rounded to float32 before `nested_offset` is added, as bitsandbytes does.
+
+    Args:
+        q: A `QuantizedArray`.
+
+    Returns:
+        Float32 array shaped like `q.absmax`.
+
+    Example:
+        >>> import jax.numpy as jnp, qlora_jax as qj
+        >>> q = qj.quantize(jnp.ones((64, 4)), "nf4", double_quant=True)
+        >>> qj.dequantize_absmax(q).shape
+        (4, 1)
+    """
+    if not q.double_quant:
+        return q.absmax
+    stack = q.stack_shape
+    n, nb = q.n_blocks, q.nested_absmax.shape[-1]
+    table = jnp.asarray(codebooks.DYNAMIC_SIGNED)
+    vals = table[q.absmax.reshape(*stack, n).astype(jnp.int32)]
+    vals = jnp.pad(vals, [(0, 0)] * len(stack) + [(0, nb * NESTED_BLOCK_SIZE - n)])
+    scaled = vals.reshape(*stack, nb, NESTED_BLOCK_SIZE) * q.nested_absmax[..., None]
+    # Keep XLA from contracting the multiply and the add into one FMA.
+    scaled = lax.reduce_precision(scaled, exponent_bits=8, mantissa_bits=23)
+    absmax = scaled + q.nested_offset[..., None, None]
+    return absmax.reshape(*stack, nb * NESTED_BLOCK_SIZE)[..., :n].reshape(q.absmax.shape)
+
+
+# -- implementation ---------------------------------------------------------
+
+
+def _normalize_contract_axes(contract_axes: Sequence[int] | None, shape: tuple[int, ...]) -> tuple[int, ...]:
+    ndim = len(shape)
+    if ndim == 0:
+        raise ValueError("x: a scalar cannot be blocked; quantize needs at least a 1-D kernel")
+    if contract_axes is None:
+        return (0,)
+    try:
+        axes = tuple(int(a) for a in contract_axes)
+    except TypeError:
+        raise ValueError(f"contract_axes: expected a sequence of ints, got {contract_axes!r}") from None
+    if not axes:
+        raise ValueError("contract_axes: empty; at least one input axis is needed to form blocks")
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"contract_axes: axis {a} is out of range for x of shape {shape}")
+    axes = tuple(a % ndim for a in axes)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"contract_axes: repeated axis in {tuple(contract_axes)}")
+    return axes
+
+
+def _storage_order(ndim: int, contract_axes: tuple[int, ...]) -> tuple[int, ...]:
+    """Axis order of the stored matrix: the output axes, then the contracted ones."""
+    return (*(i for i in range(ndim) if i not in contract_axes), *contract_axes)
+
+
+def _check_finite(x: jax.Array) -> None:
+    count, first = _count_non_finite(x)
+    count = int(count)
+    if count:
+        index = tuple(int(i) for i in np.unravel_index(int(first), x.shape))
+        value = float(x[index])
+        raise ValueError(f"x: contains {count} non-finite value(s) (NaN or Inf); "
+                         f"the first is {value} at index {index} of shape {tuple(x.shape)}")
+
+
+@jax.jit
+def _count_non_finite(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    bad = ~jnp.isfinite(x.reshape(-1))
+    return jnp.sum(bad, dtype=jnp.int32), jnp.argmax(bad)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _quantize_jit(x, fmt, block_size, double_quant, contract_axes):
+    return _quantize_impl(x, fmt, block_size, double_quant, contract_axes)
+
+
+def _quantize_impl(x: jax.Array, fmt: str, block_size: int, double_quant: bool,
+                   contract_axes: tuple[int, ...]) -> QuantizedArray:
+    shape = tuple(x.shape)
+    in_shape = tuple(shape[a] for a in contract_axes)
+    out_shape = tuple(d for i, d in enumerate(shape) if i not in contract_axes)
+    n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+    # [in, out]: a free reshape when the contracted axes lead (Dense, LinearGeneral).
+    lead = (*contract_axes, *(i for i in range(len(shape)) if i not in contract_axes))
+    x2 = jnp.transpose(x, lead).reshape(n_in, n_out)
+    if n_in % block_size == 0:
+        # Row layout: each output column of the kernel is one row of blocks.
+        rows = functools.partial(_columns_as_rows, x2)
+        codes, absmax = _map_rows(rows, n_out, n_in, functools.partial(_quantize_rows, fmt=fmt, block_size=block_size))
+        codes = codes.reshape(*out_shape, codes.shape[-1])
+        absmax = absmax.reshape(*out_shape, absmax.shape[-1])
+    else:
+        codes, absmax = _quantize_flat(x2.T.reshape(-1), fmt, block_size)
+    nested_absmax = nested_offset = None
+    if double_quant:
+        flat_codes, nested_absmax, nested_offset = _double_quantize(absmax.reshape(-1))
+        absmax = flat_codes.reshape(absmax.shape)
+    return QuantizedArray(codes=codes, absmax=absmax, nested_absmax=nested_absmax, nested_offset=nested_offset,
+                          fmt=fmt, block_size=block_size, shape=shape, dtype=x.dtype, contract_axes=contract_axes)
+
+
+def _columns_as_rows(x2: jax.Array, start, size: int) -> jax.Array:
+    """Columns `start:start+size` of `x2 [in, out]` as float32 rows `[size, in]`."""
+    return lax.dynamic_slice_in_dim(x2, start, size, axis=1).T.astype(jnp.float32)
+
+
+def _map_rows(rows, n_rows: int, row_len: int, fn):
+    """Applies `fn` to `rows(start, size)` in chunks of rows and concatenates.
+
+    Only one chunk is live at a time, so quantizing a kernel needs temporaries
+    of about `_CHUNK_ELEMENTS` floats, not several copies of the kernel.
+    """
+    chunk = max(1, min(n_rows, _CHUNK_ELEMENTS // row_len))
+    n_full, rem = divmod(n_rows, chunk)
+    parts = []
+    if n_full == 1:
+        parts.append(fn(rows(0, chunk)))
+    elif n_full > 1:
+        mapped = lax.map(lambda i: fn(rows(i * chunk, chunk)), jnp.arange(n_full))
+        parts.append(jax.tree.map(lambda a: a.reshape(n_full * chunk, *a.shape[2:]), mapped))
+    if rem:
+        parts.append(fn(rows(n_full * chunk, rem)))
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
+
+
+def _quantize_rows(rows: jax.Array, *, fmt: str, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """Quantizes float32 `rows [r, L]` (L a multiple of the block size).
+
+    Returns codes `[r, L // 2]` (4-bit, packed) or `[r, L]` (int8) and float32
+    absmax `[r, L // block_size]`.
+    """
+    r, length = rows.shape
+    blocks = rows.reshape(r, length // block_size, block_size)
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)  # [r, L // bs]
+    scaled = _scale_full_blocks(blocks, absmax[..., None])
+    return _encode(scaled.reshape(r, length), fmt), absmax
+
+
+def _scale_full_blocks(x: jax.Array, absmax: jax.Array) -> jax.Array:
+    """bitsandbytes' `clamp(x * (1 / max(absmax, 1e-38)), -1, 1)` under flush-to-zero.
+
+    A zero or subnormal absmax means the block reads as zeros (its values are
+    flushed too): scaled 0. Above 2**126 the reciprocal would be subnormal and
+    flush to zero, so those blocks divide.
+    """
+    normal = absmax >= codebooks.FLOAT32_TINY
+    inv = np.float32(1) / jnp.where(normal, absmax, np.float32(1))
+    scaled = jnp.where(normal, x * inv, np.float32(0))
+    big = absmax > _RECIPROCAL_LIMIT
+    scaled = lax.cond(jnp.any(big), lambda: jnp.where(big, _divide(x, absmax), scaled), lambda: scaled)
+    return jnp.clip(scaled, -1, 1)
+
+
+def _divide(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a / b` rounded as a true division.
+
+    XLA rewrites a division by a broadcast value into a multiplication by its
+    reciprocal, which rounds differently; the barrier keeps the division.
+    """
+    return a / lax.optimization_barrier(jnp.broadcast_to(b, a.shape))
+
+
+def _encode(scaled: jax.Array, fmt: str) -> jax.Array:
+    """Codes of `scaled [..., L]` in [-1, 1]; 4-bit codes packed two per byte."""
+    if fmt == "int8":
+        return jnp.round(scaled * np.float32(127)).astype(jnp.int8)
+    if fmt == "int4":
+        codes = (jnp.round(scaled * np.float32(7)) + 8).astype(jnp.uint8)
+    else:
+        # torch.bucketize(scaled, bounds): the number of bounds strictly below.
+        # Unrolled compares fuse into one elementwise loop.
+        codes = jnp.zeros(scaled.shape, jnp.uint8)
+        for bound in codebooks.sorted_bounds(fmt):
+            codes = codes + (scaled > bound).astype(jnp.uint8)
+        if fmt == "fp4":
+            codes = jnp.asarray(codebooks.FP4_SORT_ORDER)[codes.astype(jnp.int32)]
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return (pairs[..., 0] << 4) | pairs[..., 1]
+
+
+def _quantize_flat(flat: jax.Array, fmt: str, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """Flat layout: full blocks as rows, then bitsandbytes' partial last block.
+
+    The partial block divides by `max(max |x|, 1e-38)` (stored clamped), and an
+    odd element count appends one code for 0.0 before packing.
+    """
+    n = flat.shape[0]
+    n_full = n // block_size
+    codes, absmax = [], []
+    if n_full:
+        rows = lambda start, size: lax.dynamic_slice_in_dim(  # noqa: E731
+            flat, start * block_size, size * block_size).reshape(size, block_size).astype(jnp.float32)
+        c, a = _map_rows(rows, n_full, block_size, functools.partial(_quantize_rows, fmt=fmt, block_size=block_size))
+        codes.append(c.reshape(-1))
+        absmax.append(a.reshape(-1))
+    tail = flat[n_full * block_size:].astype(jnp.float32)
+    if tail.shape[0]:
+        m = jnp.max(jnp.abs(tail))
+        normal = m >= codebooks.FLOAT32_TINY
+        scaled = jnp.clip(jnp.where(normal, _divide(tail, jnp.where(normal, m, np.float32(1))), np.float32(0)), -1, 1)
+        if scaled.shape[0] % 2 and fmt != "int8":
+            scaled = jnp.pad(scaled, (0, 1))
+        codes.append(_encode(scaled, fmt))
+        m_bits = jnp.where(normal, lax.bitcast_convert_type(m, jnp.int32), _CLAMP_BITS)
+        absmax.append(lax.bitcast_convert_type(m_bits, jnp.float32)[None])
+    return jnp.concatenate(codes), jnp.concatenate(absmax)
+
+
+def _double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """8-bit blockwise quantization of `absmax - mean(absmax)`, blocks of 256.
+
+    Per block `m = max |v|`, `normed = v / m`, and the nearest value of the
+    signed dynamic map (a tie goes to the lower one); an all-zero block gets
+    code 0 and `m = 0`, as in bitsandbytes.
+    """
+    n = absmax.shape[0]
+    nb = -(-n // NESTED_BLOCK_SIZE)
+    offset = jnp.mean(absmax)
+    v = jnp.pad(absmax - offset, (0, nb * NESTED_BLOCK_SIZE - n)).reshape(nb, NESTED_BLOCK_SIZE)
+    m = jnp.max(jnp.abs(v), axis=-1, keepdims=True)  # [nb, 1]
+    nonzero = m >= codebooks.FLOAT32_TINY
+    normed = _divide(v, jnp.where(nonzero, m, np.float32(1)))
+    table = jnp.asarray(codebooks.DYNAMIC_SIGNED)
+    hi = jnp.clip(jnp.searchsorted(table, normed, side="left"), 1, table.shape[0] - 1)
+    lo = hi - 1
+    pick_hi = (table[hi] - normed) < (normed - table[lo])
+    codes = jnp.where(nonzero, jnp.where(pick_hi, hi, lo), 0).astype(jnp.uint8)
+    return codes.reshape(-1)[:n], m.reshape(nb), offset
