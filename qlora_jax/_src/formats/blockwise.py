@@ -242,12 +242,12 @@ def _quantize_impl(x: jax.Array, fmt: str, block_size: int, double_quant: bool,
     x2 = jnp.transpose(x, lead).reshape(n_in, n_out)
     if n_in % block_size == 0:
         # Row layout: each output column of the kernel is one row of blocks.
-        rows = functools.partial(_columns_as_rows, x2)
+        rows = functools.partial(_columns_as_rows, _as_bits(x2), x.dtype)
         codes, absmax = _map_rows(rows, n_out, n_in, functools.partial(_quantize_rows, fmt=fmt, block_size=block_size))
         codes = codes.reshape(*out_shape, codes.shape[-1])
         absmax = absmax.reshape(*out_shape, absmax.shape[-1])
     else:
-        codes, absmax = _quantize_flat(x2.T.reshape(-1), fmt, block_size)
+        codes, absmax = _quantize_flat(_as_bits(x2.T.reshape(-1)), x.dtype, fmt, block_size)
     nested_absmax = nested_offset = None
     if double_quant:
         flat_codes, nested_absmax, nested_offset = _double_quantize(absmax.reshape(-1))
@@ -256,9 +256,24 @@ def _quantize_impl(x: jax.Array, fmt: str, block_size: int, double_quant: bool,
                           fmt=fmt, block_size=block_size, shape=shape, dtype=x.dtype, contract_axes=contract_axes)
 
 
-def _columns_as_rows(x2: jax.Array, start, size: int) -> jax.Array:
-    """Columns `start:start+size` of `x2 [in, out]` as float32 rows `[size, in]`."""
-    return lax.dynamic_slice_in_dim(x2, start, size, axis=1).T.astype(jnp.float32)
+def _as_bits(x: jax.Array) -> jax.Array:
+    """16-bit floats as their uint16 bits, so that slicing them stays a copy of bytes.
+
+    XLA on CPU computes bfloat16/float16 ops in float32: a slice of a 16-bit
+    kernel inside the chunk loop becomes a float32 copy of the whole kernel,
+    hoisted out of the loop. Slicing the bits costs one 16-bit copy instead.
+    """
+    return lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def _bits_to_float32(bits: jax.Array, dtype: np.dtype) -> jax.Array:
+    x = lax.bitcast_convert_type(bits, dtype) if bits.dtype == jnp.uint16 else bits
+    return x.astype(jnp.float32)
+
+
+def _columns_as_rows(bits: jax.Array, dtype: np.dtype, start, size: int) -> jax.Array:
+    """Columns `start:start+size` of `bits [in, out]` (see `_as_bits`) as float32 rows `[size, in]`."""
+    return _bits_to_float32(lax.dynamic_slice_in_dim(bits, start, size, axis=1).T, dtype)
 
 
 def _map_rows(rows, n_rows: int, row_len: int, fn):
@@ -337,22 +352,22 @@ def _encode(scaled: jax.Array, fmt: str) -> jax.Array:
     return (pairs[..., 0] << 4) | pairs[..., 1]
 
 
-def _quantize_flat(flat: jax.Array, fmt: str, block_size: int) -> tuple[jax.Array, jax.Array]:
+def _quantize_flat(bits: jax.Array, dtype: np.dtype, fmt: str, block_size: int) -> tuple[jax.Array, jax.Array]:
     """Flat layout: full blocks as rows, then bitsandbytes' partial last block.
 
     The partial block divides by `max(max |x|, 1e-38)` (stored clamped), and an
     odd element count appends one code for 0.0 before packing.
     """
-    n = flat.shape[0]
+    n = bits.shape[0]
     n_full = n // block_size
     codes, absmax = [], []
     if n_full:
-        rows = lambda start, size: lax.dynamic_slice_in_dim(  # noqa: E731
-            flat, start * block_size, size * block_size).reshape(size, block_size).astype(jnp.float32)
+        rows = lambda start, size: _bits_to_float32(lax.dynamic_slice_in_dim(  # noqa: E731
+            bits, start * block_size, size * block_size).reshape(size, block_size), dtype)
         c, a = _map_rows(rows, n_full, block_size, functools.partial(_quantize_rows, fmt=fmt, block_size=block_size))
         codes.append(c.reshape(-1))
         absmax.append(a.reshape(-1))
-    tail = flat[n_full * block_size:].astype(jnp.float32)
+    tail = _bits_to_float32(bits[n_full * block_size:], dtype)
     if tail.shape[0]:
         m = jnp.max(jnp.abs(tail))
         normal = m >= codebooks.FLOAT32_TINY
