@@ -8,7 +8,7 @@ Example:
     >>> import jax, qlora_jax as qj
     >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (1024, 1024)), "nf4", double_quant=True)
     >>> round(q.nbytes / 1024**2, 4)
-    0.5157
+    0.5159
 """
 
 from qlora_jax._src.formats import (

@@ -1,9 +1,9 @@
 """Quantized storage formats: pure functions over arrays (no Flax imports)."""
 
+from qlora_jax._src.formats.blockwise import dequantize, dequantize_absmax, quantize
 from qlora_jax._src.formats.bnb import from_bnb, to_bnb
 from qlora_jax._src.formats.codebooks import DYNAMIC_SIGNED, FP4, INT4, NF4
 from qlora_jax._src.formats.qarray import BLOCK_SIZES, FORMATS, NESTED_BLOCK_SIZE, QuantizedArray
-from qlora_jax._src.formats.blockwise import dequantize, dequantize_absmax, quantize
 
 __all__ = [
     "BLOCK_SIZES",

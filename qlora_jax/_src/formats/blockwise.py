@@ -175,13 +175,24 @@ def dequantize_absmax(q: QuantizedArray) -> jax.Array:
     vals = table[q.absmax.reshape(*stack, n).astype(jnp.int32)]
     vals = jnp.pad(vals, [(0, 0)] * len(stack) + [(0, nb * NESTED_BLOCK_SIZE - n)])
     scaled = vals.reshape(*stack, nb, NESTED_BLOCK_SIZE) * q.nested_absmax[..., None]
-    # Keep XLA from contracting the multiply and the add into one FMA.
-    scaled = lax.reduce_precision(scaled, exponent_bits=8, mantissa_bits=23)
-    absmax = scaled + q.nested_offset[..., None, None]
+    absmax = _rounded(scaled, q.nested_absmax[..., None]) + q.nested_offset[..., None, None]
     return absmax.reshape(*stack, nb * NESTED_BLOCK_SIZE)[..., :n].reshape(q.absmax.shape)
 
 
 # -- implementation ---------------------------------------------------------
+
+
+def _rounded(product: jax.Array, factor: jax.Array) -> jax.Array:
+    """`product`, kept from being contracted with a following add into an FMA.
+
+    XLA on CPU lets LLVM fuse `a * b + c` into one FMA (one rounding instead of
+    bitsandbytes' two); optimization barriers do not survive to LLVM. Adding an
+    integer zero to the product's bits that the compiler cannot prove to be
+    zero (it is 1 only for one NaN payload of `factor`) separates the two.
+    """
+    zero = (lax.bitcast_convert_type(factor, jnp.int32) == np.int32(0x7FC00001)).astype(jnp.int32)
+    bits = lax.bitcast_convert_type(product, jnp.int32) + zero
+    return lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _normalize_contract_axes(contract_axes: Sequence[int] | None, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -389,7 +400,9 @@ def _double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array
     """
     n = absmax.shape[0]
     nb = -(-n // NESTED_BLOCK_SIZE)
-    offset = jnp.mean(absmax)
+    # The barrier makes the mean a reduction over a plain buffer, so its
+    # summation order does not depend on how the absmax was produced (chunks).
+    offset = jnp.mean(lax.optimization_barrier(absmax))
     v = jnp.pad(absmax - offset, (0, nb * NESTED_BLOCK_SIZE - n)).reshape(nb, NESTED_BLOCK_SIZE)
     m = jnp.max(jnp.abs(v), axis=-1, keepdims=True)  # [nb, 1]
     nonzero = m >= codebooks.FLOAT32_TINY

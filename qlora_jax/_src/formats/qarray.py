@@ -192,7 +192,7 @@ def _unflatten(meta: tuple, children: tuple) -> QuantizedArray:
     # Pytree utilities rebuild with arbitrary leaves (tracers, None, sharding
     # specs), so unflattening skips the shape checks of __init__.
     q = object.__new__(QuantizedArray)
-    for name, value in zip(_DATA + _META, tuple(children) + tuple(meta)):
+    for name, value in zip(_DATA + _META, tuple(children) + tuple(meta), strict=True):
         object.__setattr__(q, name, value)
     return q
 
