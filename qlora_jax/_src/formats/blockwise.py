@@ -50,7 +50,10 @@ def quantize(
     """Quantizes a kernel blockwise along its input axis.
 
     For a Flax kernel `[in, out]` the codes and absmax are bit-identical to
-    `bitsandbytes.functional.quantize_4bit(kernel.T, ...)` ("nf4", "fp4"). The
+    `bitsandbytes.functional.quantize_4bit(kernel.T, ...)` ("nf4", "fp4"). With
+    double quantization the 4-bit codes are identical too; the 8-bit absmax
+    codes are always the nearest table value, where bitsandbytes' approximate
+    CPU search sometimes picks the second nearest (one step away). The
     formats "int4" (symmetric, codes -7..7 scaled by absmax/7, stored as
     code + 8) and "int8" (codes -127..127 scaled by absmax/127, one byte each)
     use the same blocks. Values are rounded to nearest, ties to the lower
@@ -120,7 +123,11 @@ def dequantize(q: QuantizedArray, dtype: jnp.dtype | None = None) -> jax.Array:
         >>> float(qj.dequantize(q)[0, 0])
         0.5
     """
-    dtype = q.dtype if dtype is None else np.dtype(dtype)
+    return _dequantize_jit(q, q.dtype if dtype is None else np.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize_jit(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
     stack = q.stack_shape
     absmax = dequantize_absmax(q)  # [*stack, *absmax_shape]
     if q.bits == 4:
