@@ -21,6 +21,7 @@ from qlora_jax._src.formats import (
     quantize,
     to_bnb,
 )
+from qlora_jax._src.ops import qmatmul
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "dequantize",
     "dequantize_absmax",
     "from_bnb",
+    "qmatmul",
     "quantize",
     "to_bnb",
 ]
