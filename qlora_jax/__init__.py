@@ -21,7 +21,7 @@ from qlora_jax._src.formats import (
     quantize,
     to_bnb,
 )
-from qlora_jax._src.ops import qmatmul
+from qlora_jax._src.ops import can_use_pallas_gpu, can_use_pallas_tpu, qdot_general, qeinsum, qmatmul, qmatmul_path
 
 __version__ = "0.1.0"
 
@@ -29,10 +29,15 @@ __all__ = [
     "BLOCK_SIZES",
     "FORMATS",
     "QuantizedArray",
+    "can_use_pallas_gpu",
+    "can_use_pallas_tpu",
     "dequantize",
     "dequantize_absmax",
     "from_bnb",
+    "qdot_general",
+    "qeinsum",
     "qmatmul",
+    "qmatmul_path",
     "quantize",
     "to_bnb",
 ]

@@ -1,23 +1,36 @@
-"""`qmatmul`: `x @ kernel` for a quantized kernel, dequantized inside the op.
+"""`qmatmul`, `qdot_general`, `qeinsum`: products with a quantized kernel,
+dequantized inside the op.
 
 The memory promise of QLoRA depends on the backward pass: plain autodiff of
 `x @ dequantize(q)` saves the dequantized full-precision weight of every layer
-for the backward pass. The "xla" path is a `jax.custom_vjp` whose residuals are
-the packed codes and scales only; the backward pass dequantizes again and
-computes the gradient for `x` (the frozen weight gets a zero cotangent), as
-bitsandbytes' `MatMul4Bit` does.
+for the backward pass. Every fast path here is a `jax.custom_vjp` whose
+residuals are the packed codes and scales only; the backward pass dequantizes
+again and computes the gradient for `x`. The quantized array gets a zero
+cotangent (float0 for the integer codes), as in bitsandbytes' `MatMul4Bit`.
 
-Paths:
-  * "reference": dequantize to float32, then a float32 dot — the spec.
-  * "xla": dequantize in the compute dtype inside the jitted computation and
-    let XLA fuse it into the dot; custom VJP as above.
-  * "auto": currently "xla" (fused Pallas kernels are not part of this release).
+Paths (the `path` argument):
+  * "reference": dequantize to float32, then a float32 dot at HIGHEST
+    precision — the spec. `q` is wrapped in `stop_gradient`.
+  * "xla": dequantize in the compute dtype (the activations' dtype) inside the
+    jitted computation and let XLA fuse it into the dot; works on every
+    backend and for every kernel, and is the path used on CPU.
+  * "pallas_gpu" / "pallas_tpu": fused Pallas kernels (`ops/pallas.py`) that
+    read the packed codes and expand them in-kernel; for one 2-D kernel in
+    row layout. Their backward pass is the "xla" recomputation.
+  * "auto" (default): "pallas_gpu" on a GPU and "pallas_tpu" on a TPU when
+    `can_use_pallas_gpu` / `can_use_pallas_tpu` allow it, else "xla". Falling
+    back from a Pallas kernel on a GPU or TPU logs a warning on the
+    `qlora_jax` logger with the reason; `qmatmul_path` returns the choice.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import math
+import re
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,10 +39,16 @@ from jax import lax
 
 from qlora_jax._src.formats.blockwise import dequantize
 from qlora_jax._src.formats.qarray import QuantizedArray
+from qlora_jax._src.ops import pallas
 
-__all__ = ["qmatmul", "PATHS"]
+__all__ = ["qmatmul", "qdot_general", "qeinsum", "qmatmul_path", "PATHS"]
 
-PATHS = ("auto", "reference", "xla")
+PATHS = ("auto", "reference", "xla", "pallas_gpu", "pallas_tpu")
+_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+_logger = logging.getLogger("qlora_jax")
+_warned: set[str] = set()
+
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
 
 
 def qmatmul(
@@ -39,23 +58,31 @@ def qmatmul(
     precision: lax.PrecisionLike = None,
     preferred_element_type: jnp.dtype | None = None,
     path: str = "auto",
+    interpret: bool = False,
 ) -> jax.Array:
     """Computes `x[..., in] @ kernel[in, out]` for a quantized 2-D kernel.
 
+    Differentiable with respect to `x` only; the backward pass recomputes the
+    dequantization instead of keeping a dequantized weight (see the module
+    docstring for the paths).
+
     Args:
         x: Activations `[..., in]`, float32, bfloat16 or float16; the compute dtype.
-        q: A `QuantizedArray` of a 2-D kernel `[in, out]` (contract_axes (0,)),
+        q: A `QuantizedArray` of one 2-D kernel `[in, out]` (contract_axes (0,)),
             without stack dimensions (slice stacked layers first, e.g. in `scan`).
-        precision: Passed to `lax.dot_general` ("xla" path).
-        preferred_element_type: Output dtype of the dot; default `x.dtype`.
-        path: "auto", "xla" or "reference" (see the module docstring).
+        precision: Passed to the dots (not the "reference" path, which uses HIGHEST).
+        preferred_element_type: Output dtype; default `x.dtype`.
+        path: "auto", "reference", "xla", "pallas_gpu" or "pallas_tpu".
+        interpret: Run a Pallas path in interpret mode (any backend; for tests).
 
     Returns:
         `[..., out]` in `preferred_element_type` (default `x.dtype`).
 
     Raises:
+        TypeError: `q` is not a `QuantizedArray`.
         ValueError: A kernel that is not 2-D with input axis 0, stacked leaves,
-            an input size that does not match, or an unknown `path`.
+            an input size that does not match, a non-float `x`, an unknown
+            `path`, or a Pallas path that cannot run this product.
 
     Example:
         >>> import jax, jax.numpy as jnp, qlora_jax as qj
@@ -63,68 +90,320 @@ def qmatmul(
         >>> qj.qmatmul(jnp.ones((2, 3, 128)), q).shape
         (2, 3, 64)
     """
-    if path not in PATHS:
-        raise ValueError(f"path: unknown path {path!r}; expected one of {PATHS}")
+    _check_operands(x, q, "qmatmul")
     if len(q.shape) != 2 or q.contract_axes != (0,):
         raise ValueError(f"q: qmatmul takes a 2-D kernel [in, out] with contract_axes (0,); got shape {q.shape} "
-                         f"and contract_axes {q.contract_axes}")
-    if q.stack_shape:
-        raise ValueError(f"q: has stack dimensions {q.stack_shape}; slice one layer first (e.g. inside scan)")
+                         f"and contract_axes {q.contract_axes}; use qdot_general or qeinsum")
     if x.ndim < 1 or x.shape[-1] != q.shape[0]:
-        raise ValueError(f"x: last axis {x.shape[-1:]} does not match the kernel's input size {q.shape[0]}")
+        raise ValueError(f"x: shape {x.shape} does not match the kernel's shape {q.shape}: last axis "
+                         f"{x.shape[-1:]} vs input size {q.shape[0]}")
+    chosen = qmatmul_path(x, q, path=path, interpret=interpret)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    return _product(x, q, dims, chosen, precision, preferred_element_type, interpret)
+
+
+def qdot_general(
+    lhs: jax.Array,
+    q: QuantizedArray,
+    dimension_numbers: DimensionNumbers,
+    *,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jnp.dtype | None = None,
+    path: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+    """`lax.dot_general(lhs, kernel, dimension_numbers)` for a quantized kernel.
+
+    For `nnx.LinearGeneral`-style kernels `[*in, *out]`. The kernel's contracted
+    axes must be its `contract_axes` (the axes its blocks run along). When the
+    product is a plain matmul (the contracted axes are `lhs`'s trailing axes and
+    the kernel's leading axes, no batch axes) it is computed by `qmatmul` on the
+    flattened kernel, so the Pallas kernels apply; otherwise by the "xla" (or
+    "reference") path.
+
+    Args:
+        lhs: Activations, float32, bfloat16 or float16; the compute dtype.
+        q: A `QuantizedArray` without stack dimensions.
+        dimension_numbers: `((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))`
+            as for `lax.dot_general`, with the kernel as `rhs` (its logical shape).
+        precision: Passed to the dots.
+        preferred_element_type: Output dtype; default `lhs.dtype`.
+        path: As for `qmatmul`; a Pallas path only for the plain-matmul case.
+        interpret: Run a Pallas path in interpret mode.
+
+    Returns:
+        The `lax.dot_general` result: batch axes, then `lhs`'s free axes, then the kernel's.
+
+    Raises:
+        TypeError: `q` is not a `QuantizedArray`.
+        ValueError: Contracted kernel axes other than `q.contract_axes`, or sizes
+            that do not match.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, qlora_jax as qj
+        >>> q = qj.quantize(jnp.ones((4, 64, 8, 16)), "nf4", contract_axes=(0, 1))
+        >>> qj.qdot_general(jnp.ones((3, 4, 64)), q, (((1, 2), (0, 1)), ((), ()))).shape
+        (3, 8, 16)
+    """
+    _check_operands(lhs, q, "qdot_general")
+    (lc, rc), (lb, rb) = dimension_numbers
+    lc, rc, lb, rb = (tuple(int(a) for a in axes) for axes in (lc, rc, lb, rb))
+    if len(lc) != len(rc) or len(lb) != len(rb):
+        raise ValueError(f"dimension_numbers: {dimension_numbers} pairs unequal numbers of lhs and kernel axes")
+    for name, axes, ndim in (("lhs", lc + lb, lhs.ndim), ("kernel", rc + rb, len(q.shape))):
+        if len(set(axes)) != len(axes) or any(not 0 <= a < ndim for a in axes):
+            raise ValueError(f"dimension_numbers: {name} axes {axes} are repeated or out of range for rank {ndim}")
+    if sorted(rc) != sorted(q.contract_axes):
+        raise ValueError(f"q: contracting kernel axes {rc} of shape {q.shape}, but its blocks run along "
+                         f"contract_axes {q.contract_axes}; quantize with contract_axes={rc}")
+    for a, b in zip(lc + lb, rc + rb, strict=True):
+        if lhs.shape[a] != q.shape[b]:
+            raise ValueError(f"lhs: shape {lhs.shape} does not match the kernel's shape {q.shape}: lhs axis {a} "
+                             f"({lhs.shape[a]}) vs kernel axis {b} ({q.shape[b]})")
+    n_in = len(rc)
+    plain = (not lb and rc == q.contract_axes == tuple(range(n_in))
+             and lc == tuple(range(lhs.ndim - n_in, lhs.ndim)))
+    if plain:
+        lead = lhs.shape[: lhs.ndim - n_in]
+        x2 = lhs.reshape(*lead, q.in_size)
+        y = qmatmul(x2, _as_matrix(q), precision=precision, preferred_element_type=preferred_element_type,
+                    path=path, interpret=interpret)
+        return y.reshape(*lead, *q.out_shape)
+    if path not in ("auto", "xla", "reference"):
+        raise ValueError(f"path: {path!r} computes plain matmuls only (lhs's trailing axes against the kernel's "
+                         f"leading axes, no batch axes); got dimension_numbers {dimension_numbers}")
+    chosen = "reference" if path == "reference" else "xla"
+    return _product(lhs, q, ((lc, rc), (lb, rb)), chosen, precision, preferred_element_type, interpret)
+
+
+def qeinsum(
+    subscripts: str,
+    x: jax.Array,
+    q: QuantizedArray,
+    *,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jnp.dtype | None = None,
+    path: str = "auto",
+    interpret: bool = False,
+) -> jax.Array:
+    """`jnp.einsum(subscripts, x, kernel)` for a quantized kernel (the `nnx.Einsum` form).
+
+    `subscripts` names both operands and the output (`"...d,dnh->...nh"`);
+    `...` may stand for `x`'s leading axes. The kernel's axes summed over must
+    be its `contract_axes`. Computed by `qdot_general`.
+
+    Args:
+        subscripts: Einsum spec with an explicit output, e.g. `"bsd,dnh->bsnh"`.
+        x: Activations, float32, bfloat16 or float16; the compute dtype.
+        q: A `QuantizedArray` without stack dimensions.
+        precision: Passed to the dots.
+        preferred_element_type: Output dtype; default `x.dtype`.
+        path: As for `qdot_general`.
+        interpret: Run a Pallas path in interpret mode.
+
+    Returns:
+        The einsum result.
+
+    Raises:
+        ValueError: A spec without `->`, without two operands, with a repeated
+            letter in one operand, letters that are neither summed with the
+            other operand nor kept, or kernel axes that do not match.
+
+    Example:
+        >>> import jax.numpy as jnp, qlora_jax as qj
+        >>> q = qj.quantize(jnp.ones((64, 4, 16)), "nf4")
+        >>> qj.qeinsum("bsd,dnh->bsnh", jnp.ones((2, 3, 64)), q).shape
+        (2, 3, 4, 16)
+    """
+    _check_operands(x, q, "qeinsum")
+    spec = subscripts.replace(" ", "")
+    match = re.fullmatch(r"([a-zA-Z.]*),([a-zA-Z]*)->([a-zA-Z.]*)", spec)
+    if not match:
+        raise ValueError(f"subscripts: {subscripts!r} is not of the form 'x_axes,kernel_axes->out_axes' "
+                         f"(letters, '...' only for x's leading axes)")
+    xs, ks, out = match.groups()
+    if xs.count("...") > 1 or "." in xs.replace("...", "") or out.count("...") != xs.count("...") \
+            or "." in out.replace("...", ""):
+        raise ValueError(f"subscripts: {subscripts!r} uses '...' other than once in x and once in the output")
+    if "..." in xs:
+        n_ellipsis = x.ndim - (len(xs) - 3)
+        free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in spec][: max(n_ellipsis, 0)]
+        xs, out = xs.replace("...", "".join(free)), out.replace("...", "".join(free))
+    for name, letters, ndim in (("x", xs, x.ndim), ("kernel", ks, len(q.shape))):
+        if len(letters) != ndim:
+            raise ValueError(f"subscripts: {subscripts!r} gives {name} {len(letters)} axes, but it has shape "
+                             f"{x.shape if name == 'x' else q.shape}")
+        if len(set(letters)) != len(letters):
+            raise ValueError(f"subscripts: {subscripts!r} repeats an axis letter of {name}")
+    lonely = [c for c in xs + ks if c not in out and not (c in xs and c in ks)]
+    if lonely or len(set(out)) != len(out) or any(c not in xs + ks for c in out):
+        raise ValueError(f"subscripts: {subscripts!r}: every letter must be summed between x and the kernel or "
+                         f"appear once in the output (offending: {lonely or out})")
+    contract = [c for c in xs if c in ks and c not in out]
+    batch = [c for c in xs if c in ks and c in out]
+    dims = (([xs.index(c) for c in contract], [ks.index(c) for c in contract]),
+            ([xs.index(c) for c in batch], [ks.index(c) for c in batch]))
+    y = qdot_general(x, q, dims, precision=precision, preferred_element_type=preferred_element_type, path=path,
+                     interpret=interpret)
+    produced = batch + [c for c in xs if c not in ks] + [c for c in ks if c not in xs]
+    return jnp.transpose(y, [produced.index(c) for c in out])
+
+
+def qmatmul_path(x: jax.Array, q: QuantizedArray, *, path: str = "auto", interpret: bool = False) -> str:
+    """The path `qmatmul(x, q, path=path)` takes: the resolution of "auto".
+
+    "auto" picks "pallas_gpu" on a GPU and "pallas_tpu" on a TPU when the
+    kernel can run this product, else "xla"; a fallback on a GPU or TPU is
+    logged once per reason on the `qlora_jax` logger. An explicit Pallas path
+    that cannot run raises.
+
+    Args:
+        x: Activations `[..., in]` (an array or `jax.ShapeDtypeStruct`).
+        q: A 2-D `QuantizedArray`.
+        path: "auto", "reference", "xla", "pallas_gpu" or "pallas_tpu".
+        interpret: Whether a Pallas path would run in interpret mode.
+
+    Returns:
+        "reference", "xla", "pallas_gpu" or "pallas_tpu".
+
+    Raises:
+        ValueError: An unknown path, or a Pallas path whose `can_use_*` says no.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, qlora_jax as qj
+        >>> q = qj.quantize(jnp.ones((128, 64)), "nf4")
+        >>> qj.qmatmul_path(jnp.ones((2, 128)), q) == ("xla" if jax.default_backend() == "cpu" else "pallas_gpu")
+        True
+    """
+    if path not in PATHS:
+        raise ValueError(f"path: unknown path {path!r}; expected one of {PATHS}")
+    if path in ("reference", "xla"):
+        return path
+    if path != "auto":
+        support = _PREDICATES[path](x, q, interpret=interpret)
+        if not support:
+            raise ValueError(f"path: {path!r} cannot compute x {tuple(x.shape)} {np.dtype(x.dtype)} @ kernel "
+                             f"{q.shape} ({q.fmt}, block {q.block_size}): {support.reason}")
+        return path
+    backend = jax.default_backend()
+    candidate = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(backend)
+    if candidate is None:
+        return "xla"
+    support = _PREDICATES[candidate](x, q, interpret=interpret)
+    if support:
+        return candidate
+    message = (f"qmatmul: {candidate} not used for x {tuple(x.shape)} {np.dtype(x.dtype)} @ kernel {q.shape} "
+               f"({q.fmt}, block {q.block_size}): {support.reason}; using the 'xla' path")
+    if message not in _warned:
+        _warned.add(message)
+        _logger.warning(message)
+    return "xla"
+
+
+_PREDICATES = {"pallas_gpu": pallas.can_use_pallas_gpu, "pallas_tpu": pallas.can_use_pallas_tpu}
+
+
+# -- implementation ---------------------------------------------------------
+
+
+def _check_operands(x, q, fn: str) -> None:
+    if not isinstance(q, QuantizedArray):
+        shape = getattr(q, "shape", None)
+        raise TypeError(f"q: {fn} takes a QuantizedArray (from qj.quantize), got {type(q).__name__}"
+                        + (f" of shape {tuple(shape)}" if shape is not None else ""))
+    if q.stack_shape:
+        raise ValueError(f"q: kernel {q.shape} has stack dimensions {q.stack_shape}; slice one layer first "
+                         f"(e.g. inside scan)")
+    dtype = getattr(x, "dtype", None)
+    if dtype is None or np.dtype(dtype) not in _DTYPES:
+        raise ValueError(f"x: dtype {dtype} (shape {getattr(x, 'shape', None)}) is not float32, bfloat16 or float16")
+
+
+def _as_matrix(q: QuantizedArray) -> QuantizedArray:
+    """A kernel `[*in, *out]` (contract_axes leading) viewed as `[in, out]`; same bytes."""
+    if len(q.shape) == 2:
+        return q
+    n_out = math.prod(q.out_shape)
+    codes = q.codes.reshape(n_out, -1) if q.row_layout else q.codes
+    absmax = q.absmax.reshape(n_out, -1) if q.row_layout else q.absmax
+    return dataclasses.replace(q, codes=codes, absmax=absmax, shape=(q.in_size, n_out), contract_axes=(0,))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Op:
+    """Static description of one product (hashable, a `custom_vjp` nondiff argument)."""
+
+    path: str
+    dims: tuple
+    lhs_shape: tuple[int, ...]
+    precision: object
+    compute_dtype: np.dtype
+    out_dtype: np.dtype
+    interpret: bool
+
+
+def _product(x, q, dims, path, precision, preferred_element_type, interpret):
     out_dtype = np.dtype(x.dtype if preferred_element_type is None else preferred_element_type)
+    dims = tuple(tuple(tuple(int(a) for a in axes) for axes in pair) for pair in dims)
     if path == "reference":
-        w = dequantize(q, jnp.float32)
-        y = jnp.matmul(x.astype(jnp.float32), w, precision=lax.Precision.HIGHEST)
+        w = dequantize(jax.tree.map(lax.stop_gradient, q), jnp.float32)
+        y = lax.dot_general(x.astype(jnp.float32), w, dims, precision=lax.Precision.HIGHEST)
         return y.astype(out_dtype)
-    return _qmatmul_xla(x, q, precision, np.dtype(x.dtype), out_dtype)
+    if isinstance(precision, list):
+        precision = tuple(precision)
+    op = _Op(path, dims, tuple(x.shape), precision, np.dtype(x.dtype), out_dtype, bool(interpret))
+    return _qdot(x, q, op)
 
 
-def _dot(x: jax.Array, w: jax.Array, precision, out_dtype) -> jax.Array:
-    """`x[..., in] @ w[in, out]`."""
-    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
-                           preferred_element_type=out_dtype)
+def _forward(x, q, op: _Op):
+    if op.path in ("pallas_gpu", "pallas_tpu"):
+        return pallas.pallas_matmul(x, q, backend=op.path[len("pallas_"):], out_dtype=op.out_dtype,
+                                    precision=op.precision, interpret=op.interpret)
+    # The data dependence ties the dequantization to x, so that XLA computes it
+    # when the layer runs instead of hoisting every layer's weight to the start.
+    w = dequantize(_depend_on(q, x), op.compute_dtype)
+    return lax.dot_general(x, w, op.dims, precision=op.precision, preferred_element_type=op.out_dtype)
 
 
-def _dequantized_dot(x, q, precision, compute_dtype, out_dtype):
-    # The barrier ties the dequantization to x, so that XLA computes it when the
-    # layer runs instead of hoisting every layer's weight to the start.
-    return _dot(x, dequantize(_depend_on(q, x), compute_dtype), precision, out_dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _qdot(x, q, op: _Op):
+    return _forward(x, q, op)
+
+
+def _qdot_fwd(x, q, op: _Op):
+    # The only residual is q itself (packed codes and scales), never a dequantized weight.
+    return _forward(x, q, op), q
+
+
+def _qdot_bwd(op: _Op, q, g):
+    # Recompute the weight. Tying q to g keeps XLA from merging this
+    # dequantization with the forward one (CSE) or scheduling it before the
+    # cotangent exists; either would keep the weight alive in between.
+    w = dequantize(_depend_on(q, g), op.compute_dtype)
+
+    def product(x):
+        return lax.dot_general(x, w, op.dims, precision=op.precision, preferred_element_type=op.compute_dtype)
+
+    (grad_x,) = jax.linear_transpose(product, jax.ShapeDtypeStruct(op.lhs_shape, op.compute_dtype))(
+        g.astype(op.compute_dtype))
+    return grad_x, jax.tree.map(_zero_cotangent, q)
+
+
+_qdot.defvjp(_qdot_fwd, _qdot_bwd)
 
 
 def _depend_on(q: QuantizedArray, a: jax.Array) -> QuantizedArray:
     """`q` with its codes made data-dependent on `a` (adds an integer zero the
     compiler cannot prove to be zero: 1 only if a's first element has the bits
     0x7FC00001), so the dequantization runs where `a` is used."""
+    if a.size == 0:
+        return q
     first = lax.bitcast_convert_type(a.reshape(-1)[:1].astype(jnp.float32), jnp.int32)
     zero = (first == np.int32(0x7FC00001)).astype(q.codes.dtype)
     return dataclasses.replace(q, codes=q.codes + zero.reshape((1,) * q.codes.ndim))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _qmatmul_xla(x, q, precision, compute_dtype, out_dtype):
-    return _dequantized_dot(x, q, precision, compute_dtype, out_dtype)
-
-
-def _qmatmul_xla_fwd(x, q, precision, compute_dtype, out_dtype):
-    # The only residual is q itself (packed codes and scales), never a dequantized weight.
-    return _dequantized_dot(x, q, precision, compute_dtype, out_dtype), q
-
-
-def _qmatmul_xla_bwd(precision, compute_dtype, out_dtype, q, g):
-    # Recompute [in, out]. Tying q to g with a barrier keeps XLA from merging this
-    # dequantization with the forward one (CSE) or scheduling it before the
-    # cotangent exists; either would keep the weight alive in between.
-    w = dequantize(_depend_on(q, g), compute_dtype)
-    grad_x = lax.dot_general(g.astype(compute_dtype), w, (((g.ndim - 1,), (1,)), ((), ())), precision=precision,
-                             preferred_element_type=compute_dtype)
-    return grad_x, jax.tree.map(_zero_cotangent, q)
 
 
 def _zero_cotangent(leaf: jax.Array) -> jax.Array:
     if jnp.issubdtype(leaf.dtype, jnp.floating):
         return jnp.zeros(leaf.shape, leaf.dtype)
     return np.zeros(leaf.shape, jax.dtypes.float0)
-
-
-_qmatmul_xla.defvjp(_qmatmul_xla_fwd, _qmatmul_xla_bwd)
