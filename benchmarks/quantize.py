@@ -15,19 +15,15 @@ torch and bitsandbytes are optional: without them only qlora_jax is timed.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _common import NA, machine_info, markdown_table, median_ms, write_json
 from tqdm import tqdm
 
 import qlora_jax as qj
@@ -37,7 +33,6 @@ STORAGE_SHAPE: tuple[int, int] = (4096, 4096)
 BLOCK_SIZE = 64
 SEED = 0
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "quantize.json"
-NA = "n/a"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -71,44 +66,6 @@ def load_bitsandbytes() -> Any | None:
     return bnb_functional
 
 
-def machine_info() -> dict[str, Any]:
-    """Describes the host and library versions.
-
-    Example:
-        >>> machine_info()["device_kind"]
-        'cpu'
-    """
-    info = {
-        "processor": _processor_name(),
-        "device_kind": jax.devices()[0].device_kind,
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "numpy": np.__version__,
-    }
-    for name in ("torch", "bitsandbytes"):
-        try:
-            info[name] = __import__(name).__version__
-        except ImportError:
-            info[name] = None
-    return info
-
-
-def _processor_name() -> str:
-    """`platform.processor()`, or the CPU model from /proc/cpuinfo where that is empty (Linux)."""
-    name = platform.processor()
-    if name:
-        return name
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def gaussian_kernel(shape: tuple[int, int], seed: int = SEED) -> jax.Array:
     """A float32 standard-normal Flax kernel `[in, out]`.
 
@@ -117,28 +74,6 @@ def gaussian_kernel(shape: tuple[int, int], seed: int = SEED) -> jax.Array:
         dtype('float32')
     """
     return jax.block_until_ready(jax.random.normal(jax.random.key(seed), shape, jnp.float32))
-
-
-def median_ms(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
-    """Median wall time of each `fn()` in milliseconds, after one untimed warm-up call each.
-
-    The functions are timed interleaved (one call of each per repeat), so that
-    a change in machine load affects all of them alike. Each `fn` must block
-    until its result is ready.
-
-    Example:
-        >>> len(median_ms([lambda: sum(range(10)), lambda: None], repeats=3))
-        2
-    """
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, fn_times in zip(fns, times, strict=True):
-            start = time.perf_counter()
-            fn()
-            fn_times.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
 
 
 def time_case(kernel: jax.Array, double_quant: bool, repeats: int, bnb: Any | None) -> dict[str, Any]:
@@ -205,20 +140,6 @@ def storage_case(kernel: jax.Array, fmt: str, double_quant: bool) -> dict[str, A
             "bytes_per_param": q.nbytes / kernel.size, "relative_mse": float(relative_mse(q, kernel))}
 
 
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """Formats rows as a GitHub Markdown table.
-
-    Example:
-        >>> print(markdown_table(["a", "b"], [[1, 2]]))
-        | a | b |
-        |---|---|
-        | 1 | 2 |
-    """
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return NA if value is None else format(value, spec)
 
@@ -273,16 +194,6 @@ def run_storage() -> list[dict[str, Any]]:
     kernel = gaussian_kernel(STORAGE_SHAPE)
     cases = [(fmt, dq) for fmt in ("nf4", "fp4", "int4", "int8") for dq in (False, True)]
     return [storage_case(kernel, fmt, dq) for fmt, dq in tqdm(cases, desc="formats", unit="case")]
-
-
-def write_json(path: Path, results: dict[str, Any]) -> None:
-    """Writes `results` as indented JSON, creating the folder.
-
-    Example:
-        >>> write_json(Path("/tmp/qj_bench/x.json"), {"a": 1})
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
