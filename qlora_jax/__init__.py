@@ -21,19 +21,26 @@ from qlora_jax._src.formats import (
     quantize,
     to_bnb,
 )
+from qlora_jax._src.nn import lora_delta
 from qlora_jax._src.ops import can_use_pallas_gpu, can_use_pallas_tpu, qdot_general, qeinsum, qmatmul, qmatmul_path
+from qlora_jax._src.surgery import LoraConfig, QLoRAReport, QuantConfig, apply_qlora
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BLOCK_SIZES",
     "FORMATS",
+    "LoraConfig",
+    "QLoRAReport",
+    "QuantConfig",
     "QuantizedArray",
+    "apply_qlora",
     "can_use_pallas_gpu",
     "can_use_pallas_tpu",
     "dequantize",
     "dequantize_absmax",
     "from_bnb",
+    "lora_delta",
     "qdot_general",
     "qeinsum",
     "qmatmul",

@@ -7,7 +7,7 @@ import pytest
 
 import qlora_jax
 
-PUBLIC_MODULES = ["qlora_jax"]
+PUBLIC_MODULES = ["qlora_jax", "qlora_jax.nnx"]
 
 
 @pytest.mark.parametrize("module_name", PUBLIC_MODULES)

@@ -129,6 +129,24 @@ def dequantize(q: QuantizedArray, dtype: jnp.dtype | None = None) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=1)
 def _dequantize_jit(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
     stack = q.stack_shape
+    w = dequantize_stored(q, dtype)
+    # Storage order is (*out axes, *contract axes); undo that permutation.
+    inverse = np.argsort(storage_order(q))
+    return jnp.transpose(w, (*range(len(stack)), *(len(stack) + int(i) for i in inverse)))
+
+
+def storage_order(q: QuantizedArray) -> tuple[int, ...]:
+    """The kernel's axes in storage order: the non-contracted axes, then `contract_axes`."""
+    return _storage_order(len(q.shape), q.contract_axes)
+
+
+def dequantize_stored(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
+    """The dequantized kernel in storage order, `[*stack, *(q.shape[a] for a in storage_order(q))]`.
+
+    `dequantize` without its final transpose (for a 2-D kernel: `[out, in]`,
+    the PyTorch layout); products contract it directly (no transposed copy).
+    """
+    stack = q.stack_shape
     absmax = dequantize_absmax(q)  # [*stack, *absmax_shape]
     if q.bits == 4:
         table = jnp.asarray(codebooks.codebook(q.fmt))
@@ -148,12 +166,7 @@ def _dequantize_jit(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
         flat = jnp.pad(flat, [(0, 0)] * len(stack) + [(0, padded - q.size)])
         w = (flat.reshape(*stack, q.n_blocks, q.block_size) * absmax[..., None]).reshape(*stack, padded)
         w = w[..., : q.size]
-    # Storage order is (*out axes, *contract axes); undo that permutation.
-    stored = _storage_order(len(q.shape), q.contract_axes)
-    w = w.reshape(*stack, *(q.shape[a] for a in stored))
-    inverse = np.argsort(stored)
-    w = jnp.transpose(w, (*range(len(stack)), *(len(stack) + int(i) for i in inverse)))
-    return w.astype(dtype)
+    return w.reshape(*stack, *(q.shape[a] for a in storage_order(q))).astype(dtype)
 
 
 def dequantize_absmax(q: QuantizedArray) -> jax.Array:

@@ -174,7 +174,10 @@ class QuantizedArray:
 
     def __repr__(self) -> str:
         dq = ", double_quant" if self.double_quant else ""
-        stack = f", stack={self.stack_shape}" if self.stack_shape else ""
+        # Leaves may be placeholders without ndim (nnx's module repr, jax.tree.map(jnp.shape, ...)).
+        codes_shape = getattr(self.codes, "shape", None)
+        stack_shape = () if codes_shape is None else tuple(codes_shape)[: len(codes_shape) - len(self.codes_shape)]
+        stack = f", stack={stack_shape}" if stack_shape else ""
         return (f"QuantizedArray({self.fmt}, shape={self.shape}, block_size={self.block_size}{dq}, "
                 f"dtype={self.dtype.name}, contract_axes={self.contract_axes}{stack})")
 

@@ -1,0 +1,245 @@
+"""Flax NNX layers over a frozen (quantized) kernel: `QuantLinear`, `QLoRALinear`.
+
+Both are drop-in replacements for `nnx.Linear` (`y = x @ kernel + bias` over
+the last axis). The kernel is a `QuantizedWeight` holding a packed
+`QuantizedArray` (multiplied by `qmatmul`, which keeps no dequantized weight
+for the backward pass), or a `FrozenWeight` holding a float kernel for plain
+LoRA. `QLoRALinear` adds a LoRA adapter whose factors are `nnx.LoRAParam`.
+
+Kernels may carry leading stack dimensions (layers stacked by `nnx.vmap` and
+applied with `nnx.scan`); such a layer is called inside the scan, where every
+leaf is sliced to one layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from qlora_jax._src.formats.qarray import QuantizedArray
+from qlora_jax._src.nn.lora import INITS, init_lora, lora_delta, lora_scale
+from qlora_jax._src.nn.variables import FrozenWeight, QuantizedWeight
+from qlora_jax._src.ops.qmatmul import qmatmul
+
+__all__ = ["QuantLinear", "QLoRALinear"]
+
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+class QuantLinear(nnx.Module):
+    """`nnx.Linear` with a frozen kernel, usually packed 4-bit, and an optional float bias.
+
+    `y = x @ kernel + bias` in the compute dtype: `dtype` if given, else the
+    input's dtype. The bias stays an `nnx.Param` (PEFT's `bias="none"` is
+    `wrt=nnx.LoRAParam`; include it in the filter to train it).
+
+    Attributes:
+        kernel: `QuantizedWeight` (a `QuantizedArray` of a kernel `[in, out]`)
+            or `FrozenWeight` (a float kernel `[*stack, in, out]`).
+        bias: `nnx.Param` `[*stack, out]`, or None.
+        in_features: `in`.
+        out_features: `out`.
+        stack_shape: Leading stack dimensions of every variable (`()` if none).
+        dtype: Compute dtype, or None for the input's dtype.
+        precision: `lax` precision of the dots.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, qlora_jax as qj
+        >>> from qlora_jax.nnx import QuantLinear
+        >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (128, 64)), "nf4", double_quant=True)
+        >>> layer = QuantLinear(q, jnp.zeros(64))
+        >>> layer(jnp.ones((2, 128))).shape
+        (2, 64)
+    """
+
+    def __init__(
+        self,
+        kernel: QuantizedArray | jax.Array,
+        bias: jax.Array | None = None,
+        *,
+        dtype: jnp.dtype | None = None,
+        precision: lax.PrecisionLike = None,
+    ):
+        """Wraps an existing kernel.
+
+        Args:
+            kernel: A `QuantizedArray` of a 2-D kernel `[in, out]` with
+                contract_axes (0,) (leaves may carry stack dimensions), or a
+                float array `[*stack, in, out]` kept frozen as is.
+            bias: Float `[*stack, out]`, or None.
+            dtype: Compute dtype (float32, bfloat16 or float16), or None.
+            precision: `lax` precision of the dots.
+
+        Raises:
+            ValueError: A kernel that is not `[in, out]`, or a bias or dtype
+                that does not fit it.
+        """
+        if isinstance(kernel, QuantizedArray):
+            if len(kernel.shape) != 2 or kernel.contract_axes != (0,):
+                raise ValueError(f"kernel: a QuantizedArray of a 2-D kernel [in, out] with contract_axes (0,) is "
+                                 f"needed; got shape {kernel.shape}, contract_axes {kernel.contract_axes}")
+            stack, (n_in, n_out) = kernel.stack_shape, kernel.shape
+            self.kernel = QuantizedWeight(kernel)
+        else:
+            kernel = jnp.asarray(kernel)
+            if kernel.ndim < 2 or np.dtype(kernel.dtype) not in _FLOAT_DTYPES:
+                raise ValueError(f"kernel: expected a float kernel [*stack, in, out] or a QuantizedArray; got "
+                                 f"shape {tuple(kernel.shape)}, dtype {kernel.dtype}")
+            stack, (n_in, n_out) = tuple(kernel.shape[:-2]), tuple(kernel.shape[-2:])
+            self.kernel = FrozenWeight(kernel)
+        if bias is not None:
+            bias = jnp.asarray(bias)
+            if tuple(bias.shape) != (*stack, n_out):
+                raise ValueError(f"bias: shape {tuple(bias.shape)}, expected {(*stack, n_out)} for a kernel "
+                                 f"[in={n_in}, out={n_out}] with stack dims {stack}")
+            self.bias = nnx.Param(bias)
+        else:
+            self.bias = nnx.data(None)
+        if dtype is not None and np.dtype(dtype) not in _FLOAT_DTYPES:
+            raise ValueError(f"dtype: {dtype} is not a compute dtype; expected float32, bfloat16, float16 or None")
+        self.in_features = int(n_in)
+        self.out_features = int(n_out)
+        self.stack_shape = tuple(int(d) for d in stack)
+        self.dtype = None if dtype is None else np.dtype(dtype)
+        self.precision = precision
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """`x [..., in]` → `[..., out]` in the compute dtype."""
+        x = x.astype(x.dtype if self.dtype is None else self.dtype)
+        y = _frozen_matmul(x, self.kernel.get_value(), self.precision, type(self).__name__)  # [..., out]
+        if self.bias is not None:
+            y = y + jnp.reshape(self.bias[...].astype(y.dtype), (1,) * (y.ndim - 1) + (-1,))
+        return y
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the kernel is a packed `QuantizedArray`."""
+        return isinstance(self.kernel, QuantizedWeight)
+
+
+class QLoRALinear(QuantLinear):
+    """`QuantLinear` plus a LoRA adapter: `y = x @ kernel + bias + s · B(A(dropout(x)))`.
+
+    PEFT's semantics: `s = alpha / rank` (`alpha / √rank` with `rslora`),
+    dropout on the adapter input only, A initialised kaiming-uniform
+    (U(-1/√in, 1/√in)) or N(0, (1/rank)²), B zero. The adapter runs in the
+    compute dtype; its factors are stored as float32 `nnx.LoRAParam`, the only
+    trainable variables of the layer besides the bias.
+
+    Dropout follows Flax's convention: active unless the layer is
+    deterministic (`model.eval()` sets `deterministic=True` on every layer,
+    `model.train()` clears it; a `deterministic=` call argument overrides it).
+    Its keys come from the layer's own `RngStream` (split per stacked layer).
+
+    Attributes:
+        lora_a: `nnx.LoRAParam` `[*stack, in, rank]`.
+        lora_b: `nnx.LoRAParam` `[*stack, rank, out]`.
+        rank: `r`.
+        alpha: `lora_alpha`.
+        scale: The scaling `s`.
+        dropout_rate: Dropout probability of the adapter input.
+        deterministic: Whether dropout is off.
+        rngs: The dropout `nnx.RngStream`, or None when `dropout_rate == 0`.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, qlora_jax as qj
+        >>> from flax import nnx
+        >>> from qlora_jax.nnx import QLoRALinear, QuantLinear
+        >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (128, 64)), "nf4")
+        >>> layer = QLoRALinear(q, rank=8, alpha=16, rngs=nnx.Rngs(0))
+        >>> layer.lora_a.shape, layer.lora_b.shape, layer.scale
+        ((128, 8), (8, 64), 2.0)
+        >>> x = jnp.ones((2, 128))
+        >>> bool((layer(x) == QuantLinear(q)(x)).all())  # B = 0: the adapter adds nothing yet
+        True
+    """
+
+    def __init__(
+        self,
+        kernel: QuantizedArray | jax.Array,
+        bias: jax.Array | None = None,
+        *,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        init: str = "default",
+        dtype: jnp.dtype | None = None,
+        param_dtype: jnp.dtype = jnp.float32,
+        precision: lax.PrecisionLike = None,
+        rngs: nnx.Rngs,
+    ):
+        """Wraps an existing kernel and creates a fresh adapter.
+
+        Args:
+            kernel: As `QuantLinear`.
+            bias: As `QuantLinear`.
+            rank: Adapter rank, > 0.
+            alpha: `lora_alpha`, > 0.
+            dropout: Dropout probability of the adapter input, in [0, 1).
+            rslora: Scale by `alpha / √rank` instead of `alpha / rank`.
+            init: "default" (kaiming-uniform A) or "gaussian" (A ~ N(0, 1/rank²)).
+            dtype: Compute dtype, or None for the input's dtype.
+            param_dtype: Dtype of the adapter factors.
+            precision: `lax` precision of the dots.
+            rngs: `nnx.Rngs`; the "params" stream draws A, the "dropout"
+                stream seeds the dropout keys (each falls back to "default").
+
+        Raises:
+            ValueError: Bad rank, alpha, dropout or init, or as `QuantLinear`.
+        """
+        super().__init__(kernel, bias, dtype=dtype, precision=precision)
+        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
+            raise ValueError(f"rank: must be a positive integer, got {rank!r}")
+        if not (isinstance(alpha, (int, float, np.number)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha: must be a positive number, got {alpha!r}")
+        if not (isinstance(dropout, (int, float, np.number)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout: must lie in [0, 1), got {dropout!r}")
+        if init not in INITS:
+            raise ValueError(f"init: unknown LoRA init {init!r}; expected one of {INITS}")
+        a, b = init_lora(rngs["params"](), self.in_features, self.out_features, int(rank), init=init,
+                         stack_shape=self.stack_shape, dtype=param_dtype)
+        self.lora_a = nnx.LoRAParam(a)  # [*stack, in, r]
+        self.lora_b = nnx.LoRAParam(b)  # [*stack, r, out]
+        self.rank = int(rank)
+        self.alpha = float(alpha)
+        self.rslora = bool(rslora)
+        self.scale = lora_scale(self.rank, self.alpha, self.rslora)
+        self.dropout_rate = float(dropout)
+        self.deterministic = False
+        if self.dropout_rate > 0:
+            key = rngs["dropout"]()
+            keys = jax.random.split(key, self.stack_shape) if self.stack_shape else key
+            self.rngs = nnx.RngStream(keys, tag="dropout")
+        else:
+            self.rngs = nnx.data(None)
+
+    def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+        """`x [..., in]` → `[..., out]` in the compute dtype; `deterministic` overrides the attribute."""
+        y = super().__call__(x)  # [..., out]
+        h = x.astype(y.dtype)  # [..., in], the adapter input
+        off = self.deterministic if deterministic is None else deterministic
+        if self.dropout_rate > 0 and not off:
+            keep = 1.0 - self.dropout_rate
+            mask = jax.random.bernoulli(self.rngs(), keep, h.shape)
+            h = lax.select(mask, h / keep, jnp.zeros_like(h))  # inverted dropout, as torch.nn.Dropout
+        return y + lora_delta(h, self.lora_a[...], self.lora_b[...], self.scale, precision=self.precision)
+
+
+def _frozen_matmul(x: jax.Array, kernel: QuantizedArray | jax.Array, precision: lax.PrecisionLike,
+                   layer: str) -> jax.Array:
+    """`x [..., in] @ kernel [in, out]` for a packed or a float frozen kernel."""
+    stack = kernel.stack_shape if isinstance(kernel, QuantizedArray) else tuple(kernel.shape[:-2])
+    if stack:
+        raise ValueError(f"{layer}: the kernel has stack dimensions {stack}; call the layer inside nnx.scan or "
+                         "nnx.vmap over the stacked axis, which hands it one layer at a time")
+    if isinstance(kernel, QuantizedArray):
+        return qmatmul(x, kernel, precision=precision)
+    # As nnx.Linear: the kernel in the compute dtype, no gradient (frozen).
+    kernel = lax.stop_gradient(kernel.astype(x.dtype))
+    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)

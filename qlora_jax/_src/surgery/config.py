@@ -1,0 +1,127 @@
+"""`QuantConfig` and `LoraConfig`: frozen, keyword-only, validated once.
+
+Both are hashable, so they can be passed to `jax.jit` as static values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from qlora_jax._src.formats.qarray import BLOCK_SIZES, FORMATS
+from qlora_jax._src.nn.lora import INITS, lora_scale
+
+__all__ = ["QuantConfig", "LoraConfig", "ALL_LINEAR"]
+
+# `LoraConfig.targets` value meaning every `nnx.Linear` except the output head.
+ALL_LINEAR = "all-linear"
+
+_COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """How the frozen base kernels are stored and multiplied.
+
+    Every `nnx.Linear` outside the output head is quantized (as bitsandbytes'
+    `load_in_4bit`, which skips `lm_head`); its input size must be a multiple
+    of `block_size`, so that blocks never straddle output columns.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlora_jax.nnx import QuantConfig
+        >>> QuantConfig(fmt="nf4", block_size=64, double_quant=True, compute_dtype=jnp.bfloat16).compute_dtype
+        dtype(bfloat16)
+    """
+
+    fmt: str = "nf4"  # "nf4", "fp4", "int4" or "int8"
+    block_size: int = 64  # elements per absmax block along the input axis: 32 or 64..4096 (powers of two)
+    double_quant: bool = True  # quantize the absmax values to 8 bits too (bitsandbytes' compress_statistics)
+    compute_dtype: np.dtype | None = None  # dtype of the matmuls; None: the layer's dtype, else the input's
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise ValueError(f"QuantConfig.fmt: unknown format {self.fmt!r}; expected one of {sorted(FORMATS)}")
+        if isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES:
+            raise ValueError(f"QuantConfig.block_size: {self.block_size!r} is not one of {BLOCK_SIZES}")
+        if not isinstance(self.double_quant, (bool, np.bool_)):
+            raise ValueError(f"QuantConfig.double_quant: expected a bool, got {self.double_quant!r}")
+        object.__setattr__(self, "double_quant", bool(self.double_quant))
+        if self.compute_dtype is not None:
+            try:
+                dtype = np.dtype(self.compute_dtype)
+            except TypeError:
+                dtype = None
+            if dtype not in _COMPUTE_DTYPES:
+                raise ValueError(f"QuantConfig.compute_dtype: {self.compute_dtype!r} is not one of float32, "
+                                 "bfloat16, float16 or None")
+            object.__setattr__(self, "compute_dtype", dtype)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Where LoRA adapters go and how they behave (PEFT's `LoraConfig` semantics).
+
+    `targets` selects `nnx.Linear` layers: `"all-linear"` (every one except
+    the output head), a sequence of names matched against the last component
+    of a layer's path (`["q_proj", "v_proj"]`), or any other string, a regular
+    expression that must match the whole '/'-joined path (`re.fullmatch`, as
+    PEFT), e.g. `r".*/attn/(q|v)_proj"`.
+
+    Example:
+        >>> from qlora_jax.nnx import LoraConfig
+        >>> cfg = LoraConfig(rank=8, alpha=16, targets=["q_proj", "v_proj"])
+        >>> cfg.targets, cfg.scale
+        (('q_proj', 'v_proj'), 2.0)
+    """
+
+    rank: int = 16  # adapter rank r (> 0)
+    alpha: float = 32  # lora_alpha (> 0); the scaling is alpha / rank, or alpha / sqrt(rank) with rslora
+    dropout: float = 0.0  # dropout probability of the adapter input, in [0, 1)
+    targets: str | tuple[str, ...] = ALL_LINEAR  # "all-linear", layer names, or a regex over the path
+    rslora: bool = False  # rank-stabilized scaling alpha / sqrt(rank)
+    init: str = "default"  # "default" (kaiming-uniform A, zero B) or "gaussian" (A ~ N(0, 1/r^2), zero B)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
+            raise ValueError(f"LoraConfig.rank: must be a positive integer, got {self.rank!r}")
+        object.__setattr__(self, "rank", int(self.rank))
+        if (isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float, np.number))
+                or not math.isfinite(self.alpha) or self.alpha <= 0):
+            raise ValueError(f"LoraConfig.alpha: must be a positive number, got {self.alpha!r}")
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float, np.number))
+                or not 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"LoraConfig.dropout: must lie in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
+        if not isinstance(self.rslora, (bool, np.bool_)):
+            raise ValueError(f"LoraConfig.rslora: expected a bool, got {self.rslora!r}")
+        object.__setattr__(self, "rslora", bool(self.rslora))
+        if self.init not in INITS:
+            raise ValueError(f"LoraConfig.init: unknown init {self.init!r}; expected one of {INITS}")
+        object.__setattr__(self, "targets", _normalize_targets(self.targets))
+
+    @property
+    def scale(self) -> float:
+        """`alpha / rank`, or `alpha / √rank` with `rslora`."""
+        return lora_scale(self.rank, self.alpha, self.rslora)
+
+
+def _normalize_targets(targets: str | Sequence[str]) -> str | tuple[str, ...]:
+    if isinstance(targets, str):
+        if not targets:
+            raise ValueError("LoraConfig.targets: empty string; use 'all-linear', a list of layer names or a regex")
+        if targets != ALL_LINEAR:
+            try:
+                re.compile(targets)
+            except re.error as e:
+                raise ValueError(f"LoraConfig.targets: {targets!r} is not a valid regular expression ({e})") from None
+        return targets
+    if not isinstance(targets, Sequence) or not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"LoraConfig.targets: expected 'all-linear', a regex string or a non-empty sequence of "
+                         f"layer names, got {targets!r}")
+    return tuple(targets)

@@ -1,0 +1,51 @@
+"""Flax NNX side of qlora_jax: layers, variable types and `apply_qlora`.
+
+`QuantLinear` (a frozen, usually 4-bit packed kernel) and `QLoRALinear` (plus
+a LoRA adapter) replace `nnx.Linear`; `apply_qlora` does the replacement on
+any NNX model. Base weights are `QuantizedWeight` / `FrozenWeight` variables,
+which are not `nnx.Param`; adapters are `nnx.LoRAParam`, so
+`nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` trains the adapters only.
+
+Example:
+    >>> import jax, jax.numpy as jnp, qlora_jax as qj
+    >>> from flax import nnx
+    >>> from qlora_jax.nnx import QLoRALinear
+    >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (256, 64)), "nf4", double_quant=True)
+    >>> layer = QLoRALinear(q, rank=4, alpha=8, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((3, 256))).shape
+    (3, 64)
+"""
+
+from qlora_jax._src.nn import (
+    FrozenWeight,
+    QLoRALinear,
+    QuantizedWeight,
+    QuantLinear,
+    init_lora,
+    lora_delta,
+    lora_scale,
+)
+from qlora_jax._src.surgery import (
+    LoraConfig,
+    QLoRAReport,
+    QuantConfig,
+    ReplacedLayer,
+    apply_qlora,
+    quantize_kernel,
+)
+
+__all__ = [
+    "FrozenWeight",
+    "LoraConfig",
+    "QLoRALinear",
+    "QLoRAReport",
+    "QuantConfig",
+    "QuantLinear",
+    "QuantizedWeight",
+    "ReplacedLayer",
+    "apply_qlora",
+    "init_lora",
+    "lora_delta",
+    "lora_scale",
+    "quantize_kernel",
+]
