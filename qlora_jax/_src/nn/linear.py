@@ -13,8 +13,6 @@ leaf is sliced to one layer.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +20,8 @@ from flax import nnx
 from jax import lax
 
 from qlora_jax._src.formats.qarray import QuantizedArray
-from qlora_jax._src.nn.lora import INITS, init_lora, lora_delta, lora_scale
+from qlora_jax._src.nn.adapter import AdapterMixin
+from qlora_jax._src.nn.lora import lora_delta
 from qlora_jax._src.nn.variables import FrozenWeight, QuantizedWeight
 from qlora_jax._src.ops.qmatmul import qmatmul
 
@@ -121,8 +120,18 @@ class QuantLinear(nnx.Module):
         """Whether the kernel is a packed `QuantizedArray`."""
         return isinstance(self.kernel, QuantizedWeight)
 
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """Logical shape of one layer's kernel: `(in, out)`."""
+        return (self.in_features, self.out_features)
 
-class QLoRALinear(QuantLinear):
+    @property
+    def contract_axes(self) -> tuple[int, ...]:
+        """Kernel axes contracted with the input: `(0,)`."""
+        return (0,)
+
+
+class QLoRALinear(QuantLinear, AdapterMixin):
     """`QuantLinear` plus a LoRA adapter: `y = x @ kernel + bias + s · B(A(dropout(x)))`.
 
     PEFT's semantics: `s = alpha / rank` (`alpha / √rank` with `rslora`),
@@ -194,40 +203,13 @@ class QLoRALinear(QuantLinear):
             ValueError: Bad rank, alpha, dropout or init, or as `QuantLinear`.
         """
         super().__init__(kernel, bias, dtype=dtype, precision=precision)
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
-            raise ValueError(f"rank: must be a positive integer, got {rank!r}")
-        if not (isinstance(alpha, (int, float, np.number)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha: must be a positive number, got {alpha!r}")
-        if not (isinstance(dropout, (int, float, np.number)) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout: must lie in [0, 1), got {dropout!r}")
-        if init not in INITS:
-            raise ValueError(f"init: unknown LoRA init {init!r}; expected one of {INITS}")
-        a, b = init_lora(rngs["params"](), self.in_features, self.out_features, int(rank), init=init,
-                         stack_shape=self.stack_shape, dtype=param_dtype)
-        self.lora_a = nnx.LoRAParam(a)  # [*stack, in, r]
-        self.lora_b = nnx.LoRAParam(b)  # [*stack, r, out]
-        self.rank = int(rank)
-        self.alpha = float(alpha)
-        self.rslora = bool(rslora)
-        self.scale = lora_scale(self.rank, self.alpha, self.rslora)
-        self.dropout_rate = float(dropout)
-        self.deterministic = False
-        if self.dropout_rate > 0:
-            key = rngs["dropout"]()
-            keys = jax.random.split(key, self.stack_shape) if self.stack_shape else key
-            self.rngs = nnx.RngStream(keys, tag="dropout")
-        else:
-            self.rngs = nnx.data(None)
+        self._init_adapter((self.in_features,), (self.out_features,), self.stack_shape, rank=rank, alpha=alpha,
+                           dropout=dropout, rslora=rslora, init=init, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         """`x [..., in]` → `[..., out]` in the compute dtype; `deterministic` overrides the attribute."""
         y = super().__call__(x)  # [..., out]
-        h = x.astype(y.dtype)  # [..., in], the adapter input
-        off = self.deterministic if deterministic is None else deterministic
-        if self.dropout_rate > 0 and not off:
-            keep = 1.0 - self.dropout_rate
-            mask = jax.random.bernoulli(self.rngs(), keep, h.shape)
-            h = lax.select(mask, h / keep, jnp.zeros_like(h))  # inverted dropout, as torch.nn.Dropout
+        h = self._adapter_input(x.astype(y.dtype), deterministic)  # [..., in], dropout on the adapter input only
         return y + lora_delta(h, self.lora_a[...], self.lora_b[...], self.scale, precision=self.precision)
 
 

@@ -19,7 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["INITS", "lora_delta", "lora_scale", "init_lora"]
+from qlora_jax._src.nn.spec import einsum_kernel_axes, split_einsum
+
+__all__ = ["INITS", "lora_delta", "lora_einsum", "lora_scale", "init_lora"]
 
 # Adapter initializations: PEFT's `init_lora_weights=True` and "gaussian".
 INITS: tuple[str, ...] = ("default", "gaussian")
@@ -63,6 +65,63 @@ def lora_delta(
                          f"{tuple(b.shape)}; expected x[..., in], a[in, r], b[r, out] (slice stacked layers first)")
     h = _dot(x, a.astype(x.dtype), precision)  # [..., r]
     return _dot(h, b.astype(x.dtype), precision) * scale  # [..., out]
+
+
+def lora_einsum(
+    subscripts: str,
+    x: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    scale: float,
+    *,
+    precision: lax.PrecisionLike = None,
+) -> jax.Array:
+    """The adapter's contribution to an einsum layer `einsum(subscripts, x, kernel)`, in `x.dtype`.
+
+    The adapter's weight update `ΔW = A ⊗ B` (summed over the rank) has the
+    kernel's shape but is never formed: with `in` the kernel's contracted axes
+    and `out` its other axes, both in kernel order, A is `[*in, r]` and B is
+    `[r, *out]`, and the result is `scale · einsum(subscripts, x, ΔW)`, computed
+    as `x → [..., r]` (einsum with A) then `→ output` (einsum with B). For
+    `"...i,io->...o"` this is `lora_delta`.
+
+    Args:
+        subscripts: The layer's einsum spec, e.g. `"...d,dnh->...nh"`.
+        x: Activations, as for the layer (dropout, if any, already applied).
+        a: Down projection `[*in, r]`.
+        b: Up projection `[r, *out]`.
+        scale: The LoRA scaling `s`.
+        precision: Passed to both einsums.
+
+    Returns:
+        The einsum's output shape, in `x.dtype`.
+
+    Raises:
+        ValueError: A spec that is not a linear layer over the kernel, or
+            factor shapes that do not fit `x` and the spec.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlora_jax.nnx import lora_einsum
+        >>> a, b = jnp.ones((8, 2)), jnp.ones((2, 3, 4))  # kernel [d=8, n=3, h=4], rank 2
+        >>> y = lora_einsum("...d,dnh->...nh", jnp.ones((5, 8)), a, b, 0.5)
+        >>> y.shape, float(y[0, 0, 0])  # 8 * 2 * 0.5
+        ((5, 3, 4), 8.0)
+    """
+    xs, ks, out = split_einsum(subscripts)
+    contract, other = einsum_kernel_axes(subscripts)
+    rank = a.shape[-1] if a.ndim else -1
+    if a.ndim != len(contract) + 1 or b.ndim != len(other) + 1 or b.shape[0] != rank:
+        raise ValueError(f"lora_einsum: factors a {tuple(a.shape)}, b {tuple(b.shape)} do not fit the kernel "
+                         f"{ks!r} of {subscripts!r}: expected a [*in, r] with in = axes "
+                         f"{''.join(ks[i] for i in contract)!r}, b [r, *out] with out = axes "
+                         f"{''.join(ks[i] for i in other)!r} (slice stacked layers first)")
+    r = next(c for c in "rRzZyYqQ" + "abcdefghijklmnopstuvwx" if c not in subscripts)
+    k_in = "".join(ks[i] for i in contract)
+    k_out = "".join(ks[i] for i in other)
+    hs = "".join(c for c in xs if c not in k_in) + r  # x's kept axes (and `...`), then the rank
+    h = jnp.einsum(f"{xs},{k_in}{r}->{hs}", x, a.astype(x.dtype), precision=precision)  # [..., r]
+    return jnp.einsum(f"{hs},{r}{k_out}->{out}", h, b.astype(x.dtype), precision=precision) * scale
 
 
 def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:

@@ -1,0 +1,355 @@
+"""Flax Linen layers over a frozen (quantized) kernel: `QLoRADense`, `QLoRADenseGeneral`.
+
+Drop-in replacements for `nn.Dense` and `nn.DenseGeneral`. The base kernel is
+not a parameter: it lives in the `"frozen"` collection (`FROZEN`), as a packed
+`QuantizedArray` (multiplied by `qdot_general`, which keeps no dequantized
+weight for the backward pass) or, with `quant=None`, as a float array. The
+LoRA factors `lora_a [in, r]` and `lora_b [r, out]` are in `"params"`, next to
+the bias, so `jax.grad` over `"params"` never touches the base weights and
+`lora_mask` finds the adapters by name.
+
+`dense_forward` is the pure computation shared by these layers and by
+`qlora_interceptor`, which runs it in place of unmodified `nn.Dense` layers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.linen import dtypes as linen_dtypes
+from jax import lax
+
+from qlora_jax._src.formats.blockwise import quantize
+from qlora_jax._src.formats.qarray import QuantizedArray
+from qlora_jax._src.nn.lora import init_lora, lora_delta
+from qlora_jax._src.ops.qmatmul import qdot_general
+from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
+
+__all__ = ["FROZEN", "ADAPTER_NAMES", "QLoRADense", "QLoRADenseGeneral", "dense_forward", "compute_dtype"]
+
+# The variable collection that holds the frozen base kernels (packed or float).
+FROZEN = "frozen"
+# Names of the adapter factors in the "params" collection.
+ADAPTER_NAMES: tuple[str, ...] = ("lora_a", "lora_b")
+
+_default_kernel_init = nn.initializers.lecun_normal()  # nn.Dense's default
+
+
+def compute_dtype(quant: QuantConfig | None, layer_dtype: jnp.dtype | None) -> jnp.dtype | None:
+    """The matmul dtype: `QuantConfig.compute_dtype` if set, else the layer's `dtype` (None: inferred)."""
+    if quant is not None and quant.compute_dtype is not None:
+        return quant.compute_dtype
+    return layer_dtype
+
+
+def dense_forward(
+    x: jax.Array,
+    kernel: QuantizedArray | jax.Array,
+    bias: jax.Array | None,
+    adapter: tuple[jax.Array, jax.Array] | None,
+    *,
+    axis: Sequence[int] = (-1,),
+    dtype: jnp.dtype | None = None,
+    precision: lax.PrecisionLike = None,
+    scale: float = 1.0,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    name: str = "dense",
+) -> jax.Array:
+    """`nn.DenseGeneral`'s output over a frozen kernel, plus `scale · B(A(dropout(x)))`.
+
+    The float-kernel path performs exactly `nn.Dense`'s / `nn.DenseGeneral`'s
+    operations (dtype promotion, `lax.dot_general`, bias add), so a float
+    kernel with a zero adapter gives bit-identical outputs. A `QuantizedArray`
+    is multiplied by `qdot_general` in the compute dtype: `dtype`, else the
+    promotion of the input, the kernel's original dtype and the bias.
+
+    Args:
+        x: Activations; `axis` are contracted with the kernel's leading axes.
+        kernel: Frozen kernel `[*in, *features]`: a `QuantizedArray` with
+            `contract_axes == (0, ..., len(axis) - 1)`, or a float array.
+        bias: `[*features]`, or None.
+        adapter: `(a [in, r], b [r, out])` with `in = prod(in)`, `out =
+            prod(features)`, or None.
+        axis: Input axes contracted (`nn.DenseGeneral`'s `axis`).
+        dtype: Compute dtype, or None to infer it as Flax does.
+        precision: `lax` precision of every dot.
+        scale: The LoRA scaling `s`.
+        dropout_rate: Dropout probability of the adapter input.
+        dropout_rng: Key for the dropout mask; None means no dropout.
+        name: The layer's path, for error messages.
+
+    Returns:
+        `[*x's other axes, *features]` in the compute dtype.
+
+    Raises:
+        ValueError: Shapes that do not fit, or a `QuantizedArray` blocked along
+            other axes than the contracted ones.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, qlora_jax as qj
+        >>> from qlora_jax.linen import dense_forward
+        >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (128, 16)), "nf4")
+        >>> x = jnp.ones((2, 128))
+        >>> y = dense_forward(x, q, None, (jnp.ones((128, 4)), jnp.zeros((4, 16))), scale=2.0)
+        >>> bool((y == qj.qmatmul(x, q)).all())
+        True
+    """
+    x = jnp.asarray(x)
+    ndim = x.ndim
+    axis = tuple(sorted(a % ndim if -ndim <= a < ndim else _bad_axis(name, axis, x.shape) for a in axis))
+    n_axis = len(axis)
+    quantized = isinstance(kernel, QuantizedArray)
+    k_shape = tuple(kernel.shape)
+    in_shape, features = k_shape[:n_axis], k_shape[n_axis:]
+    if tuple(x.shape[a] for a in axis) != in_shape or not features:
+        raise ValueError(f"{name}: input shape {tuple(x.shape)} (axes {axis}) does not fit the kernel of shape "
+                         f"{k_shape}")
+    dims = ((axis, tuple(range(n_axis))), ((), ()))
+    if quantized:
+        if kernel.contract_axes != tuple(range(n_axis)):
+            raise ValueError(f"{name}: the QuantizedArray kernel {k_shape} is blocked along contract_axes "
+                             f"{kernel.contract_axes}, but the layer contracts its axes {tuple(range(n_axis))}")
+        if dtype is None:
+            dtype = linen_dtypes.canonicalize_dtype(x, bias, jnp.zeros((), kernel.dtype))
+        x = x.astype(dtype)
+        bias = None if bias is None else jnp.asarray(bias).astype(dtype)
+        y = qdot_general(x, kernel, dims, precision=precision)  # [*x_free, *features]
+    else:
+        # Exactly nn.DenseGeneral's operations; stop_gradient: the kernel is frozen.
+        x, k, bias = linen_dtypes.promote_dtype(x, lax.stop_gradient(kernel), bias, dtype=dtype)
+        y = lax.dot_general(x, k, dims, precision=precision)  # [*x_free, *features]
+    if bias is not None:
+        if tuple(bias.shape) != features:
+            raise ValueError(f"{name}: bias shape {tuple(bias.shape)}, expected {features}")
+        y = y + jnp.reshape(bias, (1,) * (ndim - n_axis) + features)
+    if adapter is None:
+        return y
+    a, b = adapter
+    n_in, n_out = math.prod(in_shape), math.prod(features)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != n_in or b.shape[1] != n_out or a.shape[1] != b.shape[0]:
+        raise ValueError(f"{name}: adapter shapes lora_a {tuple(a.shape)}, lora_b {tuple(b.shape)} do not fit the "
+                         f"kernel {k_shape}; expected lora_a [{n_in}, r] and lora_b [r, {n_out}]")
+    h = x.astype(y.dtype)  # the adapter input, in the compute dtype
+    if dropout_rng is not None and dropout_rate > 0:
+        keep = 1.0 - dropout_rate
+        mask = jax.random.bernoulli(dropout_rng, keep, h.shape)
+        h = lax.select(mask, h / keep, jnp.zeros_like(h))  # inverted dropout, as nn.Dropout and torch
+    if axis != tuple(range(ndim - n_axis, ndim)):
+        h = jnp.moveaxis(h, axis, tuple(range(ndim - n_axis, ndim)))
+    free = h.shape[: ndim - n_axis]
+    delta = lora_delta(h.reshape(*free, n_in), a, b, scale, precision=precision)  # [*free, out]
+    return y + delta.reshape(*free, *features)
+
+
+def _bad_axis(name: str, axis: Sequence[int], shape: tuple[int, ...]) -> int:
+    raise ValueError(f"{name}: axis {tuple(axis)} is out of range for an input of shape {shape}")
+
+
+def _check_blockable(name: str, shape: tuple[int, ...], n_in: int, quant: QuantConfig) -> None:
+    in_size = math.prod(shape[:n_in])
+    if in_size % quant.block_size:
+        raise ValueError(f"{name}: kernel shape {shape} has input size {in_size}, which is not a multiple of "
+                         f"QuantConfig.block_size={quant.block_size}; quantized layers need in % block_size == 0 "
+                         "(blocks run along the input axis). Use a smaller block_size or quant=None")
+
+
+class _QLoRABase(nn.Module):
+    """Shared variables and call of the two layers; subclasses define the kernel geometry."""
+
+    def _layer_name(self) -> str:
+        return "/".join(self.path) or type(self).__name__
+
+    def _call(self, inputs: jax.Array, axis: tuple[int, ...], features: tuple[int, ...],
+              kernel_init: Callable, bias_init: Callable, deterministic: bool | None) -> jax.Array:
+        name = self._layer_name()
+        n_axis = len(axis)
+        in_shape = tuple(inputs.shape[a] for a in axis)
+        shape = in_shape + features
+
+        def init_kernel() -> QuantizedArray | jax.Array:
+            kernel = kernel_init(self.make_rng("params"), shape, self.param_dtype)  # as nn.Dense's self.param
+            if self.quant is None:
+                return kernel
+            _check_blockable(name, shape, n_axis, self.quant)
+            return quantize(kernel, self.quant.fmt, self.quant.block_size, self.quant.double_quant,
+                            contract_axes=tuple(range(n_axis)))
+
+        kernel = self.variable(FROZEN, "kernel", init_kernel).value
+        bias = self.param("bias", bias_init, features, self.param_dtype) if self.use_bias else None
+        adapter, rng = None, None
+        if self.lora is not None:
+            n_in, n_out, rank = math.prod(in_shape), math.prod(features), self.lora.rank
+            a = self.param("lora_a", lambda key: init_lora(key, n_in, n_out, rank, init=self.lora.init,
+                                                           dtype=self.param_dtype)[0])  # [in, r]
+            b = self.param("lora_b", lambda key: jnp.zeros((rank, n_out), self.param_dtype))  # [r, out]
+            adapter = (a, b)
+            if self.lora.dropout > 0 and not nn.merge_param("deterministic", self.deterministic, deterministic):
+                rng = self.make_rng("dropout")
+        return dense_forward(inputs, kernel, bias, adapter, axis=axis, dtype=compute_dtype(self.quant, self.dtype),
+                             precision=self.precision, scale=self.lora.scale if self.lora is not None else 1.0,
+                             dropout_rate=self.lora.dropout if self.lora is not None else 0.0, dropout_rng=rng,
+                             name=name)
+
+
+class QLoRADense(_QLoRABase):
+    """`nn.Dense` with a frozen, usually 4-bit, kernel and a LoRA adapter.
+
+    `y = x @ kernel + bias + s · B(A(dropout(x)))` over the last axis, with
+    PEFT's semantics: `s = alpha / rank` (`alpha / √rank` with `rslora`),
+    dropout on the adapter input only, A kaiming-uniform (U(-1/√in, 1/√in))
+    or N(0, (1/rank)²) ("gaussian"), B zero. Same arguments as `nn.Dense`;
+    initialised with the same key it draws the same kernel and bias as
+    `nn.Dense`, then quantizes the kernel.
+
+    Variables: `"frozen"/"kernel"` — a `QuantizedArray` of the `[in, out]`
+    kernel (a float array with `quant=None`); `"params"/"bias"` `[out]`;
+    `"params"/"lora_a"` `[in, r]` and `"params"/"lora_b"` `[r, out]` unless
+    `lora=None`. Dropout (rate `lora.dropout`) draws from the "dropout" rng
+    stream unless deterministic.
+
+    Attributes:
+        features: Output size.
+        use_bias: Whether to add a bias.
+        dtype: Compute dtype (None: inferred as `nn.Dense`); `quant.compute_dtype` overrides it.
+        param_dtype: Dtype of the initial kernel, the bias and the adapter.
+        precision: `lax` precision of the dots.
+        kernel_init: Initializer of the float kernel before quantization.
+        bias_init: Initializer of the bias.
+        quant: How the kernel is stored, or None for a float kernel (plain LoRA).
+        lora: The adapter (`rank`, `alpha`, `dropout`, `rslora`, `init`;
+            `targets` is ignored), or None for no adapter.
+        deterministic: Turns the adapter dropout off; may be given at call time instead.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, qlora_jax as qj
+        >>> from qlora_jax.linen import QLoRADense
+        >>> layer = QLoRADense(64, lora=qj.LoraConfig(rank=8, alpha=16))
+        >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 128)))
+        >>> variables["frozen"]["kernel"]
+        QuantizedArray(nf4, shape=(128, 64), block_size=64, double_quant, dtype=float32, contract_axes=(0,))
+        >>> jax.tree.map(jnp.shape, variables["params"])
+        {'bias': (64,), 'lora_a': (128, 8), 'lora_b': (8, 64)}
+        >>> layer.apply(variables, jnp.ones((2, 128))).shape
+        (2, 64)
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+    kernel_init: nn.initializers.Initializer = _default_kernel_init
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    quant: QuantConfig | None = QuantConfig()
+    lora: LoraConfig | None = LoraConfig()
+    deterministic: bool | None = None
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, deterministic: bool | None = None) -> jax.Array:
+        """`inputs [..., in]` → `[..., features]`.
+
+        Args:
+            inputs: Activations.
+            deterministic: Turns the adapter dropout off (merged with the attribute, as `nn.Dropout`).
+
+        Returns:
+            The output in the compute dtype.
+        """
+        _check_configs(self.quant, self.lora, self._layer_name())
+        return self._call(inputs, (jnp.ndim(inputs) - 1,), (int(self.features),), self.kernel_init, self.bias_init,
+                          deterministic)
+
+
+class QLoRADenseGeneral(_QLoRABase):
+    """`nn.DenseGeneral` with a frozen, usually 4-bit, kernel and a LoRA adapter.
+
+    The kernel `[*in, *features]` (`in` = the input sizes along `axis`) is
+    quantized with `contract_axes` = its input axes, so the blocks run along
+    the flattened input, and multiplied by `qdot_general`. The adapter acts
+    on the flattened axes: `lora_a [prod(in), r]`, `lora_b [r,
+    prod(features)]` (PEFT's layout for the equivalent `Linear`). Otherwise as
+    `QLoRADense`; initialised with the same key it draws the same kernel and
+    bias as `nn.DenseGeneral`. `batch_dims` are not supported.
+
+    Attributes:
+        features: Output size(s).
+        axis: Input axis or axes contracted with the kernel.
+        batch_dims: Must be empty (kept for `nn.DenseGeneral`'s signature).
+        use_bias: Whether to add a bias `[*features]`.
+        dtype: Compute dtype (None: inferred as `nn.DenseGeneral`); `quant.compute_dtype` overrides it.
+        param_dtype: Dtype of the initial kernel, the bias and the adapter.
+        precision: `lax` precision of the dots.
+        kernel_init: Initializer of the float kernel (called on the flattened
+            `[in, out]` shape, as `nn.DenseGeneral`).
+        bias_init: Initializer of the bias (on the flattened shape).
+        quant: How the kernel is stored, or None for a float kernel.
+        lora: The adapter, or None for no adapter.
+        deterministic: Turns the adapter dropout off; may be given at call time instead.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, qlora_jax as qj
+        >>> from qlora_jax.linen import QLoRADenseGeneral
+        >>> layer = QLoRADenseGeneral((4, 16), lora=qj.LoraConfig(rank=8))  # e.g. a 4-head q projection
+        >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3, 128)))
+        >>> variables["frozen"]["kernel"].shape, variables["params"]["lora_b"].shape
+        ((128, 4, 16), (8, 64))
+        >>> layer.apply(variables, jnp.ones((2, 3, 128))).shape
+        (2, 3, 4, 16)
+    """
+
+    features: int | Sequence[int]
+    axis: int | Sequence[int] = -1
+    batch_dims: Sequence[int] = ()
+    use_bias: bool = True
+    dtype: jnp.dtype | None = None
+    param_dtype: jnp.dtype = jnp.float32
+    precision: lax.PrecisionLike = None
+    kernel_init: nn.initializers.Initializer = _default_kernel_init
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    quant: QuantConfig | None = QuantConfig()
+    lora: LoraConfig | None = LoraConfig()
+    deterministic: bool | None = None
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, deterministic: bool | None = None) -> jax.Array:
+        """`inputs` → `[*inputs' other axes, *features]`.
+
+        Args:
+            inputs: Activations.
+            deterministic: Turns the adapter dropout off (merged with the attribute, as `nn.Dropout`).
+
+        Returns:
+            The output in the compute dtype.
+        """
+        name = self._layer_name()
+        _check_configs(self.quant, self.lora, name)
+        if tuple(np.atleast_1d(self.batch_dims)):
+            raise ValueError(f"{name}: batch_dims={self.batch_dims} is not supported by QLoRADenseGeneral")
+        ndim = jnp.ndim(inputs)
+        axis = tuple(int(a) for a in np.atleast_1d(self.axis))
+        if len(set(a % ndim for a in axis if -ndim <= a < ndim)) != len(axis):
+            raise ValueError(f"{name}: axis {axis} is repeated or out of range for an input of rank {ndim}")
+        axis = tuple(sorted(a % ndim for a in axis))
+        features = tuple(int(f) for f in np.atleast_1d(self.features))
+
+        def flat_init(init: Callable, n_lead: int) -> Callable:
+            def wrapped(key: jax.Array, shape: tuple[int, ...], dtype: jnp.dtype) -> jax.Array:
+                flat = (math.prod(shape[:n_lead]), math.prod(shape[n_lead:])) if n_lead else (math.prod(shape),)
+                return jnp.reshape(init(key, flat, dtype), shape)  # as nn.DenseGeneral's *_init_wrap
+            return wrapped
+
+        return self._call(inputs, axis, features, flat_init(self.kernel_init, len(axis)),
+                          flat_init(self.bias_init, 0), deterministic)
+
+
+def _check_configs(quant: object, lora: object, name: str) -> None:
+    if quant is not None and not isinstance(quant, QuantConfig):
+        raise TypeError(f"{name}: quant must be a QuantConfig or None, got {type(quant).__name__}")
+    if lora is not None and not isinstance(lora, LoraConfig):
+        raise TypeError(f"{name}: lora must be a LoraConfig or None, got {type(lora).__name__}")
