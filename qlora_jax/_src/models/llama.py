@@ -1,0 +1,242 @@
+"""A Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2/2.5, Qwen3).
+
+Module and parameter names follow the Hugging Face checkpoints
+(`model.layers.N.self_attn.q_proj` → `model.layers.self_attn.q_proj`,
+stacked over N), so LoRA targets read as in PEFT ("q_proj", "down_proj").
+The decoder layers are created with `nnx.vmap` (every variable gets a leading
+layer axis) and run with `nnx.scan`, optionally under `nnx.remat`; linear
+layers are plain `nnx.Linear` until `apply_qlora` (or the loader) replaces
+them. Numerics follow `transformers`' eager implementation: RMSNorm in
+float32, RoPE with rotate-half, softmax in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qlora_jax._src.models.config import ModelConfig
+
+__all__ = ["CausalLM", "RMSNorm", "causal_mask"]
+
+
+class RMSNorm(nnx.Module):
+    """`weight * (x / sqrt(mean(x²) + eps))`, computed in float32, as `LlamaRMSNorm`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlora_jax.models import RMSNorm
+        >>> RMSNorm(4)(jnp.asarray([[3.0, -3.0, 3.0, -3.0]])).round(4).tolist()
+        [[1.0, -1.0, 1.0, -1.0]]
+    """
+
+    def __init__(self, size: int, eps: float = 1e-6, *, param_dtype: jnp.dtype = jnp.float32):
+        self.weight = nnx.Param(jnp.ones((size,), param_dtype))
+        self.eps = float(eps)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + np.float32(self.eps))
+        weight = self.weight[...].astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+        return weight * h.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE (and Qwen3's q/k norms)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, hd = cfg.hidden_size, cfg.head_dim
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = nnx.Linear(d, cfg.num_heads * hd, use_bias=cfg.qkv_bias, **kw)
+        self.k_proj = nnx.Linear(d, cfg.num_kv_heads * hd, use_bias=cfg.qkv_bias, **kw)
+        self.v_proj = nnx.Linear(d, cfg.num_kv_heads * hd, use_bias=cfg.qkv_bias, **kw)
+        self.o_proj = nnx.Linear(cfg.num_heads * hd, d, use_bias=cfg.o_bias, **kw)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = nnx.data(None)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+
+    def __call__(self, x, cos, sin, mask):
+        b, s, _ = x.shape
+        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * np.float32(self.head_dim**-0.5).astype(q.dtype)
+        scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), np.finfo(np.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+def _rope(x, cos, sin):
+    """`x * cos + rotate_half(x) * sin` over the last axis; cos/sin `[b, s, head_dim]`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None] + rotated * sin[:, :, None]
+
+
+class MLP(nnx.Module):
+    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = nnx.Linear(d, f, **kw)
+        self.up_proj = nnx.Linear(d, f, **kw)
+        self.down_proj = nnx.Linear(f, d, **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention and MLP blocks with residual connections."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CausalLM(nnx.Module):
+    """A Llama-family causal language model: embeddings, scanned decoder layers,
+    final RMSNorm and the output head (the embedding matrix when tied).
+
+    Attributes:
+        config: The `ModelConfig`.
+        embed_tokens: `nnx.Embed` `[vocab, hidden]`.
+        layers: One `DecoderLayer` whose variables are stacked over the layers.
+        norm: Final `RMSNorm`.
+        lm_head: `nnx.Linear` `[hidden, vocab]` without bias, or None when tied.
+        dtype: Compute dtype (float32 on CPU, bfloat16 on GPU/TPU is usual).
+        remat: Rematerialize each layer in the backward pass (`nnx.remat`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from qlora_jax.models import CausalLM, ModelConfig
+        >>> cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=192, num_layers=2,
+        ...                   num_heads=4, num_kv_heads=2)
+        >>> model = CausalLM(cfg, rngs=nnx.Rngs(0))
+        >>> model(jnp.zeros((1, 5), jnp.int32)).shape
+        (1, 5, 128)
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        """Builds the model with random weights (use `from_pretrained` to load a checkpoint).
+
+        Args:
+            config: Architecture.
+            dtype: Compute dtype of activations and matmuls.
+            param_dtype: Dtype of the float parameters.
+            remat: Rematerialize each decoder layer in the backward pass.
+            rngs: Initializers' randomness.
+        """
+        self.config = config
+        self.dtype = np.dtype(dtype)
+        self.remat = bool(remat)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, param_dtype=param_dtype, rngs=rngs)
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.layers = create(rngs)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        if config.tie_word_embeddings:
+            self.lm_head = nnx.data(None)
+        else:
+            self.lm_head = nnx.Linear(config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits `[batch, seq, vocab]` in float32.
+
+        Args:
+            input_ids: Token ids `[batch, seq]`.
+            positions: RoPE positions `[batch, seq]`; default `0..seq-1`
+                (restart them per segment for packed sequences).
+            attention_mask: `[batch, seq]`, 1 for tokens that may be attended to
+                (0 for padding), as in `transformers`.
+            segment_ids: `[batch, seq]`: tokens attend only within their segment
+                (sequence packing).
+        """
+        b, s = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        h = self.embed_tokens(input_ids).astype(self.dtype)
+        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(self.config.inv_freq(), jnp.float32)[None, None]
+        angles = jnp.concatenate([angles, angles], axis=-1)  # [b, s, head_dim]
+        cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
+        mask = causal_mask(s, attention_mask, segment_ids, self.config.sliding_window, b)
+
+        def body(h, layer):
+            return layer(h, cos, sin, mask)
+
+        if self.remat:
+            body = nnx.remat(body)
+        h = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.layers)
+        h = self.norm(h)
+        if self.lm_head is None:
+            logits = self.embed_tokens.attend(h)
+        else:
+            logits = self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+
+def causal_mask(
+    seq_len: int,
+    attention_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    sliding_window: int | None = None,
+    batch: int = 1,
+) -> jax.Array:
+    """Boolean `[batch, q, k]`: causal, within the sliding window, not padding, same segment.
+
+    Example:
+        >>> from qlora_jax.models import causal_mask
+        >>> causal_mask(3).astype(int).tolist()
+        [[[1, 0, 0], [1, 1, 0], [1, 1, 1]]]
+    """
+    q = jnp.arange(seq_len)[:, None]
+    k = jnp.arange(seq_len)[None, :]
+    mask = k <= q
+    if sliding_window is not None:
+        mask = mask & (q - k < sliding_window)
+    mask = jnp.broadcast_to(mask, (batch, seq_len, seq_len))
+    if attention_mask is not None:
+        mask = mask & (attention_mask[:, None, :] != 0)
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
+

@@ -1,0 +1,138 @@
+"""Llama-family models against `transformers` (PyTorch, float32) on tiny random checkpoints."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import qlora_jax as qj
+from qlora_jax import models
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+CONFIGS = {
+    "llama-gqa-untied": ("llama", dict(tie_word_embeddings=False)),
+    "llama-gqa-tied": ("llama", dict(tie_word_embeddings=True)),
+    "llama-mha-bias": ("llama", dict(num_key_value_heads=4, attention_bias=True, mlp_bias=True)),
+    "llama3-rope-scaling": ("llama", dict(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "mistral-sliding-window": ("mistral", dict(sliding_window=5)),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(head_dim=32)),
+}
+
+
+def make_checkpoint(tmp_path, name, seed=0, **overrides):
+    """A tiny random HF checkpoint saved with `save_pretrained` (float32 safetensors)."""
+    model_type, extra = CONFIGS[name]
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **extra, **overrides})
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for n, p in hf.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / name
+    hf.save_pretrained(path)
+    return path, hf
+
+
+def hf_logits(hf, ids, attention_mask=None):
+    with torch.no_grad():
+        mask = None if attention_mask is None else torch.from_numpy(np.asarray(attention_mask))
+        return hf(torch.from_numpy(np.asarray(ids)).long(), attention_mask=mask).logits.numpy()
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_unquantized_logits_match_transformers(tmp_path, name):
+    path, hf = make_checkpoint(tmp_path, name)
+    model = models.from_pretrained(path)
+    ids = np.random.default_rng(0).integers(0, 128, (2, 12))
+    expected = hf_logits(hf, ids)
+    got = np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_padding_mask_matches_transformers(tmp_path):
+    path, hf = make_checkpoint(tmp_path, "llama-gqa-untied")
+    model = models.from_pretrained(path)
+    ids = np.random.default_rng(1).integers(0, 128, (2, 10))
+    mask = np.ones((2, 10), np.int64)
+    mask[1, 7:] = 0  # right padding
+    expected = hf_logits(hf, ids, mask)
+    got = np.asarray(model(jnp.asarray(ids), attention_mask=jnp.asarray(mask)))
+    np.testing.assert_allclose(got[0], expected[0], atol=1e-4)
+    np.testing.assert_allclose(got[1, :7], expected[1, :7], atol=1e-4)
+
+
+def test_packed_segments_equal_separate_sequences(tmp_path):
+    path, _ = make_checkpoint(tmp_path, "qwen3")
+    model = models.from_pretrained(path)
+    a, b = np.arange(1, 6), np.arange(10, 17)
+    packed = jnp.asarray(np.concatenate([a, b])[None])
+    positions = jnp.asarray(np.concatenate([np.arange(5), np.arange(7)])[None])
+    segments = jnp.asarray(np.array([[0] * 5 + [1] * 7]))
+    got = np.asarray(model(packed, positions=positions, segment_ids=segments))
+    np.testing.assert_allclose(got[0, :5], np.asarray(model(jnp.asarray(a[None])))[0], atol=1e-5)
+    np.testing.assert_allclose(got[0, 5:], np.asarray(model(jnp.asarray(b[None])))[0], atol=1e-5)
+
+
+def test_sharded_checkpoint_loads(tmp_path):
+    path, hf = make_checkpoint(tmp_path, "llama-gqa-untied")
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    ids = np.arange(8)[None]
+    np.testing.assert_array_equal(models.from_pretrained(sharded)(jnp.asarray(ids)),
+                                  models.from_pretrained(path)(jnp.asarray(ids)))
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no config.json"):
+        models.from_pretrained(tmp_path)
+    path, _ = make_checkpoint(tmp_path, "llama-gqa-untied")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"model_type 'gpt2' is not supported; supported: \('llama', 'mistral'"):
+        models.from_pretrained(path)
+    (path / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    with pytest.raises(ValueError, match=r"hidden_act: 'gelu' is not implemented"):
+        models.from_pretrained(path)
+    (path / "config.json").write_text(json.dumps({**config, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}}))
+    with pytest.raises(ValueError, match=r"rope_type: 'yarn' is not implemented"):
+        models.from_pretrained(path)
+    (path / "config.json").write_text(json.dumps(config))
+    file = path / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match=r"model.safetensors: truncated: tensor '[\w.]+' needs bytes"):
+        models.from_pretrained(path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from qlora_jax._src.models.safetensors_io import SafetensorsReader, save_safetensors
+
+    path, _ = make_checkpoint(tmp_path, "llama-gqa-untied")
+    reader = SafetensorsReader(path)
+    tensors = {n: reader[n] for n in reader if n != "model.layers.1.mlp.up_proj.weight"}
+    save_safetensors(path / "model.safetensors", tensors)
+    with pytest.raises(ValueError, match=r"checkpoint is missing model.layers.1.mlp.up_proj.weight"):
+        models.from_pretrained(path)
+
+
+def test_model_builds_and_trains_under_remat():
+    cfg = models.ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                             num_kv_heads=2)
+    from flax import nnx
+
+    model = models.CausalLM(cfg, remat=True, rngs=nnx.Rngs(0))
+    ids = jnp.arange(10)[None] % 64
+    grads = nnx.grad(lambda m: jnp.mean(m(ids) ** 2))(model)
+    assert jnp.abs(grads.layers.mlp.down_proj.kernel[...]).sum() > 0
+    assert qj.__version__
