@@ -11,6 +11,7 @@ Example:
     0.5159
 """
 
+from qlora_jax import checkpoint, models, nnx
 from qlora_jax._src.formats import (
     BLOCK_SIZES,
     FORMATS,
@@ -28,6 +29,9 @@ from qlora_jax._src.surgery import LoraConfig, QLoRAReport, QuantConfig, apply_q
 __version__ = "0.1.0"
 
 __all__ = [
+    "checkpoint",
+    "models",
+    "nnx",
     "BLOCK_SIZES",
     "FORMATS",
     "LoraConfig",

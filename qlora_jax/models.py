@@ -12,12 +12,18 @@ from qlora_jax._src.models import (
     CausalLM,
     ModelConfig,
     RMSNorm,
+    adapter_layers,
     causal_mask,
     from_pretrained,
     hf_name_to_path,
     load_config,
+    load_peft_adapter,
     load_tokenizer,
+    merged_tensors,
+    save_merged,
+    save_peft_adapter,
 )
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "CausalLM", "ModelConfig", "RMSNorm", "causal_mask", "from_pretrained",
-           "hf_name_to_path", "load_config", "load_tokenizer"]
+           "hf_name_to_path", "load_config", "load_tokenizer", "adapter_layers", "load_peft_adapter",
+           "merged_tensors", "save_merged", "save_peft_adapter"]

@@ -7,18 +7,28 @@ transposed to Flax's `[in, out]`.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
+from qlora_jax._src.formats.blockwise import quantize
+from qlora_jax._src.formats.bnb import from_bnb
+from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.models.safetensors_io import SafetensorsReader
+from qlora_jax._src.surgery.apply import apply_qlora
+from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 
 __all__ = ["from_pretrained", "load_config", "load_tokenizer", "hf_name_to_path"]
 
@@ -45,8 +55,6 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     if local.exists() or str(path).startswith(("/", ".")):
         if not (local / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-        import json
-
         model_type = json.loads((local / "config.json").read_text()).get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{local / 'config.json'}: model_type {model_type!r} is not supported; "
@@ -106,17 +114,34 @@ def hf_name_to_path(name: str, config: ModelConfig) -> tuple[tuple[str, ...], in
 def from_pretrained(
     path: str | os.PathLike,
     *,
+    quant: QuantConfig | None = None,
+    lora: LoraConfig | None = None,
     dtype: jnp.dtype = jnp.float32,
     param_dtype: jnp.dtype = jnp.float32,
     remat: bool = False,
+    rngs: nnx.Rngs | None = None,
+    progress: bool = False,
 ) -> CausalLM:
-    """Loads a Llama-family checkpoint (`config.json` + safetensors) as a float `CausalLM`.
+    """Loads a Llama-family checkpoint (`config.json` + safetensors) as a `CausalLM`.
+
+    The model is built abstractly and filled one tensor at a time. With
+    `quant`, every decoder projection (`*_proj`; not `lm_head` or the
+    embeddings) is transposed and quantized as it is read, so the
+    full-precision model is never resident. A checkpoint saved by
+    `transformers` + `bitsandbytes` in 4 bit is used as is: its packed codes
+    and scales become the kernels without dequantizing (then `quant` must be
+    None or describe the same format). With `lora`, `apply_qlora` adds the
+    adapters (`quant=None`: plain LoRA over float kernels).
 
     Args:
         path: A checkpoint directory (single or sharded safetensors) or a hub id.
+        quant: How to quantize the projections, or None.
+        lora: Adapters to add, or None.
         dtype: Compute dtype.
-        param_dtype: Dtype of the parameters.
+        param_dtype: Dtype of the float parameters.
         remat: Rematerialize each decoder layer in the backward pass.
+        rngs: Draws the adapters; default `nnx.Rngs(0)`.
+        progress: Show a progress bar over the tensors.
 
     Returns:
         The model.
@@ -136,37 +161,139 @@ def from_pretrained(
     config = load_config(path)
     directory = _local_dir(path)
     reader = SafetensorsReader(directory)
+    bnb = _bnb_config(directory)
+    if bnb is not None:
+        if quant is not None and (quant.fmt, quant.double_quant) != (bnb.fmt, bnb.double_quant):
+            raise ValueError(f"quant: the checkpoint {directory} is bitsandbytes 4-bit ({bnb.fmt}, double_quant="
+                             f"{bnb.double_quant}); pass quant=None or a matching QuantConfig")
+        quant = dataclasses.replace(bnb, compute_dtype=quant.compute_dtype if quant else None)
     abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=dtype, param_dtype=param_dtype, remat=remat,
                                                rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
-    buffers = {p: np.zeros(v.shape, v.dtype) for p, v in flat.items() if hasattr(v, "shape")}
-    filled: dict[tuple[str, ...], set] = {p: set() for p in buffers}
-    for name in reader:
+    slots = {p: v for p, v in flat.items() if hasattr(v, "shape")}
+    quantized = {p for p in slots if quant is not None and p[0] == "layers" and p[-2].endswith("_proj")
+                 and p[-1] == "kernel"}
+    values: dict[tuple[str, ...], Any] = {}
+    kernels: dict[tuple[str, ...], dict[str, Any]] = {}
+    filled: dict[tuple[str, ...], set] = {p: set() for p in slots}
+    names = [n for n in reader if not _is_bnb_aux(n)]
+    for name in tqdm(names, desc=f"loading {directory.name}", unit="tensor", disable=not progress):
         target = hf_name_to_path(name, config)
         if target is None:
             continue
         key, layer, transpose = target
-        if key not in buffers:
+        if key not in slots:
             raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has no place in a {config.model_type} "
                              f"model with this config (expected path {'/'.join(key)})")
-        tensor = reader[name]
-        value = tensor.T if transpose else tensor
-        slot = buffers[key] if layer is None else buffers[key][layer]
-        if value.shape != slot.shape:
-            raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(tensor.shape)}, the model "
-                             f"expects {tuple(slot.shape[::-1] if transpose else slot.shape)}")
-        slot[...] = value.astype(slot.dtype)
+        slot = slots[key]
+        expected = tuple(slot.shape[1:] if layer is not None else slot.shape)
+        if key in quantized:
+            q = _read_quantized(reader, name, quant, bnb is not None)
+            if q.shape != expected:
+                raise ValueError(f"{reader.file_of(name)}: tensor {name!r} holds a kernel of shape {q.shape} "
+                                 f"[in, out], the model expects {expected}")
+            _put_layer(kernels.setdefault(key, {}), q, layer, config.num_layers)
+        else:
+            if bnb is not None and reader.dtype_name(name) == "U8":
+                raise ValueError(f"{reader.file_of(name)}: tensor {name!r} is 4-bit packed, but {'/'.join(key)} "
+                                 "is not a decoder projection")
+            tensor = reader[name]
+            value = tensor.T if transpose else tensor
+            if value.shape != expected:
+                raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(tensor.shape)}, the "
+                                 f"model expects {expected[::-1] if transpose else expected}")
+            value = jnp.asarray(value.astype(slot.dtype))
+            if layer is None:
+                values[key] = value
+            else:
+                if key not in values:
+                    values[key] = jnp.zeros(slot.shape, slot.dtype)
+                values[key] = _set_index(values[key], jnp.int32(layer), value)
         filled[key].add(layer)
     for key, layers in filled.items():
-        expected = {None} if buffers[key].ndim == 0 or key[0] != "layers" else set(range(config.num_layers))
-        if layers != expected:
-            missing = sorted(expected - layers, key=lambda x: -1 if x is None else x)
+        expected_layers = set(range(config.num_layers)) if key[0] == "layers" else {None}
+        if layers != expected_layers:
+            missing = sorted(expected_layers - layers, key=lambda x: -1 if x is None else x)
             raise ValueError(f"{directory}: checkpoint is missing {_hf_name(key, missing[0])} "
                              f"({len(missing)} tensor(s) for {'/'.join(key)})")
-    values = {p: jnp.asarray(b) for p, b in buffers.items()}
-    state = nnx.from_flat_state({p: flat[p].replace(values[p]) for p in flat})
-    return nnx.merge(graphdef, state)
+    state = nnx.from_flat_state({p: (flat[p].replace(values[p]) if p in values else flat[p]) for p in flat})
+    model = nnx.merge(graphdef, state)
+    if quant is None and lora is None:
+        return model
+    stacked = {"/".join(key[:-1]): _stacked(parts) for key, parts in kernels.items()}
+    model, _ = apply_qlora(model, quant=quant, lora=lora, rngs=rngs or nnx.Rngs(0), kernels=stacked)
+    return model
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _set_index(buffer: jax.Array, index: jax.Array, value: jax.Array) -> jax.Array:
+    """`buffer[index] = value`, in place (the buffer is donated)."""
+    return jax.lax.dynamic_update_index_in_dim(buffer, value, index, 0)
+
+
+def _put_layer(parts: dict[str, Any], q: QuantizedArray, layer: int, num_layers: int) -> None:
+    """Writes layer `layer`'s quantized kernel into stacked leaves (allocated on first use)."""
+    leaves = {"codes": q.codes, "absmax": q.absmax, "nested_absmax": q.nested_absmax,
+              "nested_offset": q.nested_offset}
+    if "template" not in parts:
+        parts["template"] = q
+        for k, leaf in leaves.items():
+            parts[k] = None if leaf is None else jnp.zeros((num_layers, *leaf.shape), leaf.dtype)
+    template = parts["template"]
+    if (q.fmt, q.block_size, q.double_quant, q.shape) != (template.fmt, template.block_size, template.double_quant,
+                                                          template.shape):
+        raise ValueError(f"layer {layer}: quantized as {q} but layer 0 as {template}; stacked layers must agree")
+    for k, leaf in leaves.items():
+        if leaf is not None:
+            parts[k] = _set_index(parts[k], jnp.int32(layer), jnp.asarray(leaf))
+
+
+def _stacked(parts: dict[str, Any]) -> QuantizedArray:
+    return dataclasses.replace(parts["template"], codes=parts["codes"], absmax=parts["absmax"],
+                               nested_absmax=parts["nested_absmax"], nested_offset=parts["nested_offset"])
+
+
+def _read_quantized(reader: SafetensorsReader, name: str, quant: QuantConfig, from_bnb_state: bool) -> QuantizedArray:
+    """One layer's kernel `[in, out]` as a `QuantizedArray`: quantized from the float
+    weight, or taken bit for bit from bitsandbytes' packed state."""
+    if from_bnb_state:
+        if reader.dtype_name(name) != "U8":
+            raise ValueError(f"{reader.file_of(name)}: tensor {name!r} is {reader.dtype_name(name)}, not the packed "
+                             "uint8 weight of a bitsandbytes 4-bit layer")
+        state = {k[len(name) + 1:]: reader[k] for k in reader if k.startswith(name + ".")}
+        state["weight"] = reader[name]
+        try:
+            return from_bnb(state)
+        except ValueError as e:
+            raise ValueError(f"{reader.file_of(name)}: tensor {name!r}: {e}") from None
+    weight = reader[name]
+    if not np.all(np.isfinite(weight.astype(np.float32))):
+        raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has NaN or Inf values")
+    return quantize(weight.T, quant.fmt, quant.block_size, quant.double_quant)
+
+
+def _is_bnb_aux(name: str) -> bool:
+    """Whether `name` is a bitsandbytes quant-state entry (`*.weight.absmax`, ...)."""
+    return bool(re.search(r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..+)$", name))
+
+
+def _bnb_config(directory: Path) -> QuantConfig | None:
+    """The `QuantConfig` of a `transformers` + `bitsandbytes` 4-bit checkpoint, else None."""
+    cfg = json.loads((directory / "config.json").read_text()).get("quantization_config")
+    if not cfg or cfg.get("quant_method") != "bitsandbytes":
+        if cfg:
+            raise ValueError(f"{directory / 'config.json'}: quantization_config.quant_method "
+                             f"{cfg.get('quant_method')!r} is not supported (only 'bitsandbytes' 4-bit)")
+        return None
+    if not (cfg.get("load_in_4bit") or cfg.get("_load_in_4bit")):
+        raise ValueError(f"{directory / 'config.json'}: quantization_config: only bitsandbytes 4-bit checkpoints "
+                         "load (load_in_4bit); 8-bit LLM.int8 is not supported")
+    if cfg.get("bnb_4bit_quant_storage", "uint8") != "uint8":
+        raise ValueError(f"{directory / 'config.json'}: quantization_config.bnb_4bit_quant_storage "
+                         f"{cfg.get('bnb_4bit_quant_storage')!r} is not supported (only uint8)")
+    return QuantConfig(fmt=cfg.get("bnb_4bit_quant_type", "fp4"), block_size=64,
+                       double_quant=bool(cfg.get("bnb_4bit_use_double_quant", False)))
 
 
 def _hf_name(key: tuple[str, ...], layer: int | None) -> str:

@@ -124,6 +124,10 @@ class SafetensorsReader(Mapping[str, np.ndarray]):
         """The file holding tensor `name`."""
         return self._entries[name][0]
 
+    def dtype_name(self, name: str) -> str:
+        """The safetensors dtype name of tensor `name` ("F32", "BF16", "U8", ...)."""
+        return self._entries[name][1]["dtype"]
+
     def shape(self, name: str) -> tuple[int, ...]:
         """Shape of tensor `name` without reading it."""
         return tuple(self._entries[name][1]["shape"])

@@ -1,0 +1,203 @@
+"""PEFT adapters in and out: `save_peft_adapter`, `load_peft_adapter`.
+
+The saved directory is exactly what `peft` writes for a LoRA model
+(`adapter_config.json` + `adapter_model.safetensors`, keys
+`base_model.model.<HF module path>.lora_A.weight` `(r, in)` and `lora_B.weight`
+`(out, r)`), so `PeftModel.from_pretrained(base, dir)` loads it over the same
+base model in PyTorch, and an adapter trained with PEFT loads here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qlora_jax._src.models.safetensors_io import SafetensorsReader, save_safetensors
+from qlora_jax._src.nn.linear import QLoRALinear
+
+__all__ = ["save_peft_adapter", "load_peft_adapter", "adapter_layers"]
+
+_PREFIX = "base_model.model."
+
+
+def adapter_layers(model: nnx.Module) -> dict[str, QLoRALinear]:
+    """The model's adapter layers by Hugging Face module path, one entry per decoder layer.
+
+    A stacked layer `layers/self_attn/q_proj` (adapters `[L, in, r]`) appears as
+    `model.layers.{i}.self_attn.q_proj` for each `i`; `lm_head` as `lm_head`.
+
+    Example:
+        >>> from flax import nnx
+        >>> from qlora_jax.models import CausalLM, ModelConfig
+        >>> cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=1,
+        ...                   num_kv_heads=1)
+        >>> adapter_layers(CausalLM(cfg, rngs=nnx.Rngs(0)))
+        {}
+    """
+    found: dict[str, QLoRALinear] = {}
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, QLoRALinear):
+            names = [str(p) for p in path]
+            if names and names[0] == "layers":
+                for i in range(node.stack_shape[0] if node.stack_shape else 1):
+                    found[".".join(["model", "layers", str(i), *names[1:]])] = node
+            elif names == ["lm_head"]:
+                found["lm_head"] = node
+            else:
+                found[".".join(["model", *names])] = node
+    return found
+
+
+def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
+                      base_model_name_or_path: str | None = None) -> Path:
+    """Writes the model's LoRA adapters as a PEFT adapter directory.
+
+    Args:
+        model: A `CausalLM` with QLoRA/LoRA layers (from `from_pretrained(...,
+            lora=...)` or `apply_qlora`).
+        directory: Output directory (created). The files are written to a
+            temporary directory first and moved in place, so an error leaves
+            no half-written adapter.
+        base_model_name_or_path: Recorded in `adapter_config.json`.
+
+    Returns:
+        The directory.
+
+    Raises:
+        ValueError: A model without adapters, or adapters whose settings PEFT
+            cannot express in one config (mixed dropout or rsLoRA).
+
+    Example:
+        >>> from qlora_jax.models import save_peft_adapter  # doctest: +SKIP
+        >>> save_peft_adapter(model, "out/adapter")  # doctest: +SKIP
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("model: has no LoRA adapters (QLoRALinear layers) to save")
+    tensors: dict[str, np.ndarray] = {}
+    seen: dict[int, int] = {}
+    for name, layer in layers.items():
+        index = seen.get(id(layer), 0)
+        seen[id(layer)] = index + 1
+        a, b = np.asarray(layer.lora_a[...], np.float32), np.asarray(layer.lora_b[...], np.float32)
+        if layer.stack_shape:
+            a, b = a[index], b[index]
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)  # (r, in)
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)  # (out, r)
+    unique = list({id(v): v for v in layers.values()}.values())
+    for attr in ("dropout_rate", "rslora"):
+        values = {getattr(layer, attr) for layer in unique}
+        if len(values) > 1:
+            raise ValueError(f"model: adapters differ in {attr} ({sorted(values)}); a PEFT config has one value")
+    ranks = {name: layer.rank for name, layer in layers.items()}
+    alphas = {name: layer.alpha for name, layer in layers.items()}
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    config: dict[str, Any] = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": rank, "lora_alpha": alpha, "lora_dropout": unique[0].dropout_rate, "use_rslora": unique[0].rslora,
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}), "bias": "none",
+        "fan_in_fan_out": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {n: r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
+    }
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
+        save_safetensors(Path(tmp) / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+        (Path(tmp) / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        directory.mkdir(exist_ok=True)
+        for f in ("adapter_model.safetensors", "adapter_config.json"):
+            os.replace(Path(tmp) / f, directory / f)
+    return directory
+
+
+def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
+    """Loads a PEFT LoRA adapter into the model's adapter layers, in place.
+
+    The model must already have adapter layers on the adapter's target modules
+    with the same rank (create it with `from_pretrained(..., lora=LoraConfig(
+    rank=r, alpha=..., targets=[...]))`). Everything is checked before any
+    value is written, so a failure leaves the model unchanged.
+
+    Args:
+        model: A `CausalLM` with QLoRA/LoRA layers.
+        directory: A directory with `adapter_config.json` and
+            `adapter_model.safetensors` (or `adapter_model.bin` is refused).
+
+    Returns:
+        The model.
+
+    Raises:
+        FileNotFoundError: Missing files.
+        ValueError: Not a LoRA adapter, DoRA / fan_in_fan_out / bias training,
+            target modules without an adapter layer here, or shapes and
+            scalings that do not fit (each named).
+
+    Example:
+        >>> from qlora_jax.models import load_peft_adapter  # doctest: +SKIP
+        >>> load_peft_adapter(model, "out/adapter")  # doctest: +SKIP
+    """
+    directory = Path(directory)
+    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for f in (config_path, weights_path):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing (a PEFT adapter directory has adapter_config.json and "
+                                    "adapter_model.safetensors)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not 'LORA'")
+    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+        if config.get(key, ok) != ok:
+            raise ValueError(f"{config_path}: {key}={config.get(key)!r} is not supported (expected {ok!r})")
+    layers = adapter_layers(model)
+    reader = SafetensorsReader(weights_path)
+    modules = sorted({n[len(_PREFIX):].rsplit(".lora_", 1)[0] for n in reader if n.startswith(_PREFIX)})
+    unknown = [m for m in reader if not m.startswith(_PREFIX) or ".lora_" not in m]
+    if unknown:
+        raise ValueError(f"{weights_path}: tensors that are not LoRA factors: {unknown[:5]}")
+    missing = [m for m in modules if m not in layers]
+    if missing:
+        raise ValueError(f"{directory}: the adapter targets {missing[:5]}{'...' if len(missing) > 5 else ''}, which "
+                         f"have no adapter layer in this model; layers with adapters: "
+                         f"{sorted(layers)[:8]}{'...' if len(layers) > 8 else ''}")
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    updates: dict[int, tuple[QLoRALinear, np.ndarray, np.ndarray]] = {}
+    index: dict[int, int] = {}
+    for name, layer in layers.items():
+        i = index.get(id(layer), 0)
+        index[id(layer)] = i + 1
+        if name not in modules:
+            continue
+        r = rank_pattern.get(name, config.get("r"))
+        alpha = alpha_pattern.get(name, config.get("lora_alpha"))
+        a = reader.get(f"{_PREFIX}{name}.lora_A.weight")
+        b = reader.get(f"{_PREFIX}{name}.lora_B.weight")
+        if a is None or b is None:
+            raise ValueError(f"{weights_path}: {name} needs both lora_A.weight and lora_B.weight")
+        expected_a, expected_b = (layer.rank, layer.in_features), (layer.out_features, layer.rank)
+        if a.shape != expected_a or b.shape != expected_b or r != layer.rank:
+            raise ValueError(f"{weights_path}: {name}: lora_A {a.shape}, lora_B {b.shape} (r={r}) do not fit the "
+                             f"layer's lora_A {expected_a}, lora_B {expected_b}")
+        if float(alpha) != layer.alpha or bool(config.get("use_rslora", False)) != layer.rslora:
+            raise ValueError(f"{config_path}: {name}: lora_alpha={alpha}, use_rslora={config.get('use_rslora')} "
+                             f"differ from the layer's alpha={layer.alpha}, rslora={layer.rslora}")
+        if id(layer) not in updates:
+            updates[id(layer)] = (layer, np.array(layer.lora_a[...]), np.array(layer.lora_b[...]))
+        _, new_a, new_b = updates[id(layer)]
+        if layer.stack_shape:
+            new_a[i], new_b[i] = a.T, b.T
+        else:
+            new_a[...], new_b[...] = a.T, b.T
+    for layer, new_a, new_b in updates.values():
+        layer.lora_a[...] = jnp.asarray(new_a, layer.lora_a[...].dtype)
+        layer.lora_b[...] = jnp.asarray(new_b, layer.lora_b[...].dtype)
+    return model

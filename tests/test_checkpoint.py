@@ -1,0 +1,84 @@
+"""Orbax checkpoints: adapters and optimizer state round-trip exactly; an
+interrupted save leaves the previous checkpoint intact."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import qlora_jax as qj
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(128, 256, rngs=rngs)
+        self.down = nnx.Linear(256, 128, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.relu(self.up(x)))
+
+
+def _run(seed=0, steps=2):
+    model, _ = qj.apply_qlora(MLP(nnx.Rngs(seed)), quant=qj.QuantConfig(),
+                              lora=qj.LoraConfig(rank=4, alpha=8, dropout=0.1), rngs=nnx.Rngs(seed + 1))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)
+    x = jax.random.normal(jax.random.key(7), (8, 128))
+    with jax.numpy_dtype_promotion("standard"):
+        for _ in range(steps):
+            grads = nnx.grad(lambda m: jnp.mean((m(x) - 1.0) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+            optimizer.update(model, grads)
+    return model, optimizer
+
+
+def _leaves(tree):
+    return [np.asarray(jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+            for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("include_base", [False, True])
+def test_adapters_and_optimizer_round_trip(tmp_path, include_base):
+    model, optimizer = _run()
+    qj.checkpoint.save(tmp_path, model, optimizer, step=2, extra={"data_position": 17}, include_base=include_base)
+    fresh, fresh_opt = _run(seed=5, steps=1)  # same structure, different values
+    assert not all(np.array_equal(a, b) for a, b in zip(_leaves(nnx.state(fresh, nnx.LoRAParam)),
+                                                          _leaves(nnx.state(model, nnx.LoRAParam)), strict=True))
+    step, extra = qj.checkpoint.restore(tmp_path, fresh, fresh_opt)
+    assert step == 2 and extra == {"data_position": 17}
+    for kind in (nnx.LoRAParam, nnx.RngState):
+        for a, b in zip(_leaves(nnx.state(fresh, kind)), _leaves(nnx.state(model, kind)), strict=True):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(_leaves(nnx.state(fresh_opt)), _leaves(nnx.state(optimizer)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    base_equal = all(np.array_equal(a, b) for a, b in zip(_leaves(nnx.state(fresh, qj.nnx.FrozenWeight)),
+                                                          _leaves(nnx.state(model, qj.nnx.FrozenWeight)),
+                                                          strict=True))
+    assert base_equal == include_base  # the base comes back only when it was saved
+    x = jnp.ones((2, 128))
+    fresh.eval(), model.eval()
+    if include_base:
+        np.testing.assert_array_equal(fresh(x), model(x))
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
+    model, optimizer = _run()
+    qj.checkpoint.save(tmp_path, model, optimizer, step=1, extra={"ok": True})
+    before = _leaves(nnx.state(model, nnx.LoRAParam))
+    model.up.lora_b[...] = model.up.lora_b[...] + 1.0
+    with pytest.raises(TypeError):
+        qj.checkpoint.save(tmp_path, model, optimizer, step=2, extra={"bad": object()})  # fails mid-save
+    assert qj.checkpoint.latest_step(tmp_path) == 1
+    fresh, fresh_opt = _run(seed=3)
+    assert qj.checkpoint.restore(tmp_path, fresh, fresh_opt) == (1, {"ok": True})
+    for a, b in zip(_leaves(nnx.state(fresh, nnx.LoRAParam)), before, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_restore_errors(tmp_path):
+    model, optimizer = _run()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        qj.checkpoint.restore(tmp_path, model)
+    qj.checkpoint.save(tmp_path, model, step=1)
+    with pytest.raises(ValueError, match="saved without optimizer state"):
+        qj.checkpoint.restore(tmp_path, model, optimizer)
