@@ -22,9 +22,17 @@ from qlora_jax._src.formats import (
     quantize,
     to_bnb,
 )
-from qlora_jax._src.nn import lora_delta
+from qlora_jax._src.nn import lora_delta, lora_einsum
 from qlora_jax._src.ops import can_use_pallas_gpu, can_use_pallas_tpu, qdot_general, qeinsum, qmatmul, qmatmul_path
-from qlora_jax._src.surgery import LoraConfig, QLoRAReport, QuantConfig, apply_qlora
+from qlora_jax._src.surgery import (
+    LoraConfig,
+    MergeReport,
+    QLoRAReport,
+    QuantConfig,
+    apply_qlora,
+    merge_lora,
+    unmerge_lora,
+)
 
 __version__ = "0.1.0"
 
@@ -35,6 +43,7 @@ __all__ = [
     "BLOCK_SIZES",
     "FORMATS",
     "LoraConfig",
+    "MergeReport",
     "QLoRAReport",
     "QuantConfig",
     "QuantizedArray",
@@ -45,10 +54,13 @@ __all__ = [
     "dequantize_absmax",
     "from_bnb",
     "lora_delta",
+    "lora_einsum",
+    "merge_lora",
     "qdot_general",
     "qeinsum",
     "qmatmul",
     "qmatmul_path",
     "quantize",
     "to_bnb",
+    "unmerge_lora",
 ]

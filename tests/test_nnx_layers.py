@@ -173,18 +173,18 @@ def test_output_head_detection():
 class WithOtherKernels(nnx.Module):
     def __init__(self, rngs):
         self.fc = nnx.Linear(D, D, rngs=rngs)
-        self.general = nnx.LinearGeneral(D, (2, D), rngs=rngs)
+        self.conv = nnx.Conv(D, D, kernel_size=(3,), rngs=rngs)
         self.lora = nnx.LoRALinear(D, D, lora_rank=2, rngs=rngs)
 
 
 def test_unsupported_layer_types_are_reported_and_refused_as_targets():
     model, rep = apply_qlora(WithOtherKernels(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=2),
                              rngs=nnx.Rngs(1))
-    assert rep.paths == ("fc",) and type(model.general) is nnx.LinearGeneral
-    assert set(rep.skipped) == {("general", "LinearGeneral is not supported"),
+    assert rep.paths == ("fc",) and type(model.conv) is nnx.Conv
+    assert set(rep.skipped) == {("conv", "Conv is not supported"),
                                 ("lora", "LoRALinear is not supported")}
-    with pytest.raises(ValueError, match=r"general is a LinearGeneral, which apply_qlora does not support"):
-        apply_qlora(WithOtherKernels(nnx.Rngs(0)), quant=None, lora=LoraConfig(targets=["general"]),
+    with pytest.raises(ValueError, match=r"conv is a Conv, which apply_qlora does not support"):
+        apply_qlora(WithOtherKernels(nnx.Rngs(0)), quant=None, lora=LoraConfig(targets=["conv"]),
                     rngs=nnx.Rngs(1))
 
 
@@ -497,10 +497,13 @@ class WithOddLayer(nnx.Module):
         self.odd = nnx.Linear(100, D, rngs=rngs)
 
 
+_AVAILABLE = r"available layer paths \(nnx.Linear, LinearGeneral, Einsum\): fc, odd"
+
+
 @pytest.mark.parametrize("targets, match", [
-    (["nope"], r"no layer is named 'nope'.*available nnx.Linear paths: fc, odd"),
-    (r"blocks/.*", r"regex 'blocks/\.\*' matches no layer path.*available nnx.Linear paths: fc, odd"),
-    (["embed"], r"embed is a Embed, which apply_qlora does not support.*available nnx.Linear paths: fc, odd"),
+    (["nope"], r"no layer is named 'nope'.*" + _AVAILABLE),
+    (r"blocks/.*", r"regex 'blocks/\.\*' matches no layer path.*" + _AVAILABLE),
+    (["embed"], r"embed is a Embed, which apply_qlora does not support.*" + _AVAILABLE),
 ])
 def test_unknown_or_unsupported_targets_list_the_available_layers(targets, match):
     model = WithOddLayer(nnx.Rngs(0))

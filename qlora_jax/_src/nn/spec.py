@@ -72,7 +72,7 @@ def einsum_kernel_axes(spec: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """
     problem = einsum_problem(spec)
     if problem is not None:
-        raise ValueError(problem[len("its "):] if problem.startswith("its ") else problem)
+        raise ValueError(f"einsum_str: not a linear layer over its kernel: {problem}")
     xs, ks, out = split_einsum(spec)
     contract = tuple(i for i, c in enumerate(ks) if c in xs and c not in out)
     return contract, tuple(i for i in range(len(ks)) if i not in contract)

@@ -22,7 +22,8 @@ A = TypeVar("A")
 class FrozenWeight(nnx.Variable[A]):
     """A frozen base-model kernel: a variable that is not an `nnx.Param`.
 
-    Holds a float kernel `[*stack, in, out]` (plain LoRA, `quant=None`);
+    Holds a float kernel `[*stack, in, out]` (`[*stack, *kernel_shape]` for
+    `LinearGeneral` / `Einsum` kernels; plain LoRA, `quant=None`);
     `QuantizedWeight` is the packed subclass. Filter on `FrozenWeight` to get
     every base weight of a model, quantized or not.
 

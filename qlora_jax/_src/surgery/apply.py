@@ -1,14 +1,16 @@
-"""`apply_qlora`: turn the `nnx.Linear` layers of any NNX model into QLoRA layers, in place.
+"""`apply_qlora`: turn the linear layers of any NNX model into QLoRA layers, in place.
 
 QLoRA (Dettmers et al., 2023) freezes the base model as 4-bit codes and trains
-LoRA adapters on top. As bitsandbytes' `load_in_4bit`, every Linear except
-the output head is quantized; the `LoraConfig.targets` get an adapter. All
-checks run before the model is touched, so a failing call leaves it as it was.
+LoRA adapters on top. As bitsandbytes' `load_in_4bit`, every linear layer
+(`nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`) except the output head is
+quantized; the `LoraConfig.targets` get an adapter. All checks run before the
+model is touched, so a failing call leaves it as it was.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,18 +19,25 @@ from flax import nnx
 
 from qlora_jax._src.formats.blockwise import quantize
 from qlora_jax._src.formats.qarray import QuantizedArray
-from qlora_jax._src.nn.linear import QLoRALinear, QuantLinear
+from qlora_jax._src.nn import (
+    QLORA_LAYERS,
+    QLoRAEinsum,
+    QLoRALinear,
+    QLoRALinearGeneral,
+    QuantEinsum,
+    QuantLinear,
+    QuantLinearGeneral,
+)
 from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 from qlora_jax._src.surgery.report import QLoRAReport, ReplacedLayer
 from qlora_jax._src.surgery.targets import (
     LinearSite,
-    child,
     find_heads,
     find_linears,
     match_targets,
+    node_aliases,
     path_str,
-    set_child,
-    unsupported_reason,
+    replace_node,
 )
 
 __all__ = ["apply_qlora", "quantize_kernel"]
@@ -42,25 +51,36 @@ def apply_qlora(
     quant: QuantConfig | None,
     lora: LoraConfig | None,
     rngs: nnx.Rngs | None = None,
+    kernels: Mapping[str, QuantizedArray] | None = None,
 ) -> tuple[nnx.Module, QLoRAReport]:
-    """Replaces the `nnx.Linear` layers of `model` **in place** and reports what changed.
+    """Replaces the linear layers of `model` **in place** and reports what changed.
 
-    * With `quant` and `lora` (QLoRA): every Linear except the output head is
-      quantized; the `lora.targets` become `QLoRALinear` (packed kernel +
-      adapter), the others `QuantLinear`.
-    * `quant=None`: plain LoRA, the float baseline; the targets become
-      `QLoRALinear` over their float kernel (frozen, a `FrozenWeight`), the
-      other layers are left as they are.
-    * `lora=None`: quantization only; every Linear except the head becomes
-      `QuantLinear`.
+    Linear layers are `nnx.Linear` (→ `QuantLinear` / `QLoRALinear`),
+    `nnx.LinearGeneral` without `batch_axis` (→ `QuantLinearGeneral` /
+    `QLoRALinearGeneral`) and `nnx.Einsum` (→ `QuantEinsum` / `QLoRAEinsum`).
+
+    * With `quant` and `lora` (QLoRA): every linear layer except the output
+      head is quantized; the `lora.targets` become QLoRA layers (packed
+      kernel + adapter), the others Quant layers.
+    * `quant=None`: plain LoRA, the float baseline; the targets become QLoRA
+      layers over their float kernel (frozen, a `FrozenWeight`), the other
+      layers are left as they are.
+    * `lora=None`: quantization only; every linear layer except the head
+      becomes a Quant layer.
 
     The output head, excluded from "all-linear" and from quantization, is a
-    Linear whose last path component is "lm_head", "head" or "output", or
-    else the last Linear whose output size is an `nnx.Embed`'s vocabulary
-    size. Embeddings and other layer types are never replaced. Layers stacked
-    by `nnx.vmap` (kernel `[L, in, out]`, applied with `nnx.scan`) get a
-    `QuantizedArray` with stack dims `(L,)` and adapters `[L, in, r]`,
-    `[L, r, out]`; `nnx.remat` around the layers works unchanged.
+    layer whose last path component is "lm_head", "head" or "output", or
+    else the last one whose output size is an `nnx.Embed`'s vocabulary
+    size. Embeddings and other layer types are never replaced; neither is a
+    linear layer whose computation cannot be reproduced (custom
+    `dot_general` / `einsum_op` / `promote_dtype`, `preferred_element_type`,
+    `batch_axis`): it is reported in `report.skipped`, and targeting it by
+    name or regex is an error. An N-D kernel is quantized with its input axes
+    as `contract_axes` (the axes summed against the input) and gets
+    adapters A `[*in, r]`, B `[r, *out]`. Layers stacked by `nnx.vmap`
+    (kernel `[L, in, out]`, applied with `nnx.scan`) get a `QuantizedArray`
+    with stack dims `(L,)` and adapters `[L, in, r]`, `[L, r, out]`;
+    `nnx.remat` around the layers works unchanged.
 
     A fresh adapter has B = 0, so the model computes exactly what it did
     before (with `quant`, exactly what the quantized model computes).
@@ -68,9 +88,15 @@ def apply_qlora(
     Args:
         model: Any NNX module; modified in place.
         quant: How to quantize the base kernels, or None for float LoRA. A
-            quantized layer's input size must be a multiple of
-            `quant.block_size`.
+            quantized layer's input size (the product of its input axes) must
+            be a multiple of `quant.block_size`.
         lora: Where adapters go and how they behave, or None for quantization only.
+        kernels: Already quantized kernels by layer path (e.g.
+            `"layers/self_attn/q_proj"`), used instead of quantizing the
+            layer's own kernel, which may then be abstract (`nnx.eval_shape`);
+            for loaders that quantize while streaming a checkpoint or read
+            bitsandbytes' packed weights. Each must have the layer's kernel
+            shape, contract axes and stack dims.
         rngs: Draws the adapters (stream "params") and seeds dropout ("dropout");
             each falls back to "default". Required when `lora` is given.
 
@@ -80,10 +106,11 @@ def apply_qlora(
         and after) and of the linear layers left alone.
 
     Raises:
-        ValueError: Both configs None; a target that matches no layer, or a
+        ValueError: Both configs None; a target that matches no layer, a
             layer type that is not supported (the message lists the available
-            Linear paths); an input size that is not a multiple of the block
-            size, or a non-float kernel (naming the layer path and shape).
+            layer paths) or a targeted layer that cannot be reproduced; an
+            input size that is not a multiple of the block size, or a
+            non-float kernel (naming the layer path and shape).
         TypeError: Arguments of the wrong type.
 
     Example:
@@ -120,44 +147,68 @@ def apply_qlora(
     sites, others = find_linears(model)
     heads = find_heads(model, sites)
     adapted = {s.name for s in match_targets(model, lora.targets, sites, heads)} if lora is not None else set()
-    quantized = {s.name for s in sites if s.name not in heads} | adapted if quant is not None else set()
+    quantized = {s.name for s in sites if s.name not in heads and s.problem is None} | adapted \
+        if quant is not None else set()
     plan = [s for s in sites if s.name in adapted or s.name in quantized]
-    aliases = _aliases(model)
+    aliases = node_aliases(model)
+    kernels = dict(kernels or {})
+    for name, q in kernels.items():
+        site = next((s for s in plan if s.name == name and s.name in quantized), None)
+        if site is None:
+            raise ValueError(f"kernels: {name!r} is not a layer that apply_qlora quantizes here; quantized layers: "
+                             f"{sorted(quantized)}")
+        stack = site.kernel_shape[: len(site.kernel_shape) - len(site.logical_shape)]
+        if not isinstance(q, QuantizedArray) or (q.shape, q.contract_axes, q.stack_shape) != (
+                tuple(site.logical_shape), tuple(site.contract_axes), tuple(stack)):
+            raise ValueError(f"kernels[{name!r}]: {q!r} does not fit the layer's kernel {site.kernel_shape} "
+                             f"(shape {tuple(site.logical_shape)}, contract_axes {tuple(site.contract_axes)}, "
+                             f"stack {tuple(stack)})")
     for site in plan:  # every check before the first change
         _check_site(site, quant if site.name in quantized else None, aliases)
 
     new_layers, rows = [], []
     for site in plan:
         layer = _build_layer(site, quant if site.name in quantized else None,
-                             lora if site.name in adapted else None, rngs)
+                             lora if site.name in adapted else None, rngs, kernels.get(site.name))
         new_layers.append(layer)
         rows.append(_report_row(site, layer))
     for site, layer in zip(plan, new_layers, strict=True):
-        for path in aliases.get(site.path, [site.path]):  # a shared layer stays shared
-            parent = model
-            for key in path[:-1]:
-                parent = child(parent, key)
-            set_child(parent, path[-1], layer)
+        replace_node(model, site.path, layer, aliases)  # a shared layer stays shared
     skipped = [(name, reason) for name, reason in heads.items() if name not in adapted]
+    skipped += [(s.name, f"{s.kind} cannot be replaced: {s.problem}") for s in sites
+                if s.problem is not None and s.name not in adapted and s.name not in heads]
     skipped += others
     return model, QLoRAReport(layers=tuple(rows), skipped=tuple(skipped))
 
 
-def quantize_kernel(kernel: jax.Array, quant: QuantConfig) -> QuantizedArray:
-    """Quantizes a Linear kernel `[*stack, in, out]` as one `QuantizedArray` per layer, stacked.
+def quantize_kernel(
+    kernel: jax.Array,
+    quant: QuantConfig,
+    *,
+    contract_axes: Sequence[int] = (0,),
+    kernel_ndim: int = 2,
+) -> QuantizedArray:
+    """Quantizes a kernel `[*stack, *kernel_shape]` as one `QuantizedArray` per layer, stacked.
 
-    Each `[in, out]` slice is quantized on its own (its own absmax blocks and,
-    with double quantization, its own nested scales and offset), and the
-    leaves are stacked, so that slicing the stack dims (as `nnx.scan` does)
-    gives exactly the `QuantizedArray` of that layer.
+    Each layer's kernel (the trailing `kernel_ndim` axes) is quantized on its
+    own (its own absmax blocks and, with double quantization, its own nested
+    scales and offset), and the leaves are stacked, so that slicing the stack
+    dims (as `nnx.scan` does) gives exactly the `QuantizedArray` of that layer.
 
     Args:
-        kernel: Float kernel `[*stack, in, out]`.
+        kernel: Float kernel `[*stack, *kernel_shape]`.
         quant: The `QuantConfig`.
+        contract_axes: Axes of one layer's kernel that are contracted with the
+            input (the blocked axes): `(0,)` for `nnx.Linear`, `(0, ..., n_in - 1)`
+            for `nnx.LinearGeneral`, the summed axes for `nnx.Einsum`.
+        kernel_ndim: Rank of one layer's kernel; leading axes beyond it are stack dims.
 
     Returns:
-        A `QuantizedArray` of shape `(in, out)`, contract_axes `(0,)` and
-        `stack_shape == kernel.shape[:-2]`.
+        A `QuantizedArray` of shape `kernel.shape[-kernel_ndim:]`, the given
+        contract_axes and `stack_shape == kernel.shape[:-kernel_ndim]`.
+
+    Raises:
+        ValueError: A kernel of rank below `kernel_ndim`.
 
     Example:
         >>> import jax.numpy as jnp
@@ -165,30 +216,28 @@ def quantize_kernel(kernel: jax.Array, quant: QuantConfig) -> QuantizedArray:
         >>> q = quantize_kernel(jnp.ones((3, 128, 64)), QuantConfig())
         >>> q.shape, q.stack_shape
         ((128, 64), (3,))
+        >>> q = quantize_kernel(jnp.ones((2, 4, 16, 64)), QuantConfig(), contract_axes=(0, 1), kernel_ndim=3)
+        >>> q.shape, q.contract_axes, q.stack_shape
+        ((4, 16, 64), (0, 1), (2,))
     """
-    stack = tuple(kernel.shape[:-2])
+    n_stack = kernel.ndim - int(kernel_ndim)
+    if n_stack < 0:
+        raise ValueError(f"kernel: shape {tuple(kernel.shape)} has fewer than kernel_ndim={kernel_ndim} axes")
+    stack = tuple(kernel.shape[:n_stack])
+    axes = tuple(int(a) for a in contract_axes)
     if not stack:
-        return quantize(kernel, quant.fmt, quant.block_size, quant.double_quant)
-    flat = kernel.reshape(-1, *kernel.shape[-2:])  # [layers, in, out]
-    qs = [quantize(flat[i], quant.fmt, quant.block_size, quant.double_quant) for i in range(flat.shape[0])]
+        return quantize(kernel, quant.fmt, quant.block_size, quant.double_quant, contract_axes=axes)
+    flat = kernel.reshape(-1, *kernel.shape[n_stack:])  # [layers, *kernel_shape]
+    qs = [quantize(flat[i], quant.fmt, quant.block_size, quant.double_quant, contract_axes=axes)
+          for i in range(flat.shape[0])]
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves).reshape(*stack, *leaves[0].shape), *qs)
     return stacked
 
 
-def _aliases(model: nnx.Module) -> dict[tuple, list[tuple]]:
-    """`{path: all paths of that node}` for nodes and variables referenced more than once."""
-    aliases = {}
-    for group in nnx.find_duplicates(model):
-        for path in group:
-            aliases[tuple(path)] = [tuple(p) for p in group]
-    return aliases
-
-
 def _check_site(site: LinearSite, quant: QuantConfig | None, aliases: dict[tuple, list[tuple]]) -> None:
-    reason = unsupported_reason(site)
-    if reason is not None:
-        raise ValueError(f"{site.name}: this nnx.Linear cannot be replaced because {reason}; leave it out of "
-                         "LoraConfig.targets")
+    if site.problem is not None:
+        raise ValueError(f"{site.name}: this nnx.{site.kind} cannot be replaced because {site.problem}; leave it "
+                         "out of LoraConfig.targets")
     layer_paths = aliases.get(site.path, [site.path])
     for name in ("kernel", "bias"):
         # A variable shared with another module (tied weights) would silently stop being shared.
@@ -199,39 +248,52 @@ def _check_site(site: LinearSite, quant: QuantConfig | None, aliases: dict[tuple
                              "of LoraConfig.targets (output heads are left out by default)")
     if quant is None:
         return
-    kernel = site.module.kernel[...]
+    kernel = site.module.kernel.get_value()
     if np.dtype(kernel.dtype) not in _FLOAT_DTYPES:
         raise ValueError(f"{site.name}: kernel dtype {kernel.dtype} cannot be quantized; expected float32, "
                          "bfloat16 or float16")
-    n_in = site.module.in_features
+    n_in = site.in_size
     if n_in % quant.block_size:
+        axes = f" (kernel axes {site.contract_axes})" if site.kind != "Linear" else ""
         raise ValueError(f"{site.name}: kernel shape {site.kernel_shape} has input size {n_in}, which is not a "
                          f"multiple of QuantConfig.block_size={quant.block_size}; quantized layers need "
-                         "in % block_size == 0 (blocks run along the input axis, one row of blocks per output). "
-                         "Use a smaller block_size or leave the layer out of LoraConfig.targets")
+                         f"in % block_size == 0 (blocks run along the input axis{axes}, one row of blocks per "
+                         "output). Use a smaller block_size or leave the layer out of LoraConfig.targets")
 
 
 def _build_layer(site: LinearSite, quant: QuantConfig | None, lora: LoraConfig | None,
-                 rngs: nnx.Rngs | None) -> QuantLinear:
+                 rngs: nnx.Rngs | None, quantized: QuantizedArray | None = None) -> nnx.Module:
     m = site.module
-    kernel = m.kernel[...]
     bias = m.bias[...] if m.bias is not None else None
-    weight = quantize_kernel(kernel, quant) if quant is not None else kernel
+    if quant is None:
+        weight = m.kernel[...]
+    elif quantized is not None:
+        weight = quantized
+    else:
+        weight = quantize_kernel(m.kernel[...], quant, contract_axes=site.contract_axes,
+                                 kernel_ndim=len(site.logical_shape))
     dtype = quant.compute_dtype if quant is not None and quant.compute_dtype is not None else m.dtype
-    if lora is None:
-        return QuantLinear(weight, bias, dtype=dtype, precision=m.precision)
-    return QLoRALinear(weight, bias, rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, rslora=lora.rslora,
-                       init=lora.init, dtype=dtype, precision=m.precision, rngs=rngs)
+    common = dict(dtype=dtype, precision=m.precision)
+    adapter = {} if lora is None else dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                                           rslora=lora.rslora, init=lora.init, rngs=rngs)
+    if site.kind == "Linear":
+        return (QuantLinear if lora is None else QLoRALinear)(weight, bias, **common, **adapter)
+    if site.kind == "LinearGeneral":
+        return (QuantLinearGeneral if lora is None else QLoRALinearGeneral)(
+            weight, bias, axis=m.axis, out_features=m.out_features, **common, **adapter)
+    return (QuantEinsum if lora is None else QLoRAEinsum)(m.einsum_str, weight, bias, **common, **adapter)
 
 
-def _report_row(site: LinearSite, layer: QuantLinear) -> ReplacedLayer:
-    kernel = site.module.kernel[...]
+def _report_row(site: LinearSite, layer: nnx.Module) -> ReplacedLayer:
+    kernel = site.module.kernel.get_value()  # may be abstract when `kernels` supplied it
     stored = layer.kernel.get_value()
     after = stored.nbytes if isinstance(stored, QuantizedArray) else int(stored.nbytes)
     lora_params = 0
-    if isinstance(layer, QLoRALinear):
+    if isinstance(layer, QLORA_LAYERS):
         lora_params = int(layer.lora_a[...].size + layer.lora_b[...].size)
         after += int(layer.lora_a[...].nbytes + layer.lora_b[...].nbytes)
     return ReplacedLayer(path=site.name, layer=type(layer).__name__, kernel_shape=site.kernel_shape,
                          quantized=layer.quantized, base_params=int(math.prod(kernel.shape)),
-                         lora_params=lora_params, bytes_before=int(kernel.nbytes), bytes_after=int(after))
+                         lora_params=lora_params,
+                         bytes_before=int(math.prod(kernel.shape)) * np.dtype(kernel.dtype).itemsize,
+                         bytes_after=int(after))

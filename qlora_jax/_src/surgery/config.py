@@ -18,7 +18,7 @@ from qlora_jax._src.nn.lora import INITS, lora_scale
 
 __all__ = ["QuantConfig", "LoraConfig", "ALL_LINEAR"]
 
-# `LoraConfig.targets` value meaning every `nnx.Linear` except the output head.
+# `LoraConfig.targets` value meaning every linear layer (nnx.Linear, LinearGeneral, Einsum) except the output head.
 ALL_LINEAR = "all-linear"
 
 _COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
@@ -28,9 +28,11 @@ _COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.flo
 class QuantConfig:
     """How the frozen base kernels are stored and multiplied.
 
-    Every `nnx.Linear` outside the output head is quantized (as bitsandbytes'
-    `load_in_4bit`, which skips `lm_head`); its input size must be a multiple
-    of `block_size`, so that blocks never straddle output columns.
+    Every linear layer (`nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`)
+    outside the output head is quantized (as bitsandbytes' `load_in_4bit`,
+    which skips `lm_head`); its input size (the product of the kernel's input
+    axes) must be a multiple of `block_size`, so that blocks never straddle
+    output columns.
 
     Example:
         >>> import jax.numpy as jnp
@@ -67,11 +69,12 @@ class QuantConfig:
 class LoraConfig:
     """Where LoRA adapters go and how they behave (PEFT's `LoraConfig` semantics).
 
-    `targets` selects `nnx.Linear` layers: `"all-linear"` (every one except
-    the output head), a sequence of names matched against the last component
-    of a layer's path (`["q_proj", "v_proj"]`), or any other string, a regular
-    expression that must match the whole '/'-joined path (`re.fullmatch`, as
-    PEFT), e.g. `r".*/attn/(q|v)_proj"`.
+    `targets` selects linear layers (`nnx.Linear`, `nnx.LinearGeneral`,
+    `nnx.Einsum`): `"all-linear"` (every one except the output head), a
+    sequence of names matched against the last component of a layer's path
+    (`["q_proj", "v_proj"]`), or any other string, a regular expression that
+    must match the whole '/'-joined path (`re.fullmatch`, as PEFT), e.g.
+    `r".*/attn/(q|v)_proj"`.
 
     Example:
         >>> from qlora_jax.nnx import LoraConfig

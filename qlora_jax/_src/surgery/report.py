@@ -9,7 +9,7 @@ __all__ = ["ReplacedLayer", "QLoRAReport"]
 
 @dataclasses.dataclass(frozen=True)
 class ReplacedLayer:
-    """One `nnx.Linear` that `apply_qlora` replaced. Biases are unchanged and not counted.
+    """One linear layer that `apply_qlora` replaced. Biases are unchanged and not counted.
 
     Example:
         >>> from qlora_jax.nnx import ReplacedLayer
@@ -19,8 +19,8 @@ class ReplacedLayer:
     """
 
     path: str  # '/'-joined nnx path
-    layer: str  # "QLoRALinear" or "QuantLinear"
-    kernel_shape: tuple[int, ...]  # (*stack, in, out)
+    layer: str  # the new type: "QLoRALinear", "QuantLinear", "QLoRALinearGeneral", ..., "QuantEinsum"
+    kernel_shape: tuple[int, ...]  # (*stack, in, out); (*stack, *in, *out) / (*stack, *kernel_shape) for N-D
     quantized: bool  # whether the kernel is now packed
     base_params: int  # elements of the kernel
     lora_params: int  # elements of lora_a and lora_b
@@ -33,7 +33,7 @@ class QLoRAReport:
     """Replaced layers, and linear layers left as they were (with the reason).
 
     Attributes:
-        layers: One `ReplacedLayer` per replaced `nnx.Linear`, in path order.
+        layers: One `ReplacedLayer` per replaced layer, in path order.
         skipped: `(path, reason)` of linear-like layers not replaced: output
             heads and unsupported types.
 
@@ -74,13 +74,13 @@ class QLoRAReport:
         return sum(r.bytes_after for r in self.layers)
 
     def __str__(self) -> str:
-        head = f"{'path':<40} {'layer':<12} {'kernel':<20} {'base params':>12} {'lora params':>12} " \
+        head = f"{'path':<40} {'layer':<18} {'kernel':<20} {'base params':>12} {'lora params':>12} " \
                f"{'bytes before':>13} {'bytes after':>12}"
         lines = [head, "-" * len(head)]
         for r in self.layers:
-            lines.append(f"{r.path:<40} {r.layer:<12} {str(r.kernel_shape):<20} {r.base_params:>12,} "
+            lines.append(f"{r.path:<40} {r.layer:<18} {str(r.kernel_shape):<20} {r.base_params:>12,} "
                          f"{r.lora_params:>12,} {r.bytes_before:>13,} {r.bytes_after:>12,}")
-        lines.append(f"{'total':<74} {self.base_params:>12,} {self.lora_params:>12,} {self.bytes_before:>13,} "
+        lines.append(f"{'total':<80} {self.base_params:>12,} {self.lora_params:>12,} {self.bytes_before:>13,} "
                      f"{self.bytes_after:>12,}")
         lines += [f"left as is: {path} ({reason})" for path, reason in self.skipped]
         return "\n".join(lines)

@@ -1,43 +1,59 @@
 """Which layers of an NNX model `apply_qlora` touches: the coverage table,
 output-head detection and target matching.
 
-Supported: exactly `nnx.Linear` (kernel `[*stack, in, out]`, the stack dims
-coming from `nnx.vmap`-created layers). Subclasses of `nnx.Linear` (such as
-`nnx.LoRALinear`) and other kernels (`LinearGeneral`, `Einsum`, `Conv`,
-`Embed`) are not replaced: targeting one is an error naming its path, and
-`"all-linear"` lists them in the report as left alone.
+Supported: exactly `nnx.Linear` (kernel `[*stack, in, out]`),
+`nnx.LinearGeneral` without `batch_axis` (kernel `[*stack, *in, *out]`) and
+`nnx.Einsum` (kernel `[*stack, *kernel_shape]`, input axes = those summed
+against `x`), the stack dims coming from `nnx.vmap`-created layers. A
+supported type in a configuration that cannot be reproduced (a custom
+`dot_general` / `einsum_op` / `promote_dtype`, `preferred_element_type`,
+`batch_axis`, an einsum that is not linear in `x`) is an error when targeted
+by name or regex and otherwise left alone and reported. Subclasses (such as
+`nnx.LoRALinear`) and other kernels (`Conv`, `Embed`) are never replaced:
+targeting one is an error naming its path, and `"all-linear"` lists them in
+the report as left alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
 
+import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 from jax import lax
 
-from qlora_jax._src.nn.linear import QuantLinear
+from qlora_jax._src.nn import FROZEN_LAYERS
+from qlora_jax._src.nn.spec import einsum_kernel_axes, einsum_problem, split_einsum
 from qlora_jax._src.surgery.config import ALL_LINEAR
 
 __all__ = ["SUPPORTED_MODULES", "HEAD_NAMES", "LinearSite", "find_linears", "unsupported_reason", "find_heads",
-           "match_targets", "path_str", "child", "set_child"]
+           "match_targets", "path_str", "child", "set_child", "node_aliases", "replace_node"]
 
 # Module types apply_qlora replaces, and with what.
-SUPPORTED_MODULES: dict[type, str] = {nnx.Linear: "QLoRALinear (targeted) or QuantLinear (quantized only)"}
+SUPPORTED_MODULES: dict[type, str] = {
+    nnx.Linear: "QLoRALinear (targeted) or QuantLinear (quantized only)",
+    nnx.LinearGeneral: "QLoRALinearGeneral (targeted) or QuantLinearGeneral (quantized only); no batch_axis",
+    nnx.Einsum: "QLoRAEinsum (targeted) or QuantEinsum (quantized only)",
+}
 # Last path components that mark an output head, excluded from "all-linear" and from quantization.
 HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "output")
 
 
 @dataclasses.dataclass(frozen=True)
 class LinearSite:
-    """One `nnx.Linear` of a model and where it lives."""
+    """One supported layer (`nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`) of a model and where it lives."""
 
     path: tuple[Any, ...]  # nnx path from the root, e.g. ("blocks", 0, "attn", "q_proj")
-    module: nnx.Linear
-    stack_shape: tuple[int, ...]  # leading kernel dims beyond [in, out] (layers stacked by nnx.vmap)
+    module: nnx.Module  # the nnx.Linear / nnx.LinearGeneral / nnx.Einsum
+    stack_shape: tuple[int, ...]  # leading kernel dims beyond one layer's kernel (layers stacked by nnx.vmap)
+    logical_shape: tuple[int, ...]  # one layer's kernel shape: (in, out), (*in, *out) or the Einsum kernel_shape
+    contract_axes: tuple[int, ...]  # axes of logical_shape contracted with the input
+    problem: str | None = None  # why the layer cannot be replaced faithfully, or None
 
     @property
     def name(self) -> str:
@@ -45,9 +61,24 @@ class LinearSite:
         return path_str(self.path)
 
     @property
+    def kind(self) -> str:
+        """`"Linear"`, `"LinearGeneral"` or `"Einsum"`."""
+        return type(self.module).__name__
+
+    @property
     def kernel_shape(self) -> tuple[int, ...]:
-        """`(*stack, in, out)`."""
-        return (*self.stack_shape, self.module.in_features, self.module.out_features)
+        """`(*stack, *logical_shape)`."""
+        return (*self.stack_shape, *self.logical_shape)
+
+    @property
+    def in_size(self) -> int:
+        """Elements of the contracted (input) axes of one kernel."""
+        return math.prod(self.logical_shape[a] for a in self.contract_axes)
+
+    @property
+    def out_size(self) -> int:
+        """Elements of the other (output) axes of one kernel."""
+        return math.prod(d for i, d in enumerate(self.logical_shape) if i not in self.contract_axes)
 
 
 def path_str(path: Iterable[Any]) -> str:
@@ -56,36 +87,65 @@ def path_str(path: Iterable[Any]) -> str:
 
 
 def find_linears(model: nnx.Module) -> tuple[list[LinearSite], list[tuple[str, str]]]:
-    """The supported `nnx.Linear` layers of `model`, and the linear-like modules left out.
+    """The supported layers of `model`, and the linear-like modules left out.
 
     Returns:
-        `(sites, others)`: sites in nnx's path order; `others` are
-        `(path, reason)` of modules that hold a kernel but are not replaced:
-        unsupported types (subclasses of `nnx.Linear`, `LinearGeneral`, ...)
-        and layers already converted by `apply_qlora`.
+        `(sites, others)`: sites in nnx's path order (each with its `problem`,
+        if any); `others` are `(path, reason)` of modules that hold a kernel
+        but are not replaced: unsupported types (subclasses of `nnx.Linear`,
+        `Conv`, ...) and layers already converted by `apply_qlora`.
+
+    Raises:
+        ValueError: A layer whose kernel does not have the shape its attributes say.
     """
     sites, others = [], []
     for path, module in nnx.iter_modules(model):
         if not path:
             continue
-        if type(module) is nnx.Linear:
-            kernel = module.kernel[...]
-            stack = tuple(int(d) for d in kernel.shape[:-2])
-            if tuple(kernel.shape[-2:]) != (module.in_features, module.out_features):
-                raise ValueError(f"{path_str(path)}: nnx.Linear kernel shape {tuple(kernel.shape)} does not end in "
-                                 f"(in_features, out_features) = {(module.in_features, module.out_features)}")
-            sites.append(LinearSite(tuple(path), module, stack))
-        elif isinstance(module, QuantLinear):
+        if type(module) in SUPPORTED_MODULES:
+            sites.append(_site(tuple(path), module))
+        elif isinstance(module, FROZEN_LAYERS):
             others.append((path_str(path), f"already a {type(module).__name__}"))
         elif isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.ConvTranspose)):
             others.append((path_str(path), f"{type(module).__name__} is not supported"))
     return sites, others
 
 
-def unsupported_reason(site: LinearSite) -> str | None:
-    """Why an `nnx.Linear` cannot be replaced faithfully, or None."""
-    m = site.module
-    if m.dot_general is not lax.dot_general:
+def _site(path: tuple[Any, ...], m: nnx.Module) -> LinearSite:
+    shape = tuple(int(d) for d in m.kernel.get_value().shape)
+    contract: tuple[int, ...] = (0,)
+    problem = _config_problem(m)
+    if isinstance(m, nnx.Linear):
+        logical = (int(m.in_features), int(m.out_features))
+    elif isinstance(m, nnx.LinearGeneral):
+        if m.batch_axis:
+            return LinearSite(path, m, (), shape, (), f"it has batch_axis {dict(m.batch_axis)}, which is not "
+                              "supported (its kernel carries the batch axes)")
+        logical = (*m.in_features, *m.out_features)
+        contract = tuple(range(len(m.in_features)))
+    else:  # nnx.Einsum
+        logical = tuple(int(d) for d in m.kernel_shape)
+        spec_problem = einsum_problem(m.einsum_str)
+        if spec_problem is not None:
+            return LinearSite(path, m, (), shape, (), spec_problem)
+        if len(split_einsum(m.einsum_str)[1]) != len(logical):
+            return LinearSite(path, m, (), shape, (), f"its einsum_str {m.einsum_str!r} does not name the "
+                              f"{len(logical)} axes of its kernel_shape {logical}")
+        contract = einsum_kernel_axes(m.einsum_str)[0]
+    if len(shape) < len(logical) or shape[len(shape) - len(logical):] != logical:
+        raise ValueError(f"{path_str(path)}: {type(m).__name__} kernel shape {shape} does not end in the shape "
+                         f"{logical} its attributes give")
+    return LinearSite(path, m, shape[: len(shape) - len(logical)], logical, contract, problem)
+
+
+def _config_problem(m: nnx.Module) -> str | None:
+    """Why the computation of a supported module cannot be reproduced, or None."""
+    if isinstance(m, nnx.Einsum):
+        if m.einsum_op is not jnp.einsum:
+            return "it has a custom einsum_op"
+    elif getattr(m, "dot_general_cls", None) is not None:
+        return "it has a custom dot_general_cls"
+    elif m.dot_general not in (None, lax.dot_general):
         return "it has a custom dot_general"
     if m.preferred_element_type is not None:
         return f"it sets preferred_element_type={m.preferred_element_type}"
@@ -94,24 +154,29 @@ def unsupported_reason(site: LinearSite) -> str | None:
     return None
 
 
+def unsupported_reason(site: LinearSite) -> str | None:
+    """Why a supported layer cannot be replaced faithfully, or None."""
+    return site.problem
+
+
 def find_heads(model: nnx.Module, sites: list[LinearSite]) -> dict[str, str]:
     """Output heads among `sites`, as `{path: reason}`.
 
-    A Linear whose last path component is in `HEAD_NAMES` is a head. If none
-    is named so, the last (in definition order) unstacked Linear whose output
-    size equals an `nnx.Embed`'s `num_embeddings`, and differs from its input
-    size, is the head.
+    A layer whose last path component is in `HEAD_NAMES` is a head. If none
+    is named so, the last (in definition order) unstacked layer whose output
+    size (all output axes) equals an `nnx.Embed`'s `num_embeddings`, and
+    differs from its input size, is the head.
     """
     heads = {s.name: f"output head (named {s.path[-1]!r})" for s in sites if s.path[-1] in HEAD_NAMES}
     if heads:
         return heads
     vocab = {int(m.num_embeddings) for _, m in nnx.iter_modules(model) if isinstance(m, nnx.Embed)}
-    candidates = [s for s in sites if not s.stack_shape and s.module.out_features in vocab
-                  and s.module.out_features != s.module.in_features]
+    candidates = [s for s in sites if not s.stack_shape and not s.problem and s.out_size in vocab
+                  and s.out_size != s.in_size]
     if not candidates:
         return {}
     last = max(candidates, key=lambda s: _definition_rank(model, s.path))
-    return {last.name: f"output head (out={last.module.out_features} is an embedding's vocabulary size)"}
+    return {last.name: f"output head (out={last.out_size} is an embedding's vocabulary size)"}
 
 
 def match_targets(model: nnx.Module, targets: str | tuple[str, ...], sites: list[LinearSite],
@@ -120,27 +185,33 @@ def match_targets(model: nnx.Module, targets: str | tuple[str, ...], sites: list
 
     Raises:
         ValueError: A target that matches no layer, or that matches a module
-            which is not a supported `nnx.Linear` (naming its path and type);
-            the message lists the available Linear paths.
+            of a type that is not supported (naming its path and type); the
+            message lists the available layer paths. "all-linear" leaves out
+            heads and sites with a `problem`; explicit targets keep them (so
+            that `apply_qlora` can refuse them by name).
     """
-    available = "available nnx.Linear paths: " + (", ".join(s.name for s in sites) or "(none)")
+    available = "available layer paths (nnx.Linear, LinearGeneral, Einsum): " + (
+        ", ".join(s.name for s in sites) or "(none)")
     if targets == ALL_LINEAR:
-        chosen = [s for s in sites if s.name not in heads]
+        chosen = [s for s in sites if s.name not in heads and s.problem is None]
         if not chosen:
             raise ValueError(f"LoraConfig.targets: 'all-linear' matches no layer (output heads excluded); {available}")
         return chosen
     by_name = {s.name: s for s in sites}
-    modules = [(path_str(p), p, m) for p, m in nnx.iter_modules(model) if p]
+    aliases = node_aliases(model)
+    # A shared module is listed once, under its first path; it matches a target under any of its paths.
+    modules = [(path_str(alias), alias, path_str(p), m) for p, m in nnx.iter_modules(model) if p
+               for alias in aliases.get(tuple(p), [tuple(p)])]
     if isinstance(targets, str):
         pattern = re.compile(targets)
-        matched = [(name, m) for name, _, m in modules if pattern.fullmatch(name)]
+        matched = [(name, m) for alias, _, name, m in modules if pattern.fullmatch(alias)]
         if not matched:
             raise ValueError(f"LoraConfig.targets: regex {targets!r} matches no layer path "
                              f"(re.fullmatch on '/'-joined paths); {available}")
     else:
         matched = []
         for target in targets:
-            hits = [(name, m) for name, p, m in modules if str(p[-1]) == target]
+            hits = [(name, m) for _, p, name, m in modules if str(p[-1]) == target]
             if not hits:
                 raise ValueError(f"LoraConfig.targets: no layer is named {target!r} (names match the last path "
                                  f"component); {available}")
@@ -171,6 +242,24 @@ def set_child(parent: Any, key: Any, value: Any) -> None:
         raise ValueError(f"cannot replace element {key!r} of a tuple; hold the layers in an nnx.List")
     else:
         parent[key] = value
+
+
+def node_aliases(model: nnx.Module) -> dict[tuple, list[tuple]]:
+    """`{path: all paths of that node}` for nodes and variables referenced more than once."""
+    aliases = {}
+    for group in nnx.find_duplicates(model):
+        for path in group:
+            aliases[tuple(path)] = [tuple(p) for p in group]
+    return aliases
+
+
+def replace_node(model: nnx.Module, path: tuple[Any, ...], value: Any, aliases: dict[tuple, list[tuple]]) -> None:
+    """Puts `value` at `path` and at every other path of the node there (a shared layer stays shared)."""
+    for alias in aliases.get(tuple(path), [tuple(path)]):
+        parent = model
+        for key in alias[:-1]:
+            parent = child(parent, key)
+        set_child(parent, alias[-1], value)
 
 
 def _definition_rank(model: nnx.Module, path: tuple[Any, ...]) -> tuple[int, ...]:
