@@ -11,7 +11,7 @@ Example:
     0.5159
 """
 
-from qlora_jax import checkpoint, models, nnx
+from qlora_jax import checkpoint, linen, models, nnx
 from qlora_jax._src.formats import (
     BLOCK_SIZES,
     FORMATS,
@@ -22,6 +22,7 @@ from qlora_jax._src.formats import (
     quantize,
     to_bnb,
 )
+from qlora_jax._src.linen import lora_mask, masked
 from qlora_jax._src.nn import lora_delta, lora_einsum
 from qlora_jax._src.ops import can_use_pallas_gpu, can_use_pallas_tpu, qdot_general, qeinsum, qmatmul, qmatmul_path
 from qlora_jax._src.surgery import (
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "checkpoint",
+    "linen",
     "models",
     "nnx",
     "BLOCK_SIZES",
@@ -55,6 +57,8 @@ __all__ = [
     "from_bnb",
     "lora_delta",
     "lora_einsum",
+    "lora_mask",
+    "masked",
     "merge_lora",
     "qdot_general",
     "qeinsum",

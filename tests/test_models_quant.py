@@ -132,7 +132,7 @@ def test_adapter_round_trips_through_peft(tmp_path):
     lora = qj.LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
     model = models.from_pretrained(path, quant=qj.QuantConfig(double_quant=False), lora=lora)
     ids = jnp.asarray(np.random.default_rng(3).integers(0, 128, (2, 12)))
-    model = _train_a_few_steps(model, ids)
+    model = _train_a_few_steps(model, ids, steps=2)
     model.eval()
     assert np.abs(np.asarray(model.layers.self_attn.q_proj.lora_b[...])).max() > 0
     models.save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(path))
@@ -179,16 +179,36 @@ def test_bad_adapters_are_refused_without_changes(tmp_path):
         models.load_peft_adapter(model, tmp_path)
 
 
-@pytest.mark.parametrize("shard", [False, True])
-def test_merged_checkpoint_loads_in_transformers(tmp_path, shard):
+def test_merged_checkpoint_loads_in_transformers(tmp_path):
     path, _ = make_checkpoint(tmp_path, "qwen2")
     model = models.from_pretrained(path, quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4, alpha=8))
     ids = jnp.asarray(np.random.default_rng(4).integers(0, 128, (2, 12)))
-    model = _train_a_few_steps(model, ids)
+    model = _train_a_few_steps(model, ids, steps=2)
     model.eval()
-    out = models.save_merged(model, tmp_path / "merged", max_shard_bytes=100_000 if shard else 5 * 1024**3)
-    assert (out / "model.safetensors.index.json").is_file() == shard
-    merged = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
-    np.testing.assert_allclose(hf_logits(merged, np.asarray(ids)), np.asarray(model(ids)), atol=1e-4, rtol=0)
+    ours = np.asarray(model(ids))
+    for name, shard_bytes in (("merged", 5 * 1024**3), ("sharded", 100_000)):
+        out = models.save_merged(model, tmp_path / name, max_shard_bytes=shard_bytes)
+        assert (out / "model.safetensors.index.json").is_file() == (name == "sharded")
+        merged = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
+        np.testing.assert_allclose(hf_logits(merged, np.asarray(ids)), ours, atol=1e-4, rtol=0)
     # and our own loader reads it back as a float model with the same logits
-    np.testing.assert_allclose(np.asarray(models.from_pretrained(out)(ids)), np.asarray(model(ids)), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(models.from_pretrained(tmp_path / "sharded")(ids)), ours, atol=1e-4)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_chunked_streaming_quantization_is_bit_identical(tmp_path, monkeypatch, double_quant):
+    """The loader quantizes big weights a few rows at a time and double-quantizes all
+    scales at the end; forced here onto a tiny checkpoint (8 rows per chunk)."""
+    from qlora_jax._src.models import loading
+
+    monkeypatch.setattr(loading, "_CHUNK_ELEMENTS", 8 * 192)
+    path, hf = make_checkpoint(tmp_path, "llama-gqa-untied", intermediate_size=640)  # 640 / 8: 80 chunks
+    model = models.from_pretrained(path, quant=qj.QuantConfig(double_quant=double_quant))
+    for name in ("down_proj", "up_proj"):
+        q = getattr(model.layers.mlp, name).kernel.get_value()
+        for i in range(2):
+            weight = getattr(hf.model.layers[i].mlp, name).weight.detach().numpy()
+            expected = qj.quantize(weight.T, "nf4", 64, double_quant)
+            got = jax.tree.map(lambda leaf, i=i: leaf[i], q)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

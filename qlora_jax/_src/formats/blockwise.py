@@ -30,7 +30,7 @@ __all__ = ["quantize", "dequantize", "dequantize_absmax"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 # Rows are quantized in chunks of about this many elements (16 MiB of float32).
-_CHUNK_ELEMENTS = 1 << 22
+_CHUNK_ELEMENTS = 1 << 20
 # Above 2**126 the float32 reciprocal 1/absmax is subnormal, which XLA on CPU
 # flushes to zero; such blocks divide instead of multiplying by the reciprocal.
 _RECIPROCAL_LIMIT = np.float32(2.0**126)

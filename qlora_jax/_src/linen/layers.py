@@ -4,8 +4,9 @@ Drop-in replacements for `nn.Dense` and `nn.DenseGeneral`. The base kernel is
 not a parameter: it lives in the `"frozen"` collection (`FROZEN`), as a packed
 `QuantizedArray` (multiplied by `qdot_general`, which keeps no dequantized
 weight for the backward pass) or, with `quant=None`, as a float array. The
-LoRA factors `lora_a [in, r]` and `lora_b [r, out]` are in `"params"`, next to
-the bias, so `jax.grad` over `"params"` never touches the base weights and
+LoRA factors `lora_a [*in, r]` and `lora_b [r, *out]` (`[in, r]`, `[r, out]`
+for `nn.Dense`; the layout of the NNX layers) are in `"params"`, next to the
+bias, so `jax.grad` over `"params"` never touches the base weights and
 `lora_mask` finds the adapters by name.
 
 `dense_forward` is the pure computation shared by these layers and by
@@ -30,7 +31,8 @@ from qlora_jax._src.nn.lora import init_lora, lora_delta
 from qlora_jax._src.ops.qmatmul import qdot_general
 from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 
-__all__ = ["FROZEN", "ADAPTER_NAMES", "QLoRADense", "QLoRADenseGeneral", "dense_forward", "compute_dtype"]
+__all__ = ["FROZEN", "ADAPTER_NAMES", "QLoRADense", "QLoRADenseGeneral", "dense_forward", "compute_dtype",
+           "normalize_axes"]
 
 # The variable collection that holds the frozen base kernels (packed or float).
 FROZEN = "frozen"
@@ -74,8 +76,8 @@ def dense_forward(
         kernel: Frozen kernel `[*in, *features]`: a `QuantizedArray` with
             `contract_axes == (0, ..., len(axis) - 1)`, or a float array.
         bias: `[*features]`, or None.
-        adapter: `(a [in, r], b [r, out])` with `in = prod(in)`, `out =
-            prod(features)`, or None.
+        adapter: `(a [*in, r], b [r, *features])`, or None. They act on the
+            flattened axes, as a Linear `[prod(in), prod(features)]`.
         axis: Input axes contracted (`nn.DenseGeneral`'s `axis`).
         dtype: Compute dtype, or None to infer it as Flax does.
         precision: `lax` precision of every dot.
@@ -102,7 +104,7 @@ def dense_forward(
     """
     x = jnp.asarray(x)
     ndim = x.ndim
-    axis = tuple(sorted(a % ndim if -ndim <= a < ndim else _bad_axis(name, axis, x.shape) for a in axis))
+    axis = normalize_axes(axis, ndim, name)
     n_axis = len(axis)
     quantized = isinstance(kernel, QuantizedArray)
     k_shape = tuple(kernel.shape)
@@ -132,9 +134,11 @@ def dense_forward(
         return y
     a, b = adapter
     n_in, n_out = math.prod(in_shape), math.prod(features)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != n_in or b.shape[1] != n_out or a.shape[1] != b.shape[0]:
+    if tuple(a.shape[:-1]) != in_shape or tuple(b.shape[1:]) != features or a.shape[-1:] != b.shape[:1]:
         raise ValueError(f"{name}: adapter shapes lora_a {tuple(a.shape)}, lora_b {tuple(b.shape)} do not fit the "
-                         f"kernel {k_shape}; expected lora_a [{n_in}, r] and lora_b [r, {n_out}]")
+                         f"kernel {k_shape}; expected lora_a [{', '.join(map(str, in_shape))}, r] and lora_b "
+                         f"[r, {', '.join(map(str, features))}]")
+    rank = a.shape[-1]
     h = x.astype(y.dtype)  # the adapter input, in the compute dtype
     if dropout_rng is not None and dropout_rate > 0:
         keep = 1.0 - dropout_rate
@@ -143,12 +147,21 @@ def dense_forward(
     if axis != tuple(range(ndim - n_axis, ndim)):
         h = jnp.moveaxis(h, axis, tuple(range(ndim - n_axis, ndim)))
     free = h.shape[: ndim - n_axis]
-    delta = lora_delta(h.reshape(*free, n_in), a, b, scale, precision=precision)  # [*free, out]
+    delta = lora_delta(h.reshape(*free, n_in), a.reshape(n_in, rank), b.reshape(rank, n_out), scale,
+                       precision=precision)  # [*free, out]
     return y + delta.reshape(*free, *features)
 
 
-def _bad_axis(name: str, axis: Sequence[int], shape: tuple[int, ...]) -> int:
-    raise ValueError(f"{name}: axis {tuple(axis)} is out of range for an input of shape {shape}")
+def normalize_axes(axis: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
+    """`axis` as sorted non-negative axes of a rank-`ndim` input (as `nn.DenseGeneral`).
+
+    Raises:
+        ValueError: Repeated or out-of-range axes, naming the layer.
+    """
+    axes = tuple(int(a) for a in np.atleast_1d(axis))
+    if not axes or any(not -ndim <= a < ndim for a in axes) or len({a % ndim for a in axes}) != len(axes):
+        raise ValueError(f"{name}: axis {axes} is empty, repeated or out of range for an input of rank {ndim}")
+    return tuple(sorted(a % ndim for a in axes))
 
 
 def _check_blockable(name: str, shape: tuple[int, ...], n_in: int, quant: QuantConfig) -> None:
@@ -186,8 +199,8 @@ class _QLoRABase(nn.Module):
         if self.lora is not None:
             n_in, n_out, rank = math.prod(in_shape), math.prod(features), self.lora.rank
             a = self.param("lora_a", lambda key: init_lora(key, n_in, n_out, rank, init=self.lora.init,
-                                                           dtype=self.param_dtype)[0])  # [in, r]
-            b = self.param("lora_b", lambda key: jnp.zeros((rank, n_out), self.param_dtype))  # [r, out]
+                                                           dtype=self.param_dtype)[0].reshape(*in_shape, rank))
+            b = self.param("lora_b", lambda key: jnp.zeros((rank, *features), self.param_dtype))  # [r, *features]
             adapter = (a, b)
             if self.lora.dropout > 0 and not nn.merge_param("deterministic", self.deterministic, deterministic):
                 rng = self.make_rng("dropout")
@@ -224,7 +237,9 @@ class QLoRADense(_QLoRABase):
         quant: How the kernel is stored, or None for a float kernel (plain LoRA).
         lora: The adapter (`rank`, `alpha`, `dropout`, `rslora`, `init`;
             `targets` is ignored), or None for no adapter.
-        deterministic: Turns the adapter dropout off; may be given at call time instead.
+        deterministic: Turns the adapter dropout off. As for `nn.Dropout`, it
+            is required (here or at call time, also for `init`) when
+            `lora.dropout > 0`.
 
     Example:
         >>> import jax, jax.numpy as jnp, qlora_jax as qj
@@ -271,9 +286,11 @@ class QLoRADenseGeneral(_QLoRABase):
 
     The kernel `[*in, *features]` (`in` = the input sizes along `axis`) is
     quantized with `contract_axes` = its input axes, so the blocks run along
-    the flattened input, and multiplied by `qdot_general`. The adapter acts
-    on the flattened axes: `lora_a [prod(in), r]`, `lora_b [r,
-    prod(features)]` (PEFT's layout for the equivalent `Linear`). Otherwise as
+    the flattened input, and multiplied by `qdot_general`. The adapter is
+    `lora_a [*in, r]`, `lora_b [r, *features]` (as the NNX layers), acting
+    as a Linear `[prod(in), prod(features)]` would (A's init uses fan-in
+    `prod(in)`; PEFT's `lora_A.weight` is `lora_a` flattened and
+    transposed). Otherwise as
     `QLoRADense`; initialised with the same key it draws the same kernel and
     bias as `nn.DenseGeneral`. `batch_dims` are not supported.
 
@@ -290,7 +307,8 @@ class QLoRADenseGeneral(_QLoRABase):
         bias_init: Initializer of the bias (on the flattened shape).
         quant: How the kernel is stored, or None for a float kernel.
         lora: The adapter, or None for no adapter.
-        deterministic: Turns the adapter dropout off; may be given at call time instead.
+        deterministic: Turns the adapter dropout off; required here or at call
+            time when `lora.dropout > 0`.
 
     Example:
         >>> import jax, jax.numpy as jnp, qlora_jax as qj
@@ -298,7 +316,7 @@ class QLoRADenseGeneral(_QLoRABase):
         >>> layer = QLoRADenseGeneral((4, 16), lora=qj.LoraConfig(rank=8))  # e.g. a 4-head q projection
         >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3, 128)))
         >>> variables["frozen"]["kernel"].shape, variables["params"]["lora_b"].shape
-        ((128, 4, 16), (8, 64))
+        ((128, 4, 16), (8, 4, 16))
         >>> layer.apply(variables, jnp.ones((2, 3, 128))).shape
         (2, 3, 4, 16)
     """
@@ -331,11 +349,7 @@ class QLoRADenseGeneral(_QLoRABase):
         _check_configs(self.quant, self.lora, name)
         if tuple(np.atleast_1d(self.batch_dims)):
             raise ValueError(f"{name}: batch_dims={self.batch_dims} is not supported by QLoRADenseGeneral")
-        ndim = jnp.ndim(inputs)
-        axis = tuple(int(a) for a in np.atleast_1d(self.axis))
-        if len(set(a % ndim for a in axis if -ndim <= a < ndim)) != len(axis):
-            raise ValueError(f"{name}: axis {axis} is repeated or out of range for an input of rank {ndim}")
-        axis = tuple(sorted(a % ndim for a in axis))
+        axis = normalize_axes(self.axis, jnp.ndim(inputs), name)
         features = tuple(int(f) for f in np.atleast_1d(self.features))
 
         def flat_init(init: Callable, n_lead: int) -> Callable:

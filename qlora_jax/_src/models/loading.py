@@ -7,8 +7,8 @@ transposed to Flax's `[in, out]`.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
-import functools
 import json
 import os
 import re
@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from qlora_jax._src.formats.blockwise import quantize
+from qlora_jax._src.formats.blockwise import _double_quantize, quantize
 from qlora_jax._src.formats.bnb import from_bnb
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
@@ -161,6 +161,7 @@ def from_pretrained(
     config = load_config(path)
     directory = _local_dir(path)
     reader = SafetensorsReader(directory)
+    _return_freed_memory()
     bnb = _bnb_config(directory)
     if bnb is not None:
         if quant is not None and (quant.fmt, quant.double_quant) != (bnb.fmt, bnb.double_quant):
@@ -194,6 +195,7 @@ def from_pretrained(
                 raise ValueError(f"{reader.file_of(name)}: tensor {name!r} holds a kernel of shape {q.shape} "
                                  f"[in, out], the model expects {expected}")
             _put_layer(kernels.setdefault(key, {}), q, layer, config.num_layers)
+            del q
         else:
             if bnb is not None and reader.dtype_name(name) == "U8":
                 raise ValueError(f"{reader.file_of(name)}: tensor {name!r} is 4-bit packed, but {'/'.join(key)} "
@@ -203,13 +205,13 @@ def from_pretrained(
             if value.shape != expected:
                 raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has shape {tuple(tensor.shape)}, the "
                                  f"model expects {expected[::-1] if transpose else expected}")
-            value = jnp.asarray(value.astype(slot.dtype))
             if layer is None:
-                values[key] = value
+                values[key] = jnp.asarray(value.astype(slot.dtype, copy=False))
             else:
                 if key not in values:
-                    values[key] = jnp.zeros(slot.shape, slot.dtype)
-                values[key] = _set_index(values[key], jnp.int32(layer), value)
+                    values[key] = np.zeros(slot.shape, slot.dtype)
+                values[key][layer] = value
+            del tensor, value  # one full-precision tensor at a time
         filled[key].add(layer)
     for key, layers in filled.items():
         expected_layers = set(range(config.num_layers)) if key[0] == "layers" else {None}
@@ -217,41 +219,49 @@ def from_pretrained(
             missing = sorted(expected_layers - layers, key=lambda x: -1 if x is None else x)
             raise ValueError(f"{directory}: checkpoint is missing {_hf_name(key, missing[0])} "
                              f"({len(missing)} tensor(s) for {'/'.join(key)})")
+    for key in list(values):  # host buffers to device arrays one at a time, freeing each
+        values[key] = jnp.asarray(values.pop(key)) if isinstance(values[key], np.ndarray) else values[key]
     state = nnx.from_flat_state({p: (flat[p].replace(values[p]) if p in values else flat[p]) for p in flat})
     model = nnx.merge(graphdef, state)
     if quant is None and lora is None:
         return model
-    stacked = {"/".join(key[:-1]): _stacked(parts) for key, parts in kernels.items()}
+    stacked = {"/".join(key[:-1]): _stacked(kernels.pop(key)) for key in list(kernels)}
     model, _ = apply_qlora(model, quant=quant, lora=lora, rngs=rngs or nnx.Rngs(0), kernels=stacked)
     return model
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _set_index(buffer: jax.Array, index: jax.Array, value: jax.Array) -> jax.Array:
-    """`buffer[index] = value`, in place (the buffer is donated)."""
-    return jax.lax.dynamic_update_index_in_dim(buffer, value, index, 0)
+def _return_freed_memory() -> None:
+    """Makes glibc serve allocations of 1 MiB and more with mmap (so they go back
+    to the OS when freed) instead of raising that threshold as buffers are freed.
+
+    glibc's default adapts the threshold up to 32 MiB after large frees, after
+    which tensor-sized buffers come from the heap and stay resident once freed;
+    streaming a checkpoint tensor by tensor then grows the process by several
+    hundred MiB. A process-wide, harmless setting; a no-op outside glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _put_layer(parts: dict[str, Any], q: QuantizedArray, layer: int, num_layers: int) -> None:
-    """Writes layer `layer`'s quantized kernel into stacked leaves (allocated on first use)."""
-    leaves = {"codes": q.codes, "absmax": q.absmax, "nested_absmax": q.nested_absmax,
-              "nested_offset": q.nested_offset}
-    if "template" not in parts:
-        parts["template"] = q
-        for k, leaf in leaves.items():
-            parts[k] = None if leaf is None else jnp.zeros((num_layers, *leaf.shape), leaf.dtype)
-    template = parts["template"]
+    """Keeps layer `layer`'s quantized kernel until every layer is read."""
+    template = parts.setdefault("template", q)
     if (q.fmt, q.block_size, q.double_quant, q.shape) != (template.fmt, template.block_size, template.double_quant,
                                                           template.shape):
         raise ValueError(f"layer {layer}: quantized as {q} but layer 0 as {template}; stacked layers must agree")
-    for k, leaf in leaves.items():
-        if leaf is not None:
-            parts[k] = _set_index(parts[k], jnp.int32(layer), jnp.asarray(leaf))
+    parts.setdefault("layers", [None] * num_layers)[layer] = q
 
 
 def _stacked(parts: dict[str, Any]) -> QuantizedArray:
-    return dataclasses.replace(parts["template"], codes=parts["codes"], absmax=parts["absmax"],
-                               nested_absmax=parts["nested_absmax"], nested_offset=parts["nested_offset"])
+    """The layers' kernels stacked into one `QuantizedArray` with stack dims `(L,)`."""
+    layers = parts.pop("layers")
+    leaves = {k: None if getattr(layers[0], k) is None else jnp.stack([getattr(q, k) for q in layers])
+              for k in ("codes", "absmax", "nested_absmax", "nested_offset")}
+    del layers
+    return dataclasses.replace(parts.pop("template"), **leaves)
 
 
 def _read_quantized(reader: SafetensorsReader, name: str, quant: QuantConfig, from_bnb_state: bool) -> QuantizedArray:
@@ -267,10 +277,38 @@ def _read_quantized(reader: SafetensorsReader, name: str, quant: QuantConfig, fr
             return from_bnb(state)
         except ValueError as e:
             raise ValueError(f"{reader.file_of(name)}: tensor {name!r}: {e}") from None
-    weight = reader[name]
-    if not np.all(np.isfinite(weight.astype(np.float32))):
-        raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has NaN or Inf values")
-    return quantize(weight.T, quant.fmt, quant.block_size, quant.double_quant)
+    out_features, in_features = reader.shape(name)
+    if in_features % quant.block_size:  # blocks straddle rows: quantize the tensor whole
+        chunks = [(0, out_features)]
+    else:  # rows hold whole blocks: quantize ~1M elements at a time, then double-quantize all scales
+        step = max(1, _CHUNK_ELEMENTS // in_features)
+        chunks = [(i, min(i + step, out_features)) for i in range(0, out_features, step)]
+    parts = []
+    try:
+        for start, stop in chunks:
+            # Quantizing the PyTorch weight [out, in] along its input axis gives the
+            # bytes of the Flax kernel [in, out] (the same storage order), no transpose.
+            rows = jnp.asarray(reader.rows(name, start, stop))
+            parts.append(quantize(rows, quant.fmt, quant.block_size, quant.double_quant and len(chunks) == 1,
+                                  contract_axes=(1,)))
+            del rows
+    except ValueError as e:  # e.g. NaN/Inf values
+        raise ValueError(f"{reader.file_of(name)}: tensor {name!r}: {e}") from None
+    if len(parts) == 1:
+        q = parts[0]
+    else:
+        codes = np.concatenate([np.asarray(p.codes) for p in parts])
+        absmax = np.concatenate([np.asarray(p.absmax) for p in parts])
+        q = dataclasses.replace(parts[0], codes=jnp.asarray(codes), absmax=jnp.asarray(absmax),
+                                shape=(out_features, in_features))
+        if quant.double_quant:
+            absmax_codes, nested_absmax, nested_offset = jax.jit(_double_quantize)(q.absmax.reshape(-1))
+            q = dataclasses.replace(q, absmax=absmax_codes.reshape(q.absmax.shape), nested_absmax=nested_absmax,
+                                    nested_offset=nested_offset)
+    return dataclasses.replace(q, shape=(in_features, out_features), contract_axes=(0,))
+
+
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def _is_bnb_aux(name: str) -> bool:

@@ -2,7 +2,7 @@
 
 A small reader over the format (8-byte little-endian header length, a JSON
 header of `{name: {dtype, shape, data_offsets}}`, then the raw bytes) that
-memory-maps the file and copies out one tensor per call, so a loader that
+reads one tensor per call into a fresh array (no memory map), so a loader that
 quantizes as it reads never holds more than one full-precision tensor. Works
 for a single `model.safetensors` or a sharded checkpoint with
 `model.safetensors.index.json`, and checks every tensor's bytes against the
@@ -113,12 +113,37 @@ class SafetensorsReader(Mapping[str, np.ndarray]):
         except KeyError:
             raise KeyError(f"tensor {name!r} is not in the checkpoint") from None
         begin, end = info["data_offsets"]
+        out = np.empty(info["shape"], DTYPES[info["dtype"]])
+        view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else memoryview(b"")
+        with open(file, "rb", buffering=0) as fh:  # a plain read: no file pages stay mapped into the process
+            fh.seek(self._data_start[file] + begin)
+            got = fh.readinto(view) if out.size else 0
+        if got != end - begin:
+            raise ValueError(f"{file}: truncated: tensor {name!r} needs {end - begin} bytes, read {got}")
+        return out
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows `start:stop` of tensor `name` (along its first axis), read alone.
+
+        Example:
+            >>> import tempfile, numpy as np, os
+            >>> from qlora_jax._src.models.safetensors_io import SafetensorsReader, save_safetensors
+            >>> d = tempfile.mkdtemp()
+            >>> save_safetensors(os.path.join(d, "model.safetensors"), {"w": np.arange(6.0).reshape(3, 2)})
+            >>> SafetensorsReader(d).rows("w", 1, 3).tolist()
+            [[2.0, 3.0], [4.0, 5.0]]
+        """
+        file, info = self._entries[name]
+        shape = info["shape"]
         dtype = DTYPES[info["dtype"]]
-        data = np.memmap(file, dtype=np.uint8, mode="r", offset=self._data_start[file] + begin, shape=(end - begin,))
-        try:
-            return np.array(data.view(dtype).reshape(info["shape"]))
-        finally:
-            del data
+        row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        out = np.empty((stop - start, *shape[1:]), dtype)
+        with open(file, "rb", buffering=0) as fh:
+            fh.seek(self._data_start[file] + info["data_offsets"][0] + start * row_bytes)
+            got = fh.readinto(memoryview(out.reshape(-1).view(np.uint8))) if out.size else 0
+        if got != out.nbytes:
+            raise ValueError(f"{file}: truncated: tensor {name!r} rows {start}:{stop} could not be read")
+        return out
 
     def file_of(self, name: str) -> Path:
         """The file holding tensor `name`."""
