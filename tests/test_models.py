@@ -136,3 +136,17 @@ def test_model_builds_and_trains_under_remat():
     grads = nnx.grad(lambda m: jnp.mean(m(ids) ** 2))(model)
     assert jnp.abs(grads.layers.mlp.down_proj.kernel[...]).sum() > 0
     assert qj.__version__
+
+
+def test_tokenizer_is_exposed_when_the_checkpoint_has_one(tmp_path):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tok_models
+
+    path, _ = make_checkpoint(tmp_path, "llama-gqa-untied")
+    assert models.load_tokenizer(path) is None
+    vocab = {"<unk>": 0, "hello": 1, "world": 2}
+    tok = Tokenizer(tok_models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
+    loaded = models.load_tokenizer(path)
+    assert loaded("hello world")["input_ids"] == [1, 2]
