@@ -150,3 +150,33 @@ def test_tokenizer_is_exposed_when_the_checkpoint_has_one(tmp_path):
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
     loaded = models.load_tokenizer(path)
     assert loaded("hello world")["input_ids"] == [1, 2]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "mistral-sliding-window"])
+def test_greedy_generation_with_kv_cache_matches_transformers(tmp_path, name):
+    """Mistral's window (5) is shorter than prompt + new tokens (14): the cache path masks it too."""
+    path, hf = make_checkpoint(tmp_path, name)
+    model = models.from_pretrained(path)
+    prompt = np.random.default_rng(5).integers(1, 128, (1, 6))
+    ours = models.generate(model, prompt, max_new_tokens=8)
+    with torch.no_grad():
+        theirs = hf.generate(torch.from_numpy(prompt).long(), max_new_tokens=8, do_sample=False,
+                             attention_mask=torch.ones(1, 6, dtype=torch.long), pad_token_id=0).numpy()[:, 6:]
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_left_padded_batch_generates_as_each_prompt_alone(tmp_path):
+    path, _ = make_checkpoint(tmp_path, "llama-gqa-untied")
+    model = models.from_pretrained(path)
+    a, b = np.array([5, 6, 7, 8, 9]), np.array([11, 12, 13])
+    batch = np.array([a, np.concatenate([[0, 0], b])])
+    mask = np.array([[1] * 5, [0, 0, 1, 1, 1]])
+    both = models.generate(model, batch, attention_mask=mask, max_new_tokens=5)
+    np.testing.assert_array_equal(both[0], models.generate(model, a[None], max_new_tokens=5)[0])
+    np.testing.assert_array_equal(both[1], models.generate(model, b[None], max_new_tokens=5)[0])
+    sampled = models.generate(model, a[None], max_new_tokens=5, temperature=1.0, top_p=0.9, seed=1)
+    assert sampled.shape == (1, 5) and sampled.max() < 128
+    stopped = models.generate(model, a[None], max_new_tokens=5, eos_token_id=int(both[0][0]), pad_token_id=0)
+    assert stopped[0, 0] == both[0][0] and (stopped[0, 1:] == 0).all()
+    with pytest.raises(ValueError, match="max_new_tokens: prompt"):
+        models.generate(model, a[None], max_new_tokens=1000)

@@ -12,6 +12,8 @@ float32, RoPE with rotate-half, softmax in float32.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,7 @@ from flax import nnx
 
 from qlora_jax._src.models.config import ModelConfig
 
-__all__ = ["CausalLM", "RMSNorm", "causal_mask"]
+__all__ = ["CausalLM", "KVCache", "RMSNorm", "causal_mask"]
 
 
 class RMSNorm(nnx.Module):
@@ -60,7 +62,7 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = nnx.data(None)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache=None):
         b, s, _ = x.shape
         q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
@@ -68,12 +70,19 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        if cache is not None:  # write this step's keys/values at `start`, attend over the whole cache
+            cache_k, cache_v, start = cache
+            cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
+            cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
+            k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
         groups = self.num_heads // self.num_kv_heads
         q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * np.float32(self.head_dim**-0.5).astype(q.dtype)
         scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), np.finfo(np.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, self.num_heads * self.head_dim)
+        if cache is not None:
+            return self.o_proj(out), (cache_k, cache_v)
         return self.o_proj(out)
 
 
@@ -107,9 +116,13 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, mask, cache=None):
+        if cache is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class CausalLM(nnx.Module):
@@ -179,8 +192,9 @@ class CausalLM(nnx.Module):
         positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
-    ) -> jax.Array:
-        """Logits `[batch, seq, vocab]` in float32.
+        cache: KVCache | None = None,
+    ) -> jax.Array | tuple[jax.Array, KVCache]:
+        """Logits `[batch, seq, vocab]` in float32 (and the updated cache when given one).
 
         Args:
             input_ids: Token ids `[batch, seq]`.
@@ -190,28 +204,49 @@ class CausalLM(nnx.Module):
                 (0 for padding), as in `transformers`.
             segment_ids: `[batch, seq]`: tokens attend only within their segment
                 (sequence packing).
+            cache: A `KVCache` for incremental decoding: the tokens are placed
+                after the `cache.length` tokens already in it, attend to those,
+                and `(logits, new_cache)` is returned; `attention_mask` then
+                marks this call's tokens (0 for left padding).
         """
         b, s = input_ids.shape
+        start = None if cache is None else cache.length
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            if cache is not None:
+                positions = positions + start
         h = self.embed_tokens(input_ids).astype(self.dtype)
         angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(self.config.inv_freq(), jnp.float32)[None, None]
         angles = jnp.concatenate([angles, angles], axis=-1)  # [b, s, head_dim]
         cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
-        mask = causal_mask(s, attention_mask, segment_ids, self.config.sliding_window, b)
+        if cache is None:
+            mask = causal_mask(s, attention_mask, segment_ids, self.config.sliding_window, b)
+        else:
+            mask = cache.mask(s, attention_mask, self.config.sliding_window)
 
-        def body(h, layer):
-            return layer(h, cos, sin, mask)
+        if cache is None:
+            def body(h, layer):
+                return layer(h, cos, sin, mask)
 
-        if self.remat:
-            body = nnx.remat(body)
-        h = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.layers)
+            if self.remat:
+                body = nnx.remat(body)
+            h = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.layers)
+        else:
+            def body(h, layer, k, v):
+                return layer(h, cos, sin, mask, (k, v, start))
+
+            h, (keys, values) = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
+                h, self.layers, cache.keys, cache.values)
+            cache = KVCache(keys, values, start + s, cache.valid if attention_mask is None else
+                            jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(jnp.bool_),
+                                                                start, axis=1))
         h = self.norm(h)
         if self.lm_head is None:
             logits = self.embed_tokens.attend(h)
         else:
             logits = self.lm_head(h)
-        return logits.astype(jnp.float32)
+        logits = logits.astype(jnp.float32)
+        return logits if cache is None else (logits, cache)
 
 
 def causal_mask(
@@ -240,3 +275,49 @@ def causal_mask(
         mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     return mask
 
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer for incremental decoding.
+
+    Attributes:
+        keys: `[layers, batch, max_len, kv_heads, head_dim]`.
+        values: Same shape.
+        length: Tokens written so far (a scalar int32 array).
+        valid: `[batch, max_len]` bool, False for padding tokens.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlora_jax.models import KVCache, ModelConfig
+        >>> cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=2, num_heads=4,
+        ...                   num_kv_heads=2)
+        >>> KVCache.create(cfg, batch=1, max_len=8).keys.shape
+        (2, 1, 8, 2, 16)
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    length: jax.Array
+    valid: jax.Array
+
+    @classmethod
+    def create(cls, config: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
+        """An empty cache for `batch` sequences of up to `max_len` tokens."""
+        shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32),
+                   jnp.ones((batch, max_len), jnp.bool_))
+
+    def mask(self, s: int, attention_mask: jax.Array | None, sliding_window: int | None) -> jax.Array:
+        """`[batch, s, max_len]`: query `i` (at `length + i`) sees valid keys at or before it."""
+        max_len = self.keys.shape[2]
+        q = self.length + jnp.arange(s)[:, None]
+        k = jnp.arange(max_len)[None, :]
+        allowed = k <= q
+        if sliding_window is not None:
+            allowed = allowed & (q - k < sliding_window)
+        valid = self.valid
+        if attention_mask is not None:
+            valid = jax.lax.dynamic_update_slice_in_dim(valid, attention_mask.astype(jnp.bool_), self.length, axis=1)
+        return allowed[None] & valid[:, None, :]
