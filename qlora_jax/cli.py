@@ -2,6 +2,9 @@
 
 Subcommands:
 
+* `memory --model PRESET|PATH`: the memory of one fine-tuning step for full
+  fine-tuning, 16-bit LoRA and QLoRA, the paper's formulas next to what the
+  compiled step needs (`memory_analysis()` with abstract shapes).
 * `demo` (also what a bare `qlora-jax` runs): quantizes a built-in random
   Gaussian layer stack in every format (nf4, fp4, int4, int8; with and without
   double quantization), prints bytes per parameter and the relative MSE against
@@ -28,6 +31,9 @@ import numpy as np
 from tqdm import tqdm
 
 import qlora_jax as qj
+from qlora_jax._src.memory import METHODS, PRESETS, memory_table, step_memory
+from qlora_jax._src.models.config import ModelConfig
+from qlora_jax._src.models.loading import load_config
 
 __all__ = ["main"]
 
@@ -81,7 +87,58 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
                       help=f"folder for quantization.json (default {DEFAULT_OUTPUT}/)")
     demo.set_defaults(func=_run_demo)
+
+    memory = commands.add_parser(
+        "memory", help="memory of a fine-tuning step: full, 16-bit LoRA and QLoRA, formula and compiled",
+        description=("Builds the model abstractly (nothing is allocated), compiles one train step (forward, "
+                     "backward w.r.t. the trained variables, AdamW update) for full fine-tuning, 16-bit LoRA and "
+                     "QLoRA, and prints the paper-style byte accounting next to compiled.memory_analysis()."))
+    memory.add_argument("--model", required=True,
+                        help=f"a preset ({', '.join(PRESETS)}), a Hugging Face checkpoint directory or hub id, or "
+                             "a config.json")
+    memory.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    memory.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (default 32)")
+    memory.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
+    memory.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    memory.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                        help="base weights and compute dtype (default bfloat16)")
+    memory.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    memory.add_argument("--no-remat", action="store_true", help="do not rematerialize layers in the backward pass")
+    memory.set_defaults(func=_run_memory)
     return parser
+
+
+def _memory_config(model: str) -> ModelConfig:
+    """A preset, an HF checkpoint directory or hub id, or a config.json path."""
+    if model in PRESETS:
+        return PRESETS[model]
+    path = Path(model)
+    if path.is_file():
+        import transformers
+
+        return ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(str(path.parent)))
+    return load_config(model)
+
+
+def _run_memory(args: argparse.Namespace) -> int:
+    """The `memory` subcommand."""
+    try:
+        config = _memory_config(args.model)
+    except (OSError, ValueError) as e:
+        print(f"qlora-jax memory: --model {args.model}: {e}", file=sys.stderr)
+        return 2
+    print(f"qlora-jax memory: {args.model} ({config.num_params / 1e9:.2f}B parameters), batch {args.batch_size} x "
+          f"{args.seq_len} tokens, {args.dtype}, LoRA rank {args.rank} on all linear layers, "
+          f"remat {not args.no_remat}; compiled for {jax.default_backend()}\n")
+    rows = [step_memory(config, method, rank=args.rank, alpha=args.alpha, batch_size=args.batch_size,
+                        seq_len=args.seq_len, dtype=np.dtype(args.dtype), remat=not args.no_remat)
+            for method in tqdm(args.methods, desc="compiling", unit="step")]
+    print(memory_table(rows))
+    print("\nformula: full = (2 + 2 + 4) bytes/param (16-bit weights, gradients, AdamW moments); "
+          "lora = 2N + 16M; qlora = 0.5N + 16M; plus the 16-bit embeddings, head and norms. N: linear "
+          "parameters, M: adapter parameters. The compiled rows are XLA's memory_analysis() of the step "
+          f"on this backend ({jax.default_backend()}; on CPU, 16-bit dots are computed in float32).")
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:

@@ -1,0 +1,254 @@
+"""Memory of a fine-tuning step: the QLoRA paper's accounting next to the compiled step.
+
+For full fine-tuning, 16-bit LoRA and QLoRA, the model is built abstractly
+(`nnx.eval_shape`: nothing allocated), the train step (forward, backward with
+respect to the trainable variables, AdamW update, trainable state donated) is
+compiled for abstract inputs, and `compiled.memory_analysis()` says what it
+needs. So a 7B or 70B configuration is reported on any machine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from qlora_jax._src.models.config import ModelConfig
+from qlora_jax._src.models.llama import CausalLM
+from qlora_jax._src.nn.variables import FrozenWeight, QuantizedWeight
+from qlora_jax._src.surgery.apply import apply_qlora
+from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
+
+__all__ = ["METHODS", "PRESETS", "MethodMemory", "step_memory", "memory_table"]
+
+# Architectures of released models (config.json values), for reports without a download.
+PRESETS: dict[str, ModelConfig] = {
+    "llama-2-7b": ModelConfig(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                              num_layers=32, num_heads=32, num_kv_heads=32, rms_norm_eps=1e-5,
+                              max_position_embeddings=4096),
+    "llama-2-13b": ModelConfig(model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                               num_layers=40, num_heads=40, num_kv_heads=40, rms_norm_eps=1e-5,
+                               max_position_embeddings=4096),
+    "llama-2-70b": ModelConfig(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
+                               num_layers=80, num_heads=64, num_kv_heads=8, rms_norm_eps=1e-5,
+                               max_position_embeddings=4096),
+    "llama-3-8b": ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                              num_layers=32, num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
+                              max_position_embeddings=8192),
+}
+METHODS = ("full", "lora", "qlora")
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodMemory:
+    """Bytes of one fine-tuning method's step.
+
+    Attributes:
+        method: "full" (every weight trained), "lora" (16-bit frozen base +
+            float32 adapters) or "qlora" (packed base + float32 adapters).
+        linear_params: Parameters of the decoder's linear layers (N).
+        linear_bytes: Bytes they are stored in.
+        other_params: Embeddings, output head and norms.
+        other_bytes: Bytes of those (16-bit, as the paper keeps them).
+        trainable_params: Trained parameters (M for LoRA, everything for full).
+        trainable_bytes: Bytes of the trained variables.
+        gradient_bytes: Bytes of their gradients (same dtype).
+        optimizer_bytes: AdamW state bytes.
+        formula_bytes: The paper-style estimate: full 16-bit with AdamW
+            `(2 + 2 + 4) N'` (16-bit weights, gradients, moments), LoRA
+            `2N + 16M`, QLoRA `0.5N + 16M` (+ the 16-bit embeddings and head).
+        argument_bytes: Compiled step: inputs (model, optimizer state, batch).
+        output_bytes: Compiled step: outputs.
+        alias_bytes: Compiled step: outputs written in place of donated inputs.
+        temp_bytes: Compiled step: temporaries (activations, dequantized tiles, ...).
+    """
+
+    method: str
+    linear_params: int
+    linear_bytes: int
+    other_params: int
+    other_bytes: int
+    trainable_params: int
+    trainable_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int
+    formula_bytes: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+
+    @property
+    def compiled_total(self) -> int:
+        """Peak the compiled step needs: arguments + temporaries + outputs not aliased."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+    @property
+    def linear_bytes_per_param(self) -> float:
+        """Bytes per parameter of the linear layers' base weights."""
+        return self.linear_bytes / self.linear_params
+
+
+def _abstract_model(config: ModelConfig, method: str, quant: QuantConfig, lora: LoraConfig, dtype, remat: bool):
+    def build():
+        model = CausalLM(config, dtype=dtype, param_dtype=dtype, remat=remat, rngs=nnx.Rngs(0))
+        if method == "full":
+            return model
+        model, _ = apply_qlora(model, quant=quant if method == "qlora" else None, lora=lora, rngs=nnx.Rngs(1))
+        return model
+
+    return nnx.eval_shape(build)
+
+
+def _nbytes(tree: Any) -> int:
+    return int(sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
+
+
+def _nparams(tree: Any) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def step_memory(
+    config: ModelConfig,
+    method: str,
+    *,
+    rank: int = 16,
+    alpha: float = 32.0,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    dtype: jnp.dtype = jnp.bfloat16,
+    quant: QuantConfig | None = None,
+    remat: bool = True,
+) -> MethodMemory:
+    """Compiles one train step of `method` for abstract shapes and measures it.
+
+    Args:
+        config: The architecture.
+        method: "full", "lora" or "qlora".
+        rank: LoRA rank (all linear layers but the head get adapters).
+        alpha: LoRA alpha.
+        batch_size: Sequences per step.
+        seq_len: Tokens per sequence.
+        dtype: Dtype of the base weights and the compute.
+        quant: Quantization for "qlora"; default NF4, block 64, double quant.
+        remat: Rematerialize each layer in the backward pass.
+
+    Returns:
+        A `MethodMemory`.
+
+    Example:
+        >>> from qlora_jax._src.memory import step_memory
+        >>> from qlora_jax.models import ModelConfig
+        >>> cfg = ModelConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,
+        ...                   num_kv_heads=2)
+        >>> m = step_memory(cfg, "qlora", rank=4, seq_len=16)
+        >>> round(m.linear_bytes_per_param, 4), m.trainable_params
+        (0.5161, 16384)
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: {method!r} is not one of {METHODS}")
+    quant = quant or QuantConfig(fmt="nf4", block_size=64, double_quant=True)
+    lora = LoraConfig(rank=rank, alpha=alpha, targets="all-linear")
+    model = _abstract_model(config, method, quant, lora, dtype, remat)
+    wrt = nnx.Param if method == "full" else nnx.LoRAParam
+    graphdef, trainable, rest = nnx.split(model, wrt, ...)
+    tx = optax.adamw(2e-4, weight_decay=0.0)
+    opt_state = jax.eval_shape(tx.init, trainable)
+
+    linear = nnx.state(model, FrozenWeight) if method != "full" else _linear_kernels(model)
+    quantized = nnx.state(model, QuantizedWeight)
+    linear_params = _linear_param_count(config)
+    linear_bytes = _nbytes(quantized) if method == "qlora" else linear_params * np.dtype(dtype).itemsize
+    all_params = _nparams(nnx.state(model, nnx.Param)) + (_nparams(linear) if method != "full" else 0)
+    other_params = config.num_params - linear_params
+    other_bytes = other_params * np.dtype(dtype).itemsize
+    m = _nparams(trainable) if method != "full" else 0
+    if method == "full":
+        formula = (2 + 2 + 4) * (linear_params + other_params)
+    elif method == "lora":
+        formula = 2 * linear_params + 16 * m + other_bytes
+    else:
+        formula = int(0.5 * linear_params) + 16 * m + other_bytes
+    del all_params
+
+    batch = {
+        "input_ids": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
+        "targets": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
+        "weights": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32),
+    }
+    step = _make_step(graphdef, tx)
+    compiled = jax.jit(step, donate_argnums=(0, 2)).lower(trainable, rest, opt_state, batch).compile()
+    analysis = compiled.memory_analysis()
+    return MethodMemory(
+        method=method, linear_params=linear_params, linear_bytes=int(linear_bytes), other_params=other_params,
+        other_bytes=int(other_bytes), trainable_params=_nparams(trainable), trainable_bytes=_nbytes(trainable),
+        gradient_bytes=_nbytes(trainable), optimizer_bytes=_nbytes(opt_state), formula_bytes=int(formula),
+        argument_bytes=int(analysis.argument_size_in_bytes), output_bytes=int(analysis.output_size_in_bytes),
+        alias_bytes=int(analysis.alias_size_in_bytes), temp_bytes=int(analysis.temp_size_in_bytes),
+    )
+
+
+def _linear_kernels(model) -> Any:
+    return [v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if path[-1] == "kernel"]
+
+
+def _linear_param_count(config: ModelConfig) -> int:
+    d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
+    per_layer = d * config.num_heads * hd * 2 + 2 * d * config.num_kv_heads * hd + 3 * d * f
+    return config.num_layers * per_layer
+
+
+def _make_step(graphdef, tx: optax.GradientTransformation) -> Callable:
+    def step(trainable, rest, opt_state, batch):
+        def loss_fn(trainable):
+            model = nnx.merge(graphdef, trainable, rest, copy=True)
+            logits = model(batch["input_ids"])
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+            return jnp.sum(ce * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, loss
+
+    return step
+
+
+def memory_table(rows: list[MethodMemory]) -> str:
+    """A Markdown table of `step_memory` results (GiB), one column per method.
+
+    Example:
+        >>> from qlora_jax._src.memory import memory_table
+        >>> memory_table([]).splitlines()[0]
+        '| |  |'
+    """
+    gib = 1024**3
+
+    def cell(x: float) -> str:
+        return f"{x / gib:.2f}"
+
+    lines = ["| | " + " | ".join(r.method for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    spec = [
+        ("linear weights (GiB)", lambda r: cell(r.linear_bytes)),
+        ("  byte/param", lambda r: f"{r.linear_bytes_per_param:.4f}"),
+        ("embeddings, head, norms (GiB, 16-bit)", lambda r: cell(r.other_bytes)),
+        ("trainable params", lambda r: f"{r.trainable_params:,}"),
+        ("trainable (GiB)", lambda r: cell(r.trainable_bytes)),
+        ("gradients (GiB)", lambda r: cell(r.gradient_bytes)),
+        ("optimizer state (GiB)", lambda r: cell(r.optimizer_bytes)),
+        ("formula total (GiB)", lambda r: cell(r.formula_bytes)),
+        ("compiled: arguments (GiB)", lambda r: cell(r.argument_bytes)),
+        ("compiled: temporaries (GiB)", lambda r: cell(r.temp_bytes)),
+        ("compiled: step total (GiB)", lambda r: cell(r.compiled_total)),
+    ]
+    if rows:
+        lines += [f"| {name} | " + " | ".join(fn(r) for r in rows) + " |" for name, fn in spec]
+    return "\n".join(lines)
