@@ -11,7 +11,7 @@ Example:
     0.5159
 """
 
-from qlora_jax import checkpoint, linen, models, nnx
+from qlora_jax import checkpoint, data, linen, models, nnx
 from qlora_jax._src.formats import (
     BLOCK_SIZES,
     FORMATS,
@@ -39,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "checkpoint",
+    "data",
     "linen",
     "models",
     "nnx",

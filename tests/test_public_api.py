@@ -7,7 +7,8 @@ import pytest
 
 import qlora_jax
 
-PUBLIC_MODULES = ["qlora_jax", "qlora_jax.nnx", "qlora_jax.linen", "qlora_jax.models", "qlora_jax.checkpoint"]
+PUBLIC_MODULES = ["qlora_jax", "qlora_jax.nnx", "qlora_jax.linen", "qlora_jax.models", "qlora_jax.checkpoint",
+                  "qlora_jax.data"]
 
 
 @pytest.mark.parametrize("module_name", PUBLIC_MODULES)

@@ -1,0 +1,331 @@
+"""Rows to token ids and loss masks.
+
+Every row becomes one string and the character spans that carry loss; the
+string is tokenized once (with `add_special_tokens=False`, batched for plain
+rows) and a token carries loss when its character offsets overlap a span,
+the rule `transformers` uses for `{% generation %}` assistant masks:
+
+* `text`: the whole text.
+* `prompt`/`completion`: `prompt + completion` is tokenized as one string (the
+  tokens a model reads), and the completion's characters carry loss. A token
+  that merges across the boundary carries loss.
+* `messages`: rendered with `tokenizer.apply_chat_template`. When the template
+  marks assistant text with `{% generation %}` blocks, the mask is
+  `return_assistant_tokens_mask`. Otherwise each assistant turn `i` spans from
+  the end of `render(messages[:i], add_generation_prompt=True)` (so the
+  assistant header does not carry loss) to the end of `render(messages[:i+1])`
+  (its content and end-of-turn tokens, and whatever the template appends after
+  them); both renders must be prefixes of the whole conversation's render,
+  else the row is an error (e.g. a template that rewrites earlier turns; add
+  `{% generation %}` markers to it).
+
+The special tokens the tokenizer adds around a single sequence (a BOS, and for
+some an EOS) are added to `text` and `prompt`/`completion` rows, and the
+tokenizer's EOS is appended when it is not already last (as `transformers`'
+and TRL's causal LM training do); added prefix tokens carry no loss, added
+suffix tokens and the EOS do. Chat templates write their own special tokens,
+so nothing is added to `messages` rows.
+
+Rows longer than `seq_len` tokens are truncated to their first `seq_len`
+tokens; rows left without any loss-carrying target are dropped. Both are
+counted in `DataStats` and logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from qlora_jax._src.data.jsonl import read_jsonl, row_kind
+
+__all__ = ["DataStats", "Example", "load_examples", "tokenize_examples"]
+
+_logger = logging.getLogger("qlora_jax")
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_CHUNK = 1024  # rows per batched tokenizer call
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Example:
+    """One tokenized example: token ids and which tokens are training targets.
+
+    `loss_mask[t]` says whether token `t` is predicted (from the tokens before
+    it) in the loss; `loss_mask[0]` has no effect, as nothing predicts the
+    first token. Both arrays have the same length `n >= 1`.
+
+    Attributes:
+        input_ids: int32 `[n]`.
+        loss_mask: bool `[n]`.
+
+    Example:
+        >>> from qlora_jax._src.data import Example
+        >>> ex = Example([5, 6, 7], [False, False, True])
+        >>> len(ex), ex.input_ids.dtype, ex.num_loss_tokens
+        (3, dtype('int32'), 1)
+    """
+
+    input_ids: np.ndarray  # int32 [n]
+    loss_mask: np.ndarray  # bool [n]
+
+    def __post_init__(self):
+        ids = np.asarray(self.input_ids)
+        mask = np.asarray(self.loss_mask)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"input_ids: expected a non-empty 1-D sequence, got shape {ids.shape}")
+        if not (np.issubdtype(ids.dtype, np.integer) and ids.min() >= 0 and ids.max() <= np.iinfo(np.int32).max):
+            raise ValueError(f"input_ids: expected non-negative int32 token ids, got dtype {ids.dtype}")
+        if mask.shape != ids.shape:
+            raise ValueError(f"loss_mask: shape {mask.shape} differs from input_ids' {ids.shape}")
+        if mask.dtype != np.bool_ and not np.isin(mask, (0, 1)).all():
+            raise ValueError(f"loss_mask: expected booleans or 0/1, got {mask.dtype} values")
+        object.__setattr__(self, "input_ids", ids.astype(np.int32))
+        object.__setattr__(self, "loss_mask", mask.astype(np.bool_))
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_loss_tokens(self) -> int:
+        """Targets that carry loss (`loss_mask[1:]` set)."""
+        return int(self.loss_mask[1:].sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class DataStats:
+    """What tokenization did to a dataset.
+
+    Example:
+        >>> from qlora_jax._src.data import DataStats
+        >>> s = DataStats(num_rows=3, num_examples=2, num_tokens=40, num_loss_tokens=12, num_truncated=1,
+        ...               num_truncated_tokens=9, num_dropped=1, max_length=25)
+        >>> s.num_examples / s.num_rows
+        0.6666666666666666
+    """
+
+    num_rows: int  # rows in the input
+    num_examples: int  # examples kept
+    num_tokens: int  # tokens of the kept examples (after truncation)
+    num_loss_tokens: int  # targets that carry loss in the kept examples
+    num_truncated: int  # rows longer than seq_len, cut to their first seq_len tokens
+    num_truncated_tokens: int  # tokens cut off by truncation
+    num_dropped: int  # rows left with no loss-carrying target (after truncation), not kept
+    max_length: int  # tokens in the longest row before truncation
+
+
+def tokenize_examples(
+    rows: Sequence[dict[str, Any]],
+    tokenizer: Any,
+    seq_len: int,
+    *,
+    add_eos: bool = True,
+) -> tuple[list[Example], DataStats]:
+    """Tokenizes validated rows (see `row_kind`) into `Example`s (method: module docstring).
+
+    Args:
+        rows: Rows in any of the three schemas, mixed freely.
+        tokenizer: A fast `transformers` tokenizer (character offsets are
+            needed), with a chat template for `messages` rows.
+        seq_len: Longer rows are truncated to their first `seq_len` tokens.
+        add_eos: Append `tokenizer.eos_token_id` (when it has one) to `text` and
+            `prompt`/`completion` rows that do not already end with it.
+
+    Returns:
+        The kept examples (in row order) and their `DataStats`.
+
+    Raises:
+        ValueError: An invalid row or one the chat template cannot render as
+            described (named `row i`, 0-based), no rows, or no example left.
+
+    Example:
+        >>> import transformers
+        >>> from tokenizers import Tokenizer, models, pre_tokenizers
+        >>> from qlora_jax._src.data import tokenize_examples
+        >>> vocab = {w: i for i, w in enumerate(["<unk>", "</s>", "two", "plus", "is", "four"])}
+        >>> tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        >>> tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        >>> tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+        >>> rows = [{"prompt": "two plus two is", "completion": " four"}]
+        >>> [ex], stats = tokenize_examples(rows, tokenizer, seq_len=16)
+        >>> ex.input_ids.tolist(), ex.loss_mask.astype(int).tolist()
+        ([2, 3, 2, 4, 5, 1], [0, 0, 0, 0, 1, 1])
+    """
+    return _tokenize(rows, [f"row {i}" for i in range(len(rows))], tokenizer, seq_len, add_eos)
+
+
+def load_examples(
+    path: str | os.PathLike,
+    tokenizer: Any,
+    seq_len: int,
+    *,
+    add_eos: bool = True,
+) -> tuple[list[Example], DataStats]:
+    """`load_jsonl` then `tokenize_examples`; every error names `path:line`.
+
+    Args:
+        path: A JSON Lines dataset.
+        tokenizer: A fast `transformers` tokenizer (with a chat template for `messages` rows).
+        seq_len: Longer rows are truncated to their first `seq_len` tokens.
+        add_eos: As in `tokenize_examples`.
+
+    Returns:
+        The kept examples (in file order) and their `DataStats`.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: As `load_jsonl` and `tokenize_examples`, naming the line.
+
+    Example:
+        >>> from qlora_jax._src.data import load_examples
+        >>> load_examples("/nonexistent.jsonl", tokenizer=None, seq_len=8)
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: /nonexistent.jsonl: no such file
+    """
+    rows, lines = read_jsonl(path)
+    return _tokenize(rows, [f"{path}:{n}" for n in lines], tokenizer, seq_len, add_eos)
+
+
+def _tokenize(rows, wheres, tokenizer, seq_len, add_eos) -> tuple[list[Example], DataStats]:
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len: expected an int >= 2, got {seq_len!r}")
+    if not rows:
+        raise ValueError("rows: empty dataset (no rows)")
+    kinds = [row_kind(row, where) for row, where in zip(rows, wheres, strict=True)]
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"tokenizer: {type(tokenizer).__name__} is not a fast (Rust `tokenizers`) tokenizer; "
+                         "character offsets are needed to place the loss")
+    prefix, suffix = _added_special_tokens(tokenizer)
+    eos = tokenizer.eos_token_id if add_eos else None
+    encoded: list[tuple[list[int], np.ndarray] | None] = [None] * len(rows)
+
+    plain = [i for i, k in enumerate(kinds) if k != "messages"]
+    for start in range(0, len(plain), _CHUNK):
+        chunk = plain[start:start + _CHUNK]
+        texts, spans = [], []
+        for i in chunk:
+            row = rows[i]
+            if kinds[i] == "text":
+                texts.append(row["text"])
+                spans.append([(0, len(row["text"]))])
+            else:
+                texts.append(row["prompt"] + row["completion"])
+                spans.append([(len(row["prompt"]), len(texts[-1]))])
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        for i, ids, offsets, row_spans in zip(chunk, enc["input_ids"], enc["offset_mapping"], spans, strict=True):
+            mask = _overlapping(offsets, row_spans)
+            if kinds[i] == "text":
+                mask[:] = True
+            ids = [*prefix, *ids, *suffix]
+            mask = np.concatenate([np.zeros(len(prefix), bool), mask, np.ones(len(suffix), bool)])
+            if eos is not None and ids[-1] != eos:
+                ids.append(eos)
+                mask = np.append(mask, True)
+            encoded[i] = (ids, mask)
+
+    template = None
+    for i in (i for i, k in enumerate(kinds) if k == "messages"):
+        if template is None:
+            template = _chat_template(tokenizer, wheres[i])
+        encoded[i] = _encode_messages(rows[i]["messages"], tokenizer, template, wheres[i])
+
+    examples = []
+    truncated = truncated_tokens = dropped = max_length = 0
+    for ids, mask in encoded:
+        max_length = max(max_length, len(ids))
+        if len(ids) > seq_len:
+            truncated += 1
+            truncated_tokens += len(ids) - seq_len
+            ids, mask = ids[:seq_len], mask[:seq_len]
+        if not mask[1:].any():
+            dropped += 1
+            continue
+        examples.append(Example(np.asarray(ids, np.int32), mask))
+    if truncated or dropped:
+        _logger.warning("data: %d of %d rows truncated to seq_len=%d (%d tokens cut); %d dropped with no "
+                        "loss-carrying target left", truncated, len(rows), seq_len, truncated_tokens, dropped)
+    if not examples:
+        raise ValueError(f"no example left: all {len(rows)} rows have no loss-carrying target within "
+                         f"seq_len={seq_len} tokens")
+    stats = DataStats(
+        num_rows=len(rows),
+        num_examples=len(examples),
+        num_tokens=sum(len(e) for e in examples),
+        num_loss_tokens=sum(e.num_loss_tokens for e in examples),
+        num_truncated=truncated,
+        num_truncated_tokens=truncated_tokens,
+        num_dropped=dropped,
+        max_length=max_length,
+    )
+    return examples, stats
+
+
+def _overlapping(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """bool `[tokens]`: the token's characters `[start, end)` overlap one of `spans`."""
+    off = np.asarray(offsets, np.int64).reshape(-1, 2)
+    mask = np.zeros(off.shape[0], bool)
+    for a, b in spans:
+        mask |= (off[:, 0] < b) & (off[:, 1] > a)
+    return mask
+
+
+def _added_special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer adds before and after a single sequence (`add_special_tokens=True`)."""
+    probe = "hello world"
+    with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    without = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    for i in range(len(with_special) - len(without) + 1):
+        if with_special[i:i + len(without)] == without:
+            return with_special[:i], with_special[i + len(without):]
+    raise ValueError(f"tokenizer: cannot tell which special tokens it adds: {probe!r} tokenizes to {with_special} "
+                     f"with special tokens and to {without} without")
+
+
+def _chat_template(tokenizer: Any, where: str) -> str:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    if not template:
+        raise ValueError(f"{where}: a messages row needs a chat template, and the tokenizer has none "
+                         "(set tokenizer.chat_template)")
+    return template
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], where: str, **kwargs) -> Any:
+    try:
+        return tokenizer.apply_chat_template(messages, **kwargs)
+    except Exception as e:  # jinja2 errors, raise_exception() in templates, ...
+        raise ValueError(f"{where}: the chat template failed on messages[:{len(messages)}]: "
+                         f"{type(e).__name__}: {e}") from e
+
+
+def _encode_messages(messages, tokenizer, template: str, where: str) -> tuple[list[int], np.ndarray]:
+    """Token ids and the assistant-token mask of one conversation."""
+    if _GENERATION.search(template):
+        out = _render(tokenizer, messages, where, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = list(out["input_ids"]), np.asarray(out["assistant_masks"], bool)
+        if not mask.any():
+            raise ValueError(f"{where}: the chat template's {{% generation %}} blocks cover no token")
+        return ids, mask
+    full = _render(tokenizer, messages, where, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        head = _render(tokenizer, messages[:i], where, tokenize=False, add_generation_prompt=True)
+        turn = _render(tokenizer, messages[:i + 1], where, tokenize=False)
+        for name, text in ((f"messages[:{i}] (with the generation prompt)", head), (f"messages[:{i + 1}]", turn)):
+            if not full.startswith(text):
+                raise ValueError(f"{where}: the chat template does not render {name} as a prefix of the whole "
+                                 f"conversation, so assistant message {i} cannot be located; mark assistant text "
+                                 "with {% generation %} ... {% endgeneration %} in the template")
+        if len(turn) <= len(head):
+            raise ValueError(f"{where}: assistant message {i} renders as no text after the generation prompt")
+        spans.append((len(head), len(turn)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), _overlapping(enc["offset_mapping"], spans)
