@@ -11,7 +11,7 @@ Example:
     0.5159
 """
 
-from qlora_jax import checkpoint, data, linen, models, nnx
+from qlora_jax import checkpoint, data, linen, models, nnx, train
 from qlora_jax._src.formats import (
     BLOCK_SIZES,
     FORMATS,
@@ -43,6 +43,7 @@ __all__ = [
     "linen",
     "models",
     "nnx",
+    "train",
     "BLOCK_SIZES",
     "FORMATS",
     "LoraConfig",

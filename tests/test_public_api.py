@@ -8,7 +8,7 @@ import pytest
 import qlora_jax
 
 PUBLIC_MODULES = ["qlora_jax", "qlora_jax.nnx", "qlora_jax.linen", "qlora_jax.models", "qlora_jax.checkpoint",
-                  "qlora_jax.data"]
+                  "qlora_jax.data", "qlora_jax.train"]
 
 
 @pytest.mark.parametrize("module_name", PUBLIC_MODULES)

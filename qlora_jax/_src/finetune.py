@@ -1,0 +1,219 @@
+"""A fine-tuning run from files: checkpoint + JSONL in, adapter + checkpoints + metrics out.
+
+What `qlora-jax finetune` runs; usable from Python as `run_finetune(FinetuneArgs(...))`.
+The output directory holds `run_config.json` (the resolved settings),
+`checkpoints/` (Orbax: adapters, optimizer, RNG and data position),
+`metrics.jsonl` (one line per step and per evaluation), `loss.png`, and the
+final PEFT adapter in `adapter/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from qlora_jax._src.data import Batcher, load_examples
+from qlora_jax._src.models.loading import from_pretrained, load_config, load_tokenizer
+from qlora_jax._src.models.peft_io import save_peft_adapter
+from qlora_jax._src.plot import plot_curves
+from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
+from qlora_jax._src.train import TrainConfig, Trainer
+
+__all__ = ["FinetuneArgs", "run_finetune"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinetuneArgs:
+    """Settings of a run; defaults follow the QLoRA paper's recipe (NF4 + double
+    quant, adapters on all linear layers, lr 2e-4 constant with 3% warmup, max
+    grad norm 0.3, AdamW without weight decay, r = 64, alpha = 16, dropout 0.05).
+
+    Example:
+        >>> from qlora_jax._src.finetune import FinetuneArgs
+        >>> FinetuneArgs(model="m", data="d.jsonl", output="out").rank
+        64
+    """
+
+    model: str
+    data: str
+    output: str
+    eval_data: str | None = None
+    rank: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: str | list[str] = "all-linear"
+    lr: float = 2e-4
+    steps: int | None = None
+    epochs: int = 1
+    batch_size: int = 4
+    grad_accum: int = 1
+    seq_len: int = 512
+    warmup_ratio: float = 0.03
+    schedule: str = "constant"
+    max_grad_norm: float | None = 0.3
+    eval_every: int = 0
+    save_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    dtype: str = "float32"
+    format: str | None = "nf4"
+    block_size: int = 64
+    double_quant: bool = True
+    remat: bool = False
+    pack: bool = True
+
+
+def _check_output(args: FinetuneArgs) -> Path:
+    out = Path(args.output)
+    if out.exists() and any(out.iterdir()):
+        if args.resume:
+            if not (out / "run_config.json").is_file():
+                raise ValueError(f"--resume: {out} holds no run (no run_config.json)")
+        elif not args.overwrite:
+            raise ValueError(f"--output: {out} already holds files (another run?); pass --resume to continue it "
+                             "or --overwrite to replace it")
+    elif args.resume:
+        raise ValueError(f"--resume: {out} holds no run to resume")
+    return out
+
+
+def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
+    """Runs the fine-tuning described by `args`; returns a summary dict.
+
+    Raises:
+        FileNotFoundError: A missing model or data file.
+        ValueError: Bad settings (named), an empty dataset, a sequence length
+            above the model's maximum, an output directory that holds another
+            run (unless `resume` or `overwrite`), or a run whose settings
+            differ from the one being resumed.
+
+    Example:
+        >>> from qlora_jax._src.finetune import FinetuneArgs, run_finetune
+        >>> run_finetune(FinetuneArgs(model="/nonexistent", data="d.jsonl", output="/tmp/x"))
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: /nonexistent: no config.json (not a Hugging Face checkpoint directory)
+    """
+    config = load_config(args.model)
+    out = _check_output(args)
+    if args.seq_len > config.max_position_embeddings:
+        raise ValueError(f"--seq-len: {args.seq_len} exceeds the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise ValueError(f"--model: {args.model} has no tokenizer files; the data cannot be tokenized")
+    examples, stats = load_examples(args.data, tokenizer, args.seq_len)
+    batcher = Batcher(examples, args.batch_size * args.grad_accum, args.seq_len, pack=args.pack, shuffle=True,
+                      seed=args.seed, num_epochs=None)
+    steps = args.steps or max(1, args.epochs * batcher.num_batches_per_epoch)
+    eval_examples = None
+    if args.eval_data:
+        eval_examples, _ = load_examples(args.eval_data, tokenizer, args.seq_len)
+
+    def eval_batches() -> Batcher:
+        return Batcher.for_eval(eval_examples, args.batch_size, args.seq_len, pack=args.pack)
+
+    resolved = {**dataclasses.asdict(args), "steps": steps, "data_stats": dataclasses.asdict(stats)}
+    if args.resume:
+        previous = json.loads((out / "run_config.json").read_text())
+        changed = {k: (previous.get(k), v) for k, v in resolved.items()
+                   if k not in ("resume", "overwrite", "output") and previous.get(k) != v}
+        if changed:
+            raise ValueError(f"--resume: settings differ from the run in {out}: {changed}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        for name in ("metrics.jsonl", "loss.png"):
+            (out / name).unlink(missing_ok=True)
+    _write_json(out / "run_config.json", resolved)
+
+    quant = None if args.format is None else QuantConfig(fmt=args.format, block_size=args.block_size,
+                                                          double_quant=args.double_quant)
+    targets = args.targets if isinstance(args.targets, str) else list(args.targets)
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
+    model = from_pretrained(args.model, quant=quant, lora=lora, dtype=jnp.dtype(args.dtype), remat=args.remat,
+                            rngs=nnx.Rngs(args.seed), progress=True)
+    train_config = TrainConfig(total_steps=steps, lr=args.lr, schedule=args.schedule,
+                               warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+                               grad_accum=args.grad_accum, seed=args.seed)
+    trainer = Trainer(model, train_config)
+    checkpoints = out / "checkpoints"
+    if args.resume and checkpoints.exists():
+        batcher.restore(trainer.restore(checkpoints))
+    # Metrics written after the restored checkpoint (a killed run) are dropped.
+    history = [r for r in _read_metrics(out / "metrics.jsonl") if r["step"] <= trainer.step]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    bar = tqdm(total=steps, initial=trainer.step, desc="finetune", unit="step")
+    try:
+        while trainer.step < steps:
+            batch = next(batcher)
+            start = time.perf_counter()
+            metrics = {k: float(v) for k, v in trainer.train_step(batch).items()}
+            seconds = time.perf_counter() - start
+            tokens = float(np.sum(batch["weights"]))
+            row = {"step": trainer.step, **metrics, "seconds": seconds, "tokens_per_s": tokens / seconds}
+            history.append(row)
+            _append_jsonl(out / "metrics.jsonl", row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}", mem=_memory_str())
+            if eval_examples is not None and args.eval_every and trainer.step % args.eval_every == 0:
+                result = trainer.evaluate(eval_batches())
+                history.append({"step": trainer.step, "eval_loss": result["loss"]})
+                _append_jsonl(out / "metrics.jsonl", history[-1])
+            if args.save_every and trainer.step % args.save_every == 0 and trainer.step < steps:
+                trainer.save(checkpoints, batcher.state())
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\ninterrupted at step {trainer.step}; the last complete checkpoint in {checkpoints} is intact "
+              "(continue with --resume)")
+        raise
+    bar.close()
+    trainer.save(checkpoints, batcher.state())
+    model.eval()
+    save_peft_adapter(model, out / "adapter", base_model_name_or_path=str(args.model))
+    summary = {"steps": trainer.step, "final_loss": history[-1].get("loss") if history else None}
+    if eval_examples is not None:
+        result = trainer.evaluate(eval_batches())
+        summary["eval_loss"] = result["loss"]
+        _append_jsonl(out / "metrics.jsonl", {"step": trainer.step, "eval_loss": result["loss"]})
+        history.append({"step": trainer.step, "eval_loss": result["loss"]})
+    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    curves = {"train loss": ([s for s, _ in train], [v for _, v in train])}
+    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
+    if evals:
+        curves["eval loss"] = ([s for s, _ in evals], [v for _, v in evals])
+    plot_curves(out / "loss.png", curves)
+    return summary
+
+
+def _memory_str() -> str:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak host memory (Linux: KiB)
+    return f"{rss / 2**30:.2f}GiB"
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,231 @@
+"""The jitted training and evaluation steps.
+
+A step differentiates only the `nnx.LoRAParam` variables (`nnx.DiffState`),
+so the packed 4-bit base is never differentiated or updated. The loss is the
+weighted token-level cross entropy `Σ w·ce / Σ w`; with `grad_accum > 1`
+the batch is cut into micro-batches whose gradients of `Σ w·ce` and counts
+`Σ w` are summed before dividing, which gives the update of the whole batch.
+Dropout keys come from the model's own RNG state (advanced in place), which
+`qj.checkpoint` saves, so a resumed run draws the same masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qlora_jax._src.train.config import TrainConfig
+from qlora_jax._src.train.loss import masked_cross_entropy
+from qlora_jax._src.train.optim import make_schedule, optimizer_config
+
+__all__ = ["train_step", "eval_step", "evaluate", "BATCH_KEYS", "MODEL_INPUT_KEYS"]
+
+# Keys every batch has, each `[batch, seq]`: token ids, next-token targets, per-token loss weights.
+BATCH_KEYS: tuple[str, ...] = ("input_ids", "targets", "weights")
+# Optional `[batch, seq]` keys, passed to the model as keyword arguments of the same name.
+MODEL_INPUT_KEYS: tuple[str, ...] = ("positions", "segment_ids", "attention_mask")
+
+Batch = Mapping[str, Any]
+
+
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, config: TrainConfig) -> dict[str, jax.Array]:
+    """One optimizer update of the adapters on `batch`, in place.
+
+    The model runs as it is: in training mode (the default; `model.train()`)
+    its adapters apply dropout with keys drawn from its RNG state. The
+    optimizer update runs under standard dtype promotion, so the step works
+    when `jax_numpy_dtype_promotion` is "strict".
+
+    Args:
+        model: A model with `nnx.LoRAParam` adapters (e.g. after `apply_qlora`)
+            called as `model(input_ids, positions=..., segment_ids=...)` →
+            logits `[batch, seq, vocab]`.
+        optimizer: `nnx.Optimizer(model, make_optimizer(config), wrt=nnx.LoRAParam)`.
+        batch: `input_ids`, `targets` (the next token), `weights` (0 for
+            tokens without loss) and optionally `positions`, `segment_ids`,
+            `attention_mask`; arrays `[batch, seq]` (numpy or jax), with
+            `batch` divisible by `config.grad_accum`.
+        config: The `TrainConfig` the optimizer was made with (a static
+            argument: the step compiles once per config and batch shape);
+            it sets `grad_accum` and the reported `lr` (for an optimizer of
+            your own, the `lr` metric follows this config's schedule).
+
+    Returns:
+        Scalars (jax arrays, not yet synchronized): `loss` (weighted mean
+        token cross entropy), `grad_norm` (global norm before clipping),
+        `lr` (the learning rate of this update) and `tokens` (`Σ weights`).
+
+    Raises:
+        ValueError: A missing or unknown batch key, arrays of different
+            shapes, a batch size not divisible by `config.grad_accum`, or an
+            optimizer that `make_optimizer` made for another config.
+
+    Example:
+        >>> import numpy as np, qlora_jax as qj
+        >>> from flax import nnx
+        >>> class TinyLM(nnx.Module):  # any model called as model(input_ids, ...) -> logits
+        ...     def __init__(self, rngs):
+        ...         self.embed = nnx.Embed(16, 64, rngs=rngs)
+        ...         self.proj = nnx.Linear(64, 64, rngs=rngs)
+        ...         self.lm_head = nnx.Linear(64, 16, rngs=rngs)
+        ...     def __call__(self, input_ids, **kwargs):
+        ...         return self.lm_head(self.proj(self.embed(input_ids)))
+        >>> model, _ = qj.apply_qlora(TinyLM(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
+        ...                           rngs=nnx.Rngs(1))
+        >>> config = qj.train.TrainConfig(total_steps=10, lr=1e-3, warmup_ratio=0.0)
+        >>> optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
+        >>> ids = np.arange(16, dtype=np.int32).reshape(2, 8)
+        >>> batch = {"input_ids": ids, "targets": (ids + 1) % 16, "weights": np.ones((2, 8), np.float32)}
+        >>> metrics = qj.train.train_step(model, optimizer, batch, config)
+        >>> sorted(metrics), float(metrics["tokens"]), int(optimizer.step[...])
+        (['grad_norm', 'loss', 'lr', 'tokens'], 16.0, 1)
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    made_for = optimizer_config(optimizer.tx)
+    if made_for is not None and made_for != config:
+        raise ValueError(f"config: the optimizer was made by make_optimizer for another TrainConfig ({made_for}); "
+                         f"pass that config, not {config}")
+    return _train_step(model, optimizer, _check_batch(batch, config.grad_accum), config)
+
+
+def eval_step(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
+    """The loss on one batch without dropout; the model (and its RNG state) is left as it was.
+
+    Args:
+        model: As `train_step`; evaluated as after `model.eval()`, through a
+            view (`nnx.with_attributes`), so its mode is unchanged.
+        batch: As `train_step`.
+
+    Returns:
+        Scalars: `loss` (weighted mean), `loss_sum` (`Σ w·ce`) and `tokens` (`Σ w`).
+
+    Example:
+        >>> import numpy as np
+        >>> from flax import nnx
+        >>> from qlora_jax.train import eval_step
+        >>> class Uniform(nnx.Module):  # logits 0: ce = log(vocab) for every token
+        ...     def __call__(self, input_ids, **kwargs):
+        ...         return np.zeros((*input_ids.shape, 4), np.float32)
+        >>> ids = np.zeros((1, 3), np.int32)
+        >>> out = eval_step(Uniform(), {"input_ids": ids, "targets": ids, "weights": np.ones((1, 3), np.float32)})
+        >>> round(float(out["loss"]), 4), float(out["tokens"])
+        (1.3863, 3.0)
+    """
+    loss_sum, tokens = _eval_sums(_eval_view(model), _check_batch(batch, 1))
+    return {"loss": loss_sum / jnp.where(tokens > 0, tokens, 1.0), "loss_sum": loss_sum, "tokens": tokens}
+
+
+def evaluate(model: nnx.Module, batches: Iterable[Batch]) -> dict[str, float]:
+    """The weighted mean loss over every token of `batches`, without dropout.
+
+    Args:
+        model: As `eval_step` (its mode and RNG state are left unchanged).
+        batches: Batches as `train_step`'s (any iterable; shapes may vary).
+
+    Returns:
+        `loss` (`Σ w·ce / Σ w` over all batches), `perplexity` (`exp(loss)`)
+        and `tokens` (`Σ w`), as Python floats.
+
+    Raises:
+        ValueError: No batches, or no token with a non-zero weight.
+
+    Example:
+        >>> import numpy as np
+        >>> from flax import nnx
+        >>> from qlora_jax.train import evaluate
+        >>> class Uniform(nnx.Module):
+        ...     def __call__(self, input_ids, **kwargs):
+        ...         return np.zeros((*input_ids.shape, 4), np.float32)
+        >>> ids = np.zeros((2, 3), np.int32)
+        >>> batch = {"input_ids": ids, "targets": ids, "weights": np.ones((2, 3), np.float32)}
+        >>> {k: round(v, 4) for k, v in evaluate(Uniform(), [batch, batch]).items()}
+        {'loss': 1.3863, 'perplexity': 4.0, 'tokens': 12.0}
+    """
+    view = _eval_view(model)
+    loss_sum, tokens, n = np.float64(0.0), np.float64(0.0), 0
+    pending = []
+    for batch in batches:
+        pending.append(_eval_sums(view, _check_batch(batch, 1)))  # dispatched asynchronously
+        n += 1
+    for batch_loss, batch_tokens in pending:
+        loss_sum += np.float64(batch_loss)
+        tokens += np.float64(batch_tokens)
+    if n == 0:
+        raise ValueError("evaluate: batches is empty")
+    if tokens <= 0:
+        raise ValueError(f"evaluate: the {n} batches have no token with a non-zero weight")
+    loss = float(loss_sum / tokens)
+    return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": float(tokens)}
+
+
+def _loss_sums(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """`Σ w·ce` (differentiated) and, as auxiliary output, `(Σ w·ce, Σ w)`."""
+    inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    logits = model(batch["input_ids"], **inputs)  # [batch, seq, vocab]
+    loss_sum, weight_sum = masked_cross_entropy(logits, batch["targets"], batch["weights"])
+    return loss_sum, (loss_sum, weight_sum)
+
+
+@nnx.jit(static_argnames="config")
+def _train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, jax.Array],
+                config: TrainConfig) -> dict[str, jax.Array]:
+    grad_fn = nnx.value_and_grad(_loss_sums, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)
+    if config.grad_accum == 1:
+        (_, (loss_sum, weight_sum)), grads = grad_fn(model, batch)
+    else:
+        micro = {k: v.reshape(config.grad_accum, v.shape[0] // config.grad_accum, *v.shape[1:])
+                 for k, v in batch.items()}  # [grad_accum, micro_batch, seq]
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def accumulate(carry, micro_batch):
+            model, grads, loss_sum, weight_sum = carry
+            (_, (micro_loss, micro_weight)), micro_grads = grad_fn(model, micro_batch)
+            return model, jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss, weight_sum + micro_weight
+
+        zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.LoRAParam))
+        zero = jnp.zeros((), jnp.float32)
+        _, grads, loss_sum, weight_sum = accumulate((model, zeros, zero, zero), micro)
+    denom = jnp.where(weight_sum > 0, weight_sum, 1.0)  # an all-masked batch gives zero gradients, not NaN
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    lr = make_schedule(config)(optimizer.step[...])
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and float moments
+        optimizer.update(model, grads)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    return {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": lr, "tokens": weight_sum}
+
+
+@nnx.jit
+def _eval_sums(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    return _loss_sums(model, batch)[1]
+
+
+def _eval_view(model: nnx.Module) -> nnx.Module:
+    """The model with dropout off (as `model.eval()`), sharing its variables."""
+    return nnx.with_attributes(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+
+
+def _check_batch(batch: Batch, grad_accum: int) -> dict[str, Any]:
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch: expected a mapping of arrays, got {type(batch).__name__}")
+    missing = [k for k in BATCH_KEYS if k not in batch]
+    unknown = sorted(set(batch) - set(BATCH_KEYS) - set(MODEL_INPUT_KEYS))
+    if missing or unknown:
+        problem = f"missing {missing}" if missing else f"unknown keys {unknown}"
+        raise ValueError(f"batch: {problem}; a batch holds {list(BATCH_KEYS)} and optionally "
+                         f"{list(MODEL_INPUT_KEYS)}, each [batch, seq]")
+    shape = tuple(np.shape(batch["input_ids"]))
+    if len(shape) != 2:
+        raise ValueError(f"batch['input_ids']: expected [batch, seq], got shape {shape}")
+    for key, value in batch.items():
+        if tuple(np.shape(value)) != shape:
+            raise ValueError(f"batch[{key!r}]: shape {tuple(np.shape(value))} differs from input_ids' {shape}")
+    if shape[0] % grad_accum:
+        raise ValueError(f"batch: {shape[0]} rows cannot be split into TrainConfig.grad_accum={grad_accum} "
+                         "equal micro-batches")
+    return dict(batch)
