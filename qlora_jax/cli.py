@@ -2,23 +2,38 @@
 
 Subcommands:
 
+* `finetune --model PATH --data train.jsonl --output DIR`: QLoRA fine-tuning
+  (see `qlora-jax finetune --help` for the options, named as in PEFT/HF).
+* `generate --model PATH [--adapter DIR] --prompt TEXT`: greedy or sampled
+  generation with a KV cache (chat template when the tokenizer has one).
+* `export --model PATH --adapter DIR --merged OUT`: a Hugging Face checkpoint
+  with the adapter merged into the dequantized base.
 * `memory --model PRESET|PATH`: the memory of one fine-tuning step for full
   fine-tuning, 16-bit LoRA and QLoRA, the paper's formulas next to what the
   compiled step needs (`memory_analysis()` with abstract shapes).
-* `demo` (also what a bare `qlora-jax` runs): quantizes a built-in random
-  Gaussian layer stack in every format (nf4, fp4, int4, int8; with and without
-  double quantization), prints bytes per parameter and the relative MSE against
-  the float32 weights, checks that an NF4 kernel survives a bitsandbytes
-  export/import (`to_bnb` / `from_bnb`) unchanged, and writes the table to
-  `<output>/quantization.json`.
+* `demo` (also what a bare `qlora-jax` runs): QLoRA next to 32-bit LoRA, end
+  to end in a few minutes on a CPU. A small Llama-family stand-in base is
+  pre-trained from scratch on a synthetic corpus (cached in `--output`), then
+  fine-tuned on reversing words with NF4 + double quant + rank-8 LoRA and with
+  LoRA over the float32 base; prints a Markdown table (eval loss, exact-match
+  accuracy, base bytes/param, compiled step memory, median step time) and
+  writes `loss.png` and `demo.json`. `--model PATH` fine-tunes a Hugging Face
+  checkpoint instead; `--quick` is a seconds-long smoke test.
+  `demo --formats-only` quantizes a built-in random Gaussian layer stack in
+  every format (nf4, fp4, int4, int8; with and without double quantization),
+  prints bytes per parameter and the relative MSE against the float32 weights,
+  checks that an NF4 kernel survives a bitsandbytes export/import (`to_bnb` /
+  `from_bnb`) unchanged, and writes the table to `<output>/quantization.json`.
 
 Example:
-    $ qlora-jax demo --seed 0 --output qlora_jax_demo/
+    $ qlora-jax demo --output qlora_jax_demo/
+    $ qlora-jax demo --formats-only --seed 0
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -31,6 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 import qlora_jax as qj
+from qlora_jax._src.finetune import FinetuneArgs, run_finetune
 from qlora_jax._src.memory import METHODS, PRESETS, memory_table, step_memory
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.loading import load_config
@@ -77,16 +93,94 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {qj.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
-        "demo", help="quantize a built-in random layer stack in every format and report size and error",
-        description=(f"Quantizes a random Gaussian layer stack ({DEMO_LAYERS} layers, kernels "
+        "demo", help="QLoRA vs 32-bit LoRA on a small built-in model, on this machine, in a few minutes",
+        description=("Pre-trains a small Llama-family stand-in base on a synthetic corpus (cached in --output), "
+                     "fine-tunes it to reverse words with QLoRA (NF4 + double quant, rank-8 LoRA on all linear "
+                     "layers) and with LoRA over the float32 base, and prints eval loss, exact-match accuracy, "
+                     "base bytes/param, compiled step memory and median step time; writes loss.png and demo.json. "
+                     f"With --formats-only: quantizes a random Gaussian layer stack ({DEMO_LAYERS} layers, kernels "
                      f"{' and '.join(_shape_str(s) for s in DEMO_SHAPES)}) to {', '.join(DEMO_FORMATS)} "
                      f"(block {DEMO_BLOCK_SIZE}, with and without double quantization), prints bytes/param and "
                      "the relative MSE against the float32 weights, checks that an NF4 kernel is unchanged by a "
                      "bitsandbytes export/import round trip, and writes quantization.json."))
-    demo.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the corpus, the base and the adapters, or of "
+                                                          "the random weights with --formats-only (default 0)")
     demo.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                      help=f"folder for quantization.json (default {DEFAULT_OUTPUT}/)")
+                      help=f"folder for loss.png, demo.json and the cached base (default {DEFAULT_OUTPUT}/)")
+    demo.add_argument("--formats-only", action="store_true",
+                      help="only the quantization table of a random layer stack (writes quantization.json)")
+    demo.add_argument("--model", default=None,
+                      help="a Hugging Face checkpoint directory to fine-tune instead of the stand-in base")
+    demo.add_argument("--quick", action="store_true",
+                      help="tiny sizes and a few steps: a smoke test of the pipeline, not a result")
+    demo.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps of the stand-in base")
+    demo.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per method")
     demo.set_defaults(func=_run_demo)
+
+    finetune = commands.add_parser(
+        "finetune", help="QLoRA fine-tuning of a Hugging Face checkpoint on a JSONL file",
+        description=("Loads the checkpoint quantized (NF4 + double quant by default), adds LoRA adapters, trains "
+                     "them on the JSONL rows ({'text'}, {'prompt','completion'} or {'messages'}) and writes a PEFT "
+                     "adapter, Orbax checkpoints, metrics.jsonl, loss.png and run_config.json to --output. "
+                     "Defaults follow the QLoRA paper."))
+    f = FinetuneArgs
+    finetune.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    finetune.add_argument("--data", required=True, help="training JSONL file")
+    finetune.add_argument("--output", required=True, help="run directory")
+    finetune.add_argument("--eval-data", default=None, help="evaluation JSONL file")
+    finetune.add_argument("--rank", type=int, default=f.rank, help=f"LoRA rank (default {f.rank})")
+    finetune.add_argument("--alpha", type=float, default=f.alpha, help=f"LoRA alpha (default {f.alpha:g})")
+    finetune.add_argument("--dropout", type=float, default=f.dropout, help=f"LoRA dropout (default {f.dropout})")
+    finetune.add_argument("--targets", nargs="+", default=[f.targets],
+                          help="'all-linear' (default), module names (q_proj v_proj ...) or one regex")
+    finetune.add_argument("--lr", type=float, default=f.lr, help=f"peak learning rate (default {f.lr})")
+    finetune.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
+    finetune.add_argument("--epochs", type=int, default=f.epochs, help=f"epochs when --steps is not given "
+                                                                         f"(default {f.epochs})")
+    finetune.add_argument("--batch-size", type=int, default=f.batch_size, help=f"rows per micro-batch "
+                                                                                 f"(default {f.batch_size})")
+    finetune.add_argument("--grad-accum", type=int, default=f.grad_accum, help="micro-batches per step (default 1)")
+    finetune.add_argument("--seq-len", type=int, default=f.seq_len, help=f"tokens per row (default {f.seq_len})")
+    finetune.add_argument("--warmup-ratio", type=float, default=f.warmup_ratio, help="default 0.03")
+    finetune.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=f.schedule)
+    finetune.add_argument("--max-grad-norm", type=float, default=f.max_grad_norm, help="default 0.3; 0 disables")
+    finetune.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
+    finetune.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
+    finetune.add_argument("--resume", action="store_true", help="continue the run in --output")
+    finetune.add_argument("--overwrite", action="store_true", help="replace a run in --output")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=f.dtype,
+                          help="compute dtype (default float32; bfloat16 on GPU/TPU)")
+    finetune.add_argument("--format", choices=["nf4", "fp4", "int4", "int8", "none"], default="nf4",
+                          help="base weight format; 'none' trains 16/32-bit LoRA (default nf4)")
+    finetune.add_argument("--block-size", type=int, default=f.block_size)
+    finetune.add_argument("--no-double-quant", action="store_true")
+    finetune.add_argument("--remat", action="store_true", help="rematerialize layers in the backward pass")
+    finetune.add_argument("--no-pack", action="store_true", help="pad each example instead of packing")
+    finetune.set_defaults(func=_run_finetune)
+
+    for name, helptext in (("generate", "generate text with a checkpoint and an optional adapter"),
+                           ("export", "merge an adapter into the dequantized base; write a Hugging Face checkpoint")):
+        sub = commands.add_parser(name, help=helptext, description=helptext)
+        sub.add_argument("--model", required=True, help="checkpoint directory or hub id")
+        sub.add_argument("--adapter", default=None, required=name == "export", help="PEFT adapter directory")
+        sub.add_argument("--format", choices=["nf4", "fp4", "int4", "int8", "none"], default="nf4",
+                         help="base weight format the adapter was trained on (default nf4)")
+        sub.add_argument("--block-size", type=int, default=64)
+        sub.add_argument("--no-double-quant", action="store_true")
+        if name == "generate":
+            sub.add_argument("--prompt", required=True)
+            sub.add_argument("--max-new-tokens", type=int, default=64)
+            sub.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+            sub.add_argument("--top-p", type=float, default=1.0)
+            sub.add_argument("--seed", type=int, default=0)
+            sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+            sub.set_defaults(func=_run_generate)
+        else:
+            sub.add_argument("--merged", required=True, help="output directory of the merged checkpoint")
+            sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                             help="dtype of the saved weights")
+            sub.set_defaults(func=_run_export)
 
     memory = commands.add_parser(
         "memory", help="memory of a fine-tuning step: full, 16-bit LoRA and QLoRA, formula and compiled",
@@ -106,6 +200,91 @@ def _build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--no-remat", action="store_true", help="do not rematerialize layers in the backward pass")
     memory.set_defaults(func=_run_memory)
     return parser
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    """The `finetune` subcommand."""
+    targets = args.targets[0] if len(args.targets) == 1 and (args.targets[0] == "all-linear" or any(
+        c in args.targets[0] for c in ".*[]()|^$")) else list(args.targets)
+    settings = FinetuneArgs(
+        model=args.model, data=args.data, output=args.output, eval_data=args.eval_data, rank=args.rank,
+        alpha=args.alpha, dropout=args.dropout, targets=targets, lr=args.lr, steps=args.steps, epochs=args.epochs,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, seq_len=args.seq_len, warmup_ratio=args.warmup_ratio,
+        schedule=args.schedule, max_grad_norm=args.max_grad_norm or None, eval_every=args.eval_every,
+        save_every=args.save_every, resume=args.resume, overwrite=args.overwrite, seed=args.seed, dtype=args.dtype,
+        format=None if args.format == "none" else args.format, block_size=args.block_size,
+        double_quant=not args.no_double_quant, remat=args.remat, pack=not args.no_pack)
+    try:
+        summary = run_finetune(settings)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"qlora-jax finetune: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    print(f"done: {summary}; adapter in {Path(args.output) / 'adapter'}")
+    return 0
+
+
+def _inference_model(args: argparse.Namespace):
+    """The checkpoint (quantized as --format says) with the PEFT adapter of --adapter loaded."""
+    quant = None if args.format == "none" else qj.QuantConfig(fmt=args.format, block_size=args.block_size,
+                                                              double_quant=not args.no_double_quant)
+    lora = None
+    if args.adapter:
+        config_path = Path(args.adapter) / "adapter_config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path}: missing (not a PEFT adapter directory)")
+        cfg = json.loads(config_path.read_text())
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            raise ValueError(f"{config_path}: per-module rank_pattern/alpha_pattern are not supported")
+        targets = cfg.get("target_modules")
+        lora = qj.LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=0.0,
+                             targets=sorted(targets) if isinstance(targets, list) else targets,
+                             rslora=bool(cfg.get("use_rslora", False)))
+    model = qj.models.from_pretrained(args.model, quant=quant, lora=lora, dtype=np.dtype(args.dtype))
+    if args.adapter:
+        qj.models.load_peft_adapter(model, args.adapter)
+    model.eval()
+    return model
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    """The `generate` subcommand."""
+    try:
+        tokenizer = qj.models.load_tokenizer(args.model)
+        if tokenizer is None:
+            raise ValueError(f"--model: {args.model} has no tokenizer files")
+        model = _inference_model(args)
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tokenizer(args.prompt)["input_ids"]
+        tokens = qj.models.generate(model, np.asarray([ids]), max_new_tokens=args.max_new_tokens,
+                                    temperature=args.temperature, top_p=args.top_p,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
+                                    seed=args.seed)[0]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"qlora-jax generate: {e}", file=sys.stderr)
+        return 2
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in tokens.tolist():
+        tokens = tokens[: tokens.tolist().index(tokenizer.eos_token_id)]
+    print(tokenizer.decode(tokens.tolist(), skip_special_tokens=True))
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    """The `export` subcommand."""
+    try:
+        model = _inference_model(args)
+        out = qj.models.save_merged(model, args.merged, dtype=np.dtype(args.dtype), tokenizer_from=args.model
+                                    if Path(args.model).exists() else None)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"qlora-jax export: {e}", file=sys.stderr)
+        return 2
+    print(f"merged checkpoint written to {out}")
+    return 0
 
 
 def _memory_config(model: str) -> ModelConfig:
@@ -142,7 +321,28 @@ def _run_memory(args: argparse.Namespace) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    """The `demo` subcommand."""
+    """The `demo` subcommand: the fine-tuning comparison, or with `--formats-only` the quantization table."""
+    if args.formats_only:
+        return _run_formats(args)
+    from qlora_jax._src import demo
+
+    cfg = demo.QUICK if args.quick else demo.DemoConfig()
+    overrides = {"seed": args.seed, "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps}
+    try:
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        result = demo.run_demo(args.output, cfg, model_path=args.model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"qlora-jax demo: {e}", file=sys.stderr)
+        return 2
+    qlora = next(r for r in result["rows"] if r["method"].startswith("QLoRA"))
+    if qlora["bytes_per_param"] > 0.52:
+        print(f"FAILED: the QLoRA base takes {qlora['bytes_per_param']:.4f} bytes/param (> 0.52)")
+        return 1
+    return 0
+
+
+def _run_formats(args: argparse.Namespace) -> int:
+    """`demo --formats-only`: bytes/param and error of every format on a random layer stack."""
     kernels = demo_kernels(args.seed)
     print(f"qlora-jax demo: {len(kernels)} random Gaussian kernels ({DEMO_LAYERS} layers of "
           f"{' + '.join(_shape_str(s) for s in DEMO_SHAPES)}, {sum(k.size for k in kernels):,} float32 weights, "

@@ -3,17 +3,60 @@
 import json
 import subprocess
 import sys
+import time
 
 from qlora_jax import cli
 
 
-def test_demo_runs_and_writes_its_table(tmp_path, capsys):
-    assert cli.main(["demo", "--output", str(tmp_path)]) == 0
+def test_demo_formats_only_writes_its_table(tmp_path, capsys):
+    assert cli.main(["demo", "--formats-only", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| nf4 | True | 0.5159 |" in out
     assert "dequantizes to identical values" in out
     rows = json.loads((tmp_path / "quantization.json").read_text())
     assert {(r["format"], r["double_quant"]) for r in rows["rows"]} >= {("nf4", True), ("int8", False)}
+
+
+def _demo_table(out):
+    """The rows of the demo's Markdown table by method: [eval loss, accuracy, bytes/param, KiB, MiB, ms]."""
+    return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ") and not line.startswith("| method")}
+
+
+def test_demo_quick_compares_qlora_with_lora_and_reuses_its_cached_base(tmp_path, capsys):
+    start = time.perf_counter()
+    assert cli.main(["demo", "--quick", "--output", str(tmp_path)]) == 0
+    first_seconds = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert "STAND-IN" in out and "pre-trained the base" in out
+    rows = _demo_table(out)
+    qlora = next(v for k, v in rows.items() if k.startswith("QLoRA"))
+    lora = next(v for k, v in rows.items() if k.startswith("LoRA"))
+    base = rows["base model, no fine-tuning"]
+    assert float(qlora[2]) <= 0.52 and float(lora[2]) == 4.0 and float(base[2]) == 4.0
+    assert float(qlora[3]) < 0.14 * float(lora[3])  # packed base bytes vs float32
+    assert 0 < float(qlora[4]) < float(lora[4])  # compiled step memory, MiB
+    assert float(qlora[5]) > 0 and base[5] == "-"
+    assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = json.loads((tmp_path / "demo.json").read_text())
+    assert result["base"]["stand_in"] and not result["base"]["reused"]
+    assert [len(r["losses"]) for r in result["rows"]] == [0, 20, 20]
+    assert list(tmp_path.glob("base_*.npz")) == [tmp_path / result["base"]["cache"].split("/")[-1]]
+
+    start = time.perf_counter()
+    assert cli.main(["demo", "--quick", "--output", str(tmp_path)]) == 0
+    second_seconds = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert "reusing the cached base" in out and "pre-trained the base" not in out
+    again = json.loads((tmp_path / "demo.json").read_text())
+    assert again["base"]["reused"] and second_seconds < first_seconds
+    assert [(r["eval_loss"], r["accuracy"], r["losses"]) for r in again["rows"]] == [
+        (r["eval_loss"], r["accuracy"], r["losses"]) for r in result["rows"]]
+
+
+def test_demo_rejects_settings_it_cannot_run(tmp_path, capsys):
+    assert cli.main(["demo", "--quick", "--finetune-steps", "0", "--output", str(tmp_path)]) == 2
+    assert "finetune_steps" in capsys.readouterr().err
 
 
 def test_console_script_is_installed():

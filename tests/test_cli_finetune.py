@@ -1,0 +1,89 @@
+"""`qlora-jax finetune` -> `generate` -> `export` through the command line on a tiny
+checkpoint and JSONL file made here; the adapter loads in PEFT."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from test_data import _tokenizer
+from test_models import make_checkpoint
+
+from qlora_jax.cli import main
+
+ROWS = [{"prompt": "what is two plus two", "completion": "two plus two is four"},
+        {"text": "the cat sat on the mat"},
+        {"prompt": "hello there", "completion": "i am fine thanks"}] * 4
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    tokenizer = _tokenizer("wordlevel")
+    path, hf = make_checkpoint(tmp, "llama-gqa-untied", vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(path)
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    out = tmp / "run"
+    args = ["finetune", "--model", str(path), "--data", str(data), "--output", str(out), "--steps", "6",
+            "--batch-size", "2", "--seq-len", "32", "--rank", "4", "--alpha", "8", "--lr", "1e-2",
+            "--eval-data", str(data), "--save-every", "3", "--targets", "q_proj", "v_proj", "down_proj"]
+    assert main(args) == 0
+    return tmp, path, hf, data, out, args
+
+
+def test_finetune_writes_the_run(run):
+    _, _, _, _, out, _ = run
+    for name in ("run_config.json", "metrics.jsonl", "loss.png", "adapter/adapter_config.json",
+                 "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert any("eval_loss" in r for r in rows)
+    assert json.loads((out / "run_config.json").read_text())["format"] == "nf4"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "6"]
+
+
+def test_existing_run_is_refused_without_resume_or_overwrite(run, capsys):
+    tmp, _, _, _, _, args = run
+    assert main(args) == 2
+    assert "already holds files" in capsys.readouterr().err
+    fresh = [a if a != str(tmp / "run") else str(tmp / "fresh") for a in args]
+    assert main([*fresh, "--seq-len", "100000"]) == 2  # checked before anything is written
+    assert "--seq-len: 100000 exceeds" in capsys.readouterr().err
+    assert not (tmp / "fresh").exists()
+
+
+def test_bad_data_names_the_line(run, capsys, tmp_path):
+    _, path, _, _, _, _ = run
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": 3}\n')
+    assert main(["finetune", "--model", str(path), "--data", str(bad), "--output", str(tmp_path / "o"),
+                 "--seq-len", "32"]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_generate_and_export(run, capsys):
+    tmp, path, _, _, out, _ = run
+    assert main(["generate", "--model", str(path), "--adapter", str(out / "adapter"), "--prompt",
+                 "what is two plus two", "--max-new-tokens", "5"]) == 0
+    text = capsys.readouterr().out.strip()
+    assert isinstance(text, str)
+    merged = tmp / "merged"
+    assert main(["export", "--model", str(path), "--adapter", str(out / "adapter"), "--merged", str(merged)]) == 0
+    assert transformers.AutoModelForCausalLM.from_pretrained(merged).config.model_type == "llama"
+    assert transformers.AutoTokenizer.from_pretrained(merged)("the cat")["input_ids"]
+
+
+def test_adapter_loads_in_peft(run):
+    from peft import PeftModel
+
+    _, path, hf, _, out, _ = run
+    peft_model = PeftModel.from_pretrained(hf, out / "adapter").eval()
+    ids = torch.tensor([[2, 5, 6, 7]])
+    with torch.no_grad():
+        assert np.isfinite(peft_model(ids).logits.numpy()).all()
+    assert sorted(json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]) == [
+        "down_proj", "q_proj", "v_proj"]
