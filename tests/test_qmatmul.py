@@ -64,13 +64,14 @@ def test_xla_path_matches_reference_values_and_grad(fmt, dtype, block):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block", [128, 512, 2048, 4096])
-def test_xla_path_matches_reference_for_the_other_block_sizes(fmt, block):
+def test_xla_path_matches_reference_for_the_other_block_sizes(fmt, dtype, block):
     """Blocks of 2048 and 4096 on a 1024-long input straddle rows (flat layout)."""
-    x, q = _case(fmt, jnp.float32, block, 1024, 128)
+    x, q = _case(fmt, dtype, block, 1024, 128)
     assert q.row_layout == (block <= 1024)
-    _assert_close(jax.jit(qj.qmatmul)(x, q), qj.qmatmul(x, q, path="reference"), jnp.float32)
-    _assert_close(jax.grad(_loss)(x, q, "xla"), jax.grad(_loss)(x, q, "reference"), jnp.float32)
+    _assert_close(jax.jit(qj.qmatmul)(x, q), qj.qmatmul(x, q, path="reference"), dtype)
+    _assert_close(jax.grad(_loss)(x, q, "xla"), jax.grad(_loss)(x, q, "reference"), dtype)
 
 
 def test_reference_is_a_float64_matmul_of_the_dequantized_kernel():
