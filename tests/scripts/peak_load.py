@@ -1,8 +1,8 @@
 """Loads a checkpoint with NF4 in a fresh process and prints its memory as JSON.
 
 The baseline is the RSS once the runtime is warm: libraries imported and the
-loader's programs compiled, by loading (and dropping) a one-layer checkpoint
-of the same widths first. The peak is VmHWM while loading the real
+loader's programs compiled, by loading (and dropping) a checkpoint of the same
+shapes first (the test passes the same checkpoint). The peak is VmHWM while loading the real
 checkpoint, reset just before via /proc/self/clear_refs."""
 
 import gc
