@@ -196,6 +196,7 @@ def from_pretrained(
                                  f"[in, out], the model expects {expected}")
             _put_layer(kernels.setdefault(key, {}), q, layer, config.num_layers)
             del q
+            _trim_heap()  # the full-precision rows just freed
         else:
             if bnb is not None and reader.dtype_name(name) == "U8":
                 raise ValueError(f"{reader.file_of(name)}: tensor {name!r} is 4-bit packed, but {'/'.join(key)} "
@@ -225,9 +226,20 @@ def from_pretrained(
     model = nnx.merge(graphdef, state)
     if quant is None and lora is None:
         return model
-    stacked = {"/".join(key[:-1]): _stacked(kernels.pop(key)) for key in list(kernels)}
+    stacked = {}
+    for key in list(kernels):
+        stacked["/".join(key[:-1])] = _stacked(kernels.pop(key))
+        _trim_heap()
     model, _ = apply_qlora(model, quant=quant, lora=lora, rngs=rngs or nnx.Rngs(0), kernels=stacked)
     return model
+
+
+def _trim_heap() -> None:
+    """Returns freed heap pages to the OS (glibc `malloc_trim`); a no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _return_freed_memory() -> None:
