@@ -6,32 +6,5 @@ Example:
     'prompt_completion'
 """
 
-from qlora_jax._src.data import (
-    ROLES,
-    SCHEMAS,
-    Batcher,
-    DataStats,
-    Example,
-    collate,
-    count_tokens,
-    load_examples,
-    load_jsonl,
-    pack_examples,
-    row_kind,
-    tokenize_examples,
-)
-
-__all__ = [
-    "ROLES",
-    "SCHEMAS",
-    "Batcher",
-    "DataStats",
-    "Example",
-    "collate",
-    "count_tokens",
-    "load_examples",
-    "load_jsonl",
-    "pack_examples",
-    "row_kind",
-    "tokenize_examples",
-]
+from qlora_jax._src.data import *  # noqa: F403  (the public names, listed in __all__ there)
+from qlora_jax._src.data import __all__  # noqa: F401

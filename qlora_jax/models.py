@@ -7,40 +7,5 @@ Example:
     16
 """
 
-from qlora_jax._src.models import (
-    SUPPORTED_MODEL_TYPES,
-    CausalLM,
-    KVCache,
-    ModelConfig,
-    RMSNorm,
-    adapter_layers,
-    causal_mask,
-    from_pretrained,
-    generate,
-    hf_name_to_path,
-    load_config,
-    load_peft_adapter,
-    load_tokenizer,
-    merged_tensors,
-    save_merged,
-    save_peft_adapter,
-)
-
-__all__ = [
-    "SUPPORTED_MODEL_TYPES",
-    "CausalLM",
-    "KVCache",
-    "generate",
-    "ModelConfig",
-    "RMSNorm",
-    "causal_mask",
-    "from_pretrained",
-    "hf_name_to_path",
-    "load_config",
-    "load_tokenizer",
-    "adapter_layers",
-    "load_peft_adapter",
-    "merged_tensors",
-    "save_merged",
-    "save_peft_adapter",
-]
+from qlora_jax._src.models import *  # noqa: F403  (the public names, listed in __all__ there)
+from qlora_jax._src.models import __all__  # noqa: F401

@@ -6,34 +6,5 @@ Example:
     3
 """
 
-from qlora_jax._src.train import (
-    BATCH_KEYS,
-    MODEL_INPUT_KEYS,
-    SCHEDULES,
-    TrainConfig,
-    Trainer,
-    eval_step,
-    evaluate,
-    make_optimizer,
-    make_schedule,
-    masked_cross_entropy,
-    restore,
-    save,
-    train_step,
-)
-
-__all__ = [
-    "BATCH_KEYS",
-    "MODEL_INPUT_KEYS",
-    "SCHEDULES",
-    "TrainConfig",
-    "Trainer",
-    "eval_step",
-    "evaluate",
-    "make_optimizer",
-    "make_schedule",
-    "masked_cross_entropy",
-    "restore",
-    "save",
-    "train_step",
-]
+from qlora_jax._src.train import *  # noqa: F403  (the public names, listed in __all__ there)
+from qlora_jax._src.train import __all__  # noqa: F401
