@@ -77,3 +77,25 @@ def test_memory_reports_a_7b_step_from_the_compiled_program(capsys):
     lora_total, qlora_total = (float(x) for x in rows["compiled: step total (GiB)"])
     assert qlora_total < 0.3 * lora_total  # far below 16-bit LoRA
     assert float(rows["compiled: arguments (GiB)"][1]) > 3.0  # the packed 7B base really is an argument
+
+
+def test_demo_with_model_fine_tunes_that_checkpoint(tmp_path, capsys):
+    from test_data import _tokenizer
+    from test_models import make_checkpoint
+
+    tokenizer = _tokenizer("bpe")
+    path, _ = make_checkpoint(tmp_path, "llama-gqa-untied", vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(path)
+    out_dir = tmp_path / "demo"
+    assert cli.main(["demo", "--quick", "--model", str(path), "--output", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"QLoRA vs 32-bit LoRA on {path}" in out and "STAND-IN" not in out
+    rows = _demo_table(out)
+    assert sorted(k.split(":")[0] for k in rows) == ["LoRA", "QLoRA"]  # no stand-in base row
+    qlora = next(v for k, v in rows.items() if k.startswith("QLoRA"))
+    assert float(qlora[2]) <= 0.52
+    result = json.loads((out_dir / "demo.json").read_text())
+    assert result["base"]["stand_in"] is False and result["base"]["model"] == str(path)
+    assert result["model"]["hidden_size"] == 64 and result["base"]["params"] > 0
+    assert not list(out_dir.glob("base_*.npz")) and (out_dir / "loss.png").is_file()
+    assert all(len(r["losses"]) == 20 and r["losses"][-1] < r["losses"][0] for r in result["rows"])

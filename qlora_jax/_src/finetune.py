@@ -13,10 +13,14 @@ import dataclasses
 import json
 import os
 import resource
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -155,8 +159,9 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
 
     bar = tqdm(total=steps, initial=trainer.step, desc="finetune", unit="step")
-    try:
-        while trainer.step < steps:
+    saved_step = trainer.step if args.resume else -1
+    with _StopOnInterrupt() as stop:
+        while trainer.step < steps and not stop.requested:
             batch = next(batcher)
             start = time.perf_counter()
             metrics = {k: float(v) for k, v in trainer.train_step(batch).items()}
@@ -166,20 +171,22 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
             history.append(row)
             _append_jsonl(out / "metrics.jsonl", row)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}", mem=_memory_str())
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}", mem=memory_in_use())
             if eval_examples is not None and args.eval_every and trainer.step % args.eval_every == 0:
                 result = trainer.evaluate(eval_batches())
                 history.append({"step": trainer.step, "eval_loss": result["loss"]})
                 _append_jsonl(out / "metrics.jsonl", history[-1])
             if args.save_every and trainer.step % args.save_every == 0 and trainer.step < steps:
                 trainer.save(checkpoints, batcher.state())
-    except KeyboardInterrupt:
+                saved_step = trainer.step
         bar.close()
-        print(f"\ninterrupted at step {trainer.step}; the last complete checkpoint in {checkpoints} is intact "
-              "(continue with --resume)")
-        raise
-    bar.close()
-    trainer.save(checkpoints, batcher.state())
+        if saved_step != trainer.step:
+            trainer.save(checkpoints, batcher.state())
+        if stop.requested and trainer.step < steps:
+            _plot(out / "loss.png", history)
+            print(f"interrupted: saved step {trainer.step} of {steps} in {checkpoints}; continue with --resume",
+                  file=sys.stderr)
+            raise KeyboardInterrupt(f"finetune interrupted at step {trainer.step}")
     model.eval()
     save_peft_adapter(model, out / "adapter", base_model_name_or_path=str(args.model))
     summary = {"steps": trainer.step, "final_loss": history[-1].get("loss") if history else None}
@@ -188,18 +195,61 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         summary["eval_loss"] = result["loss"]
         _append_jsonl(out / "metrics.jsonl", {"step": trainer.step, "eval_loss": result["loss"]})
         history.append({"step": trainer.step, "eval_loss": result["loss"]})
+    _plot(out / "loss.png", history)
+    return summary
+
+
+def _plot(path: Path, history: list[dict[str, Any]]) -> None:
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     curves = {"train loss": ([s for s, _ in train], [v for _, v in train])}
     evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     if evals:
         curves["eval loss"] = ([s for s, _ in evals], [v for _, v in evals])
-    plot_curves(out / "loss.png", curves)
-    return summary
+    plot_curves(path, curves)
 
 
-def _memory_str() -> str:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # peak host memory (Linux: KiB)
-    return f"{rss / 2**30:.2f}GiB"
+class _StopOnInterrupt:
+    """Turns the first Ctrl-C (SIGINT) into a request to stop after the current step and its checkpoint.
+
+    A step or a checkpoint save that is under way is never cut short by the
+    first Ctrl-C; a second one raises `KeyboardInterrupt` at once (a save cut
+    short that way is discarded by Orbax, the previous checkpoint stays).
+    Outside the main thread (where Python cannot handle signals) it does nothing.
+    """
+
+    def __enter__(self) -> _StopOnInterrupt:
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to stop now)",
+              file=sys.stderr)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def memory_in_use() -> str:
+    """Memory the progress bar shows: the device's peak bytes in use where JAX reports them (GPU, TPU),
+    else this process's peak resident host memory (CPU).
+
+    Example:
+        >>> memory_in_use().split()[0] in ("device", "host")
+        True
+    """
+    stats = jax.local_devices()[0].memory_stats() or {}
+    peak = stats.get("peak_bytes_in_use", stats.get("bytes_in_use"))
+    if peak is not None:
+        return f"device {peak / 2**30:.2f}GiB"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return f"host {rss / 2**30:.2f}GiB"
 
 
 def _write_json(path: Path, value: Any) -> None:

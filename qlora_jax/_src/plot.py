@@ -76,8 +76,8 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[flo
 
     Example:
         >>> import tempfile, os
-        >>> from qlora_jax._src.plot import plot_curves
-        >>> plot_curves(os.path.join(tempfile.mkdtemp(), "loss.png"), {"train": ([0, 1, 2], [3.0, 2.0, 1.5])})
+        >>> import qlora_jax as qj
+        >>> qj.train.plot_curves(os.path.join(tempfile.mkdtemp(), "loss.png"), {"train": ([0, 1, 2], [3.0, 2.0, 1.5])})
     """
     img = np.full((height, width, 3), 255, np.uint8)
     left, right, top, bottom = 60, 12, 12, 30
