@@ -69,6 +69,16 @@ def test_bad_data_names_the_line(run, capsys, tmp_path):
     assert main(["finetune", "--model", str(path), "--data", str(bad), "--output", str(tmp_path / "o"),
                  "--seq-len", "32"]) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+    missing = tmp_path / "missing.jsonl"
+    assert main(["finetune", "--model", str(path), "--data", str(missing), "--output", str(tmp_path / "o"),
+                 "--seq-len", "32"]) == 2
+    assert str(missing) in capsys.readouterr().err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    assert main(["finetune", "--model", str(path), "--data", str(empty), "--output", str(tmp_path / "o"),
+                 "--seq-len", "32"]) == 2
+    assert "empty.jsonl: empty dataset" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written for a run that could not start
 
 
 def test_generate_and_export(run, capsys):
