@@ -25,6 +25,15 @@ from qlora_jax._src.formats import (
 from qlora_jax._src.linen import lora_mask, masked
 from qlora_jax._src.nn import lora_delta, lora_einsum
 from qlora_jax._src.ops import can_use_pallas_gpu, can_use_pallas_tpu, qdot_general, qeinsum, qmatmul, qmatmul_path
+from qlora_jax._src.sharding import (
+    LLAMA_AXES,
+    STRATEGIES,
+    batch_sharding,
+    make_mesh,
+    partition_specs,
+    shard_batch,
+    shard_model,
+)
 from qlora_jax._src.surgery import (
     LoraConfig,
     MergeReport,
@@ -46,12 +55,15 @@ __all__ = [
     "train",
     "BLOCK_SIZES",
     "FORMATS",
+    "LLAMA_AXES",
+    "STRATEGIES",
     "LoraConfig",
     "MergeReport",
     "QLoRAReport",
     "QuantConfig",
     "QuantizedArray",
     "apply_qlora",
+    "batch_sharding",
     "can_use_pallas_gpu",
     "can_use_pallas_tpu",
     "dequantize",
@@ -60,13 +72,17 @@ __all__ = [
     "lora_delta",
     "lora_einsum",
     "lora_mask",
+    "make_mesh",
     "masked",
     "merge_lora",
+    "partition_specs",
     "qdot_general",
     "qeinsum",
     "qmatmul",
     "qmatmul_path",
     "quantize",
+    "shard_batch",
+    "shard_model",
     "to_bnb",
     "unmerge_lora",
 ]

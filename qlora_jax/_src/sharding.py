@@ -1,0 +1,326 @@
+"""Sharding rules for QLoRA models over a device mesh: FSDP, tensor parallelism, data parallelism.
+
+Every variable gets a `PartitionSpec` from logical axis names, in the style
+of Flax's logical axis rules: a kernel's role (`q_proj` reads the "embed"
+axis and writes the "heads" axis, `down_proj` reads "mlp" and writes
+"embed", ...) names its axes, and a strategy maps logical names to mesh axes:
+
+* "fsdp": `{"embed": "fsdp"}`: every kernel is split along its model-width
+  axis (the input axis of q/k/v/gate/up and of the head, the output axis of
+  o/down, the width of the embedding table);
+* "tp": `{"heads": "tensor", "mlp": "tensor", "vocab": "tensor"}`: Megatron
+  column splits for q/k/v/gate/up (output axis), row splits for o/down
+  (input axis), the vocabulary axis of the embedding and the head;
+* "fsdp+tp": both; or a dict of your own rules.
+
+A packed `QuantizedArray` is split on the axes of the logical kernel it
+stores: its codes and block scales (`[*layers, out, in // 2]`,
+`[*layers, out, in // block]`) take the same spec, and an input-axis split
+must cut whole blocks, so a block never straddles devices; the second-level
+scales of double quantization (1/16384 of the weights) stay replicated.
+LoRA A (`[in, r]`) follows its base layer's input axis, B (`[r, out]`) its
+output axis; the optimizer state follows the adapters; stacked layer axes
+and norms are replicated. Batches are split over the mesh's "data" and
+"fsdp" axes (FSDP is data-parallel over the batch).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qlora_jax._src.formats.qarray import QuantizedArray
+
+__all__ = ["LLAMA_AXES", "STRATEGIES", "BATCH_AXES", "partition_specs", "shard_model", "shard_batch",
+           "batch_sharding", "make_mesh"]
+
+# Logical (input, output) axes of each kernel by module name (a regex on the path element that holds it);
+# an embedding table is (vocab, embed).
+LLAMA_AXES: dict[str, tuple[str | None, str | None]] = {
+    r"[qkv]_proj": ("embed", "heads"),
+    r"o_proj": ("heads", "embed"),
+    r"(gate|up)_proj": ("embed", "mlp"),
+    r"down_proj": ("mlp", "embed"),
+    r"lm_head": ("embed", "vocab"),
+    r"embed_tokens": ("vocab", "embed"),
+}
+
+STRATEGIES: dict[str, dict[str, str]] = {
+    "fsdp": {"embed": "fsdp"},
+    "tp": {"heads": "tensor", "mlp": "tensor", "vocab": "tensor"},
+    "fsdp+tp": {"embed": "fsdp", "heads": "tensor", "mlp": "tensor", "vocab": "tensor"},
+}
+
+# Mesh axes the batch dimension is split over (those the mesh has).
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(axes: Mapping[str, int] | str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `Mesh` from axis sizes, e.g. `{"data": 2, "tensor": 4}` or the CLI form `"data=2,tensor=4"`.
+
+    Args:
+        axes: Axis names and sizes; their product must equal the number of devices.
+        devices: The devices (default all, `jax.devices()`, across processes).
+
+    Raises:
+        ValueError: A malformed string or sizes that do not multiply to the device count.
+
+    Example:
+        >>> import jax
+        >>> make_mesh(f"data={len(jax.devices())}").shape["data"] == len(jax.devices())
+        True
+    """
+    if isinstance(axes, str):
+        parsed = {}
+        for part in filter(None, axes.split(",")):
+            name, _, size = part.partition("=")
+            if not name.strip() or not size.strip().isdigit() or int(size) < 1:
+                raise ValueError(f"--mesh: expected name=size[,name=size...], got {axes!r}")
+            parsed[name.strip()] = int(size)
+        axes = parsed
+    devices = list(jax.devices() if devices is None else devices)
+    if not axes or int(np.prod(list(axes.values()))) != len(devices):
+        raise ValueError(f"mesh {dict(axes)}: the axis sizes multiply to {int(np.prod(list(axes.values())))}, "
+                         f"but there are {len(devices)} devices")
+    return Mesh(np.asarray(devices).reshape(tuple(axes.values())), tuple(axes))
+
+
+def _rules(mesh: Mesh, strategy: str | Mapping[str, str | None]) -> dict[str, str | None]:
+    if isinstance(strategy, str):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: {strategy!r} is not one of {sorted(STRATEGIES)} (or pass a dict of "
+                             "logical axis -> mesh axis rules)")
+        # A preset names the mesh axes it can use; those the mesh lacks are left unsharded (e.g. "fsdp" on a
+        # mesh with only a "data" axis is plain data parallelism).
+        return {k: a for k, a in STRATEGIES[strategy].items() if a in mesh.shape and mesh.shape[a] > 1}
+    for logical, axis in strategy.items():
+        if axis is not None and axis not in mesh.shape:
+            raise ValueError(f"strategy: rule {logical!r} -> {axis!r} names a mesh axis the mesh does not have "
+                             f"(mesh axes: {dict(mesh.shape)})")
+    return {logical: axis for logical, axis in strategy.items() if axis is not None and mesh.shape[axis] > 1}
+
+
+def _logical(path: tuple[str, ...], axes: Mapping[str, tuple[str | None, str | None]]) -> tuple | None:
+    """(in, out) logical axes of the layer that holds `path`, from the innermost matching path element."""
+    for name in reversed(path[:-1]):
+        for pattern, logical in axes.items():
+            if re.fullmatch(pattern, name):
+                return logical
+    return None
+
+
+def _check(path: str, what: str, size: int, axis: str | None, mesh: Mesh, unit: int = 1) -> None:
+    if axis is None:
+        return
+    n = mesh.shape[axis]
+    if size % (n * unit):
+        detail = f"{size // unit} blocks of {unit}" if unit > 1 else f"size {size}"
+        raise ValueError(f"{path}: mesh axis {axis!r} of size {n} does not divide the {what} ({detail}); "
+                         "choose a mesh axis size that divides it, or a rule that leaves this axis unsharded")
+
+
+def _leaf_specs(path: tuple[str, ...], value: Any, rules: dict[str, str | None],
+                axes: Mapping[str, tuple[str | None, str | None]], mesh: Mesh) -> Any:
+    name = "/".join(path)
+    logical = _logical(path, axes)
+    if logical is None or path[-1] not in ("kernel", "embedding", "lora_a", "lora_b", "bias"):
+        return jax.tree.map(lambda x: PartitionSpec(), value)
+    lin, lout = (rules.get(a) if a is not None else None for a in logical)
+    if path[-1] == "embedding":  # [vocab, embed]: the table's (in, out) axes as named
+        _check(name, "vocabulary axis", value.shape[-2], lin, mesh)
+        _check(name, "embedding axis", value.shape[-1], lout, mesh)
+        return PartitionSpec(*[None] * (value.ndim - 2), lin, lout)
+    if isinstance(value, QuantizedArray):
+        if len(value.shape) != 2 or not value.row_layout:
+            if lin is None and lout is None:
+                return jax.tree.map(lambda x: PartitionSpec(), value)
+            raise ValueError(f"{name}: only 2-D kernels stored in row layout (input size a multiple of the "
+                             f"block size) can be sharded; this one is {value.shape} with block "
+                             f"{value.block_size}")
+        n_in, n_out = value.shape
+        _check(name, "output axis", n_out, lout, mesh)
+        _check(name, "input axis", n_in, lin, mesh, unit=value.block_size)
+        stack = [None] * len(value.stack_shape)
+        spec = PartitionSpec(*stack, lout, lin)  # codes [*stack, out, in // 2], absmax [*stack, out, in // block]
+
+        def leaf_spec(key_path: tuple, leaf: Any) -> PartitionSpec:
+            return spec if key_path[-1].name in ("codes", "absmax") else PartitionSpec()  # nested: replicated
+
+        return jax.tree_util.tree_map_with_path(leaf_spec, value)
+    if path[-1] == "lora_a":  # [*stack, in, r]
+        _check(name, "input axis", value.shape[-2], lin, mesh)
+        return PartitionSpec(*[None] * (value.ndim - 2), lin, None)
+    if path[-1] == "lora_b":  # [*stack, r, out]
+        _check(name, "output axis", value.shape[-1], lout, mesh)
+        return PartitionSpec(*[None] * (value.ndim - 1), lout)
+    if path[-1] == "bias":  # [*stack, out]
+        _check(name, "output axis", value.shape[-1], lout, mesh)
+        return PartitionSpec(*[None] * (value.ndim - 1), lout)
+    # A float kernel [*stack, in, out].
+    _check(name, "input axis", value.shape[-2], lin, mesh)
+    _check(name, "output axis", value.shape[-1], lout, mesh)
+    return PartitionSpec(*[None] * (value.ndim - 2), lin, lout)
+
+
+def partition_specs(
+    model: nnx.Module,
+    mesh: Mesh,
+    strategy: str | Mapping[str, str | None] = "fsdp",
+    *,
+    axes: Mapping[str, tuple[str | None, str | None]] = LLAMA_AXES,
+) -> nnx.State:
+    """The `PartitionSpec` of every array of `model`'s state (an `nnx.State` of specs, same structure).
+
+    Args:
+        model: An NNX model (e.g. `qj.models.CausalLM` after `apply_qlora`).
+        mesh: The device mesh.
+        strategy: "fsdp", "tp", "fsdp+tp" (see `STRATEGIES`), or rules
+            `{logical axis: mesh axis or None}`.
+        axes: Logical `(input, output)` axes of kernels by layer name (a regex
+            on a path element); default the Llama family's names.
+
+    Raises:
+        ValueError: A mesh axis size that does not divide the dimension it
+            splits (for a packed input axis: the number of blocks), naming the
+            variable and the axis; an unknown strategy or mesh axis.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, qlora_jax as qj
+        >>> from flax import nnx
+        >>> class Block(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.up_proj = nnx.Linear(128, 256, rngs=rngs)
+        >>> block, _ = qj.apply_qlora(Block(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
+        ...                           rngs=nnx.Rngs(1))
+        >>> mesh = qj.make_mesh({"fsdp": 1, "tensor": len(jax.devices())})
+        >>> specs = qj.partition_specs(block, mesh, "tp")
+        >>> specs["up_proj"]["lora_b"].get_value()
+        PartitionSpec(None, 'tensor')
+    """
+    rules = _rules(mesh, strategy)
+    state = nnx.state(model)
+
+    def spec(path: tuple, variable: Any) -> Any:
+        names = tuple(str(p) for p in path)
+        return variable.replace(_leaf_specs(names, variable.get_value(), rules, axes, mesh))
+
+    return nnx.map_state(spec, state) if hasattr(nnx, "map_state") else _map_state(spec, state)
+
+
+def _map_state(fn: Any, state: nnx.State) -> nnx.State:
+    flat = nnx.to_flat_state(state)
+    return nnx.from_flat_state([(path, fn(path, v)) for path, v in flat])
+
+
+def _put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """`x` placed with `sharding`, also when the mesh spans processes (each provides its addressable shards)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _shard_tree(tree: Any, specs: Any, mesh: Mesh) -> Any:
+    is_spec = lambda s: isinstance(s, PartitionSpec)  # noqa: E731
+    return jax.tree.map(lambda s, x: _put(x, NamedSharding(mesh, s)), specs, tree, is_leaf=is_spec)
+
+
+def _optimizer_specs(optimizer: nnx.Optimizer, model_specs: nnx.State) -> nnx.State:
+    """Specs for the optimizer state: a leaf whose path ends with an adapter's path takes its spec."""
+    by_path = {tuple(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(model_specs)}
+
+    def spec(path: tuple, variable: Any) -> Any:
+        names = tuple(str(p) for p in path)
+        for i in range(len(names)):
+            if names[i:] in by_path:
+                return variable.replace(by_path[names[i:]])
+        return variable.replace(jax.tree.map(lambda x: PartitionSpec(), variable.get_value()))
+
+    return _map_state(spec, nnx.state(optimizer))
+
+
+def shard_model(
+    model: nnx.Module,
+    mesh: Mesh,
+    strategy: str | Mapping[str, str | None] = "fsdp",
+    *,
+    optimizer: nnx.Optimizer | None = None,
+    axes: Mapping[str, tuple[str | None, str | None]] = LLAMA_AXES,
+) -> nnx.Module:
+    """Places every array of `model` (and `optimizer`) on `mesh` by `partition_specs`, in place.
+
+    Jitted steps on the sharded model run under GSPMD: each device holds its
+    shard of the packed codes, scales and adapters; shard batches with
+    `shard_batch`. Sharding after `qj.train.Trainer(model, ...)` needs its
+    optimizer: `shard_model(trainer.model, mesh, optimizer=trainer.optimizer)`.
+
+    Args:
+        model: The model.
+        mesh: The device mesh (may span processes after `jax.distributed.initialize`).
+        strategy: "fsdp", "tp", "fsdp+tp" or rules (see `partition_specs`).
+        optimizer: An `nnx.Optimizer` over the model's adapters: its moments
+            follow their adapters, its counts are replicated.
+        axes: Logical axes of kernels by layer name (see `partition_specs`).
+
+    Returns:
+        `model`.
+
+    Example:
+        >>> import jax, qlora_jax as qj
+        >>> from flax import nnx
+        >>> class Block(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.up_proj = nnx.Linear(128, 256, rngs=rngs)
+        >>> block, _ = qj.apply_qlora(Block(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
+        ...                           rngs=nnx.Rngs(1))
+        >>> block = qj.shard_model(block, qj.make_mesh({"fsdp": len(jax.devices())}))
+        >>> block.up_proj.kernel.get_value().codes.sharding.spec  # input axis, whole blocks
+        PartitionSpec(None, 'fsdp')
+    """
+    specs = partition_specs(model, mesh, strategy, axes=axes)
+    if optimizer is not None:
+        nnx.update(optimizer, _shard_tree(nnx.state(optimizer), _optimizer_specs(optimizer, specs), mesh))
+    nnx.update(model, _shard_tree(nnx.state(model), specs, mesh))
+    return model
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """The sharding of a `[batch, seq, ...]` array: batch over the mesh's "data" and "fsdp" axes.
+
+    Example:
+        >>> import jax
+        >>> batch_sharding(make_mesh({"data": len(jax.devices())})).spec
+        PartitionSpec('data', None)
+    """
+    split = tuple(a for a in BATCH_AXES if a in mesh.shape)
+    return NamedSharding(mesh, PartitionSpec(split or None, *[None] * (ndim - 1)))
+
+
+def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
+    """Places a global batch (the same NumPy arrays on every process) with `batch_sharding`.
+
+    Raises:
+        ValueError: The batch size is not divisible by the data-parallel size (names the key).
+
+    Example:
+        >>> import jax, numpy as np
+        >>> mesh = make_mesh({"data": len(jax.devices())})
+        >>> ids = np.zeros((2 * len(jax.devices()), 4), np.int32)
+        >>> shard_batch({"input_ids": ids}, mesh)["input_ids"].sharding.spec
+        PartitionSpec('data', None)
+    """
+    out = {}
+    for key, value in batch.items():
+        sharding = batch_sharding(mesh, np.ndim(value))
+        n = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+        if np.shape(value)[0] % n:
+            raise ValueError(f"batch[{key!r}]: batch size {np.shape(value)[0]} is not divisible by the "
+                             f"data-parallel size {n} (mesh axes {[a for a in BATCH_AXES if a in mesh.shape]})")
+        out[key] = _put(value, sharding)
+    return out
