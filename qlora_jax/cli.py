@@ -46,7 +46,7 @@ import numpy as np
 from tqdm import tqdm
 
 import qlora_jax as qj
-from qlora_jax._src.finetune import FinetuneArgs, run_finetune
+from qlora_jax._src.finetune import FinetuneArgs, initialize_distributed, run_finetune
 from qlora_jax._src.memory import METHODS, PRESETS, memory_table, step_memory
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.loading import load_config
@@ -157,6 +157,16 @@ def _build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--no-double-quant", action="store_true")
     finetune.add_argument("--remat", action="store_true", help="rematerialize layers in the backward pass")
     finetune.add_argument("--no-pack", action="store_true", help="pad each example instead of packing")
+    finetune.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 or data=2,tensor=4 (axes "
+                          "data, fsdp, tensor; sizes multiply to the number of devices of all processes)")
+    finetune.add_argument("--strategy", default="fsdp", choices=["fsdp", "tp", "fsdp+tp"],
+                          help="how the model is sharded over --mesh (default fsdp)")
+    finetune.add_argument("--coordinator", default=None, help="multi-host: host:port of process 0 "
+                          "(jax.distributed.initialize)")
+    finetune.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    finetune.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
+    finetune.add_argument("--distributed", action="store_true",
+                          help="multi-host with JAX's cluster auto-detection (Slurm, Cloud TPU, ...)")
     finetune.set_defaults(func=_run_finetune)
 
     for name, helptext in (("generate", "generate text with a checkpoint and an optional adapter"),
@@ -213,8 +223,11 @@ def _run_finetune(args: argparse.Namespace) -> int:
         schedule=args.schedule, max_grad_norm=args.max_grad_norm or None, eval_every=args.eval_every,
         save_every=args.save_every, resume=args.resume, overwrite=args.overwrite, seed=args.seed, dtype=args.dtype,
         format=None if args.format == "none" else args.format, block_size=args.block_size,
-        double_quant=not args.no_double_quant, remat=args.remat, pack=not args.no_pack)
+        double_quant=not args.no_double_quant, remat=args.remat, pack=not args.no_pack, mesh=args.mesh,
+        strategy=args.strategy)
     try:
+        if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         summary = run_finetune(settings)
     except (FileNotFoundError, ValueError) as e:
         print(f"qlora-jax finetune: {e}", file=sys.stderr)

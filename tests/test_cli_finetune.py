@@ -182,3 +182,22 @@ def test_second_ctrl_c_abandons_the_save_in_progress(run, monkeypatch, capsys):
     assert main([*argv_every, "--resume"]) == 0
     assert ((out / "adapter" / "adapter_model.safetensors").read_bytes()
             == (straight / "adapter" / "adapter_model.safetensors").read_bytes())
+
+
+def test_finetune_on_a_mesh_matches_one_device(run, capsys):
+    """--mesh data=8 (8 CPU devices, data parallel) trains like one device: the same losses to 1e-5."""
+    tmp, _, _, _, straight, args = run
+    base = [*_interrupted_args(args, straight, tmp / "one_device"), "--batch-size", "8", "--dropout", "0"]
+    assert main(base) == 0
+    assert main([*_interrupted_args(base, tmp / "one_device", tmp / "mesh"), "--mesh", "data=8"]) == 0
+
+    def losses(out):
+        return [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    np.testing.assert_allclose(np.array(losses(tmp / "mesh"), float), np.array(losses(tmp / "one_device"), float),
+                               rtol=1e-5)
+    assert (tmp / "mesh" / "adapter" / "adapter_model.safetensors").is_file()
+    capsys.readouterr()
+    assert main([*_interrupted_args(base, tmp / "one_device", tmp / "bad_mesh"), "--mesh", "data=3"]) == 2
+    assert "mesh {'data': 3}: the axis sizes multiply to 3, but there are 8 devices" in capsys.readouterr().err
+    assert not (tmp / "bad_mesh").exists()

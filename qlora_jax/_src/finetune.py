@@ -24,16 +24,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from qlora_jax._src.data import Batcher, load_examples
 from qlora_jax._src.models.loading import from_pretrained, load_config, load_tokenizer
 from qlora_jax._src.models.peft_io import save_peft_adapter
 from qlora_jax._src.plot import plot_curves
+from qlora_jax._src.sharding import make_mesh, shard_batch, shard_model
 from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 from qlora_jax._src.train import TrainConfig, Trainer
 
-__all__ = ["FinetuneArgs", "run_finetune"]
+__all__ = ["FinetuneArgs", "initialize_distributed", "run_finetune"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -76,6 +78,8 @@ class FinetuneArgs:
     double_quant: bool = True
     remat: bool = False
     pack: bool = True
+    mesh: str | None = None  # e.g. "data=2,fsdp=4" (see qj.make_mesh); None: one device
+    strategy: str = "fsdp"  # how the model is sharded over the mesh (see qj.shard_model)
 
 
 def _check_output(args: FinetuneArgs) -> Path:
@@ -110,7 +114,9 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         FileNotFoundError: /nonexistent: no config.json (not a Hugging Face checkpoint directory)
     """
     config = load_config(args.model)
+    mesh = None if args.mesh is None else make_mesh(args.mesh)
     out = _check_output(args)
+    main_process = jax.process_index() == 0
     if args.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len: {args.seq_len} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
@@ -132,14 +138,16 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     if args.resume:
         previous = json.loads((out / "run_config.json").read_text())
         changed = {k: (previous.get(k), v) for k, v in resolved.items()
-                   if k not in ("resume", "overwrite", "output") and previous.get(k) != v}
+                   if k not in ("resume", "overwrite", "output", "mesh", "strategy") and previous.get(k) != v}
         if changed:
             raise ValueError(f"--resume: settings differ from the run in {out}: {changed}")
+    _sync("checked the output directory")  # every process has looked at --output before process 0 writes
     out.mkdir(parents=True, exist_ok=True)
-    if not args.resume:
-        for name in ("metrics.jsonl", "loss.png"):
-            (out / name).unlink(missing_ok=True)
-    _write_json(out / "run_config.json", resolved)
+    if main_process:
+        if not args.resume:
+            for name in ("metrics.jsonl", "loss.png"):
+                (out / name).unlink(missing_ok=True)
+        _write_json(out / "run_config.json", resolved)
 
     quant = None if args.format is None else QuantConfig(fmt=args.format, block_size=args.block_size,
                                                           double_quant=args.double_quant)
@@ -151,31 +159,39 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
                                warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
                                grad_accum=args.grad_accum, seed=args.seed)
     trainer = Trainer(model, train_config)
+    if mesh is not None:
+        shard_model(model, mesh, args.strategy, optimizer=trainer.optimizer)
     checkpoints = out / "checkpoints"
     if args.resume and checkpoints.exists():
         batcher.restore(trainer.restore(checkpoints))
     # Metrics written after the restored checkpoint (a killed run) are dropped.
     history = [r for r in _read_metrics(out / "metrics.jsonl") if r["step"] <= trainer.step]
-    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    if main_process:
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
 
-    bar = tqdm(total=steps, initial=trainer.step, desc="finetune", unit="step")
+    def place(batch: dict[str, np.ndarray]) -> Any:
+        return batch if mesh is None else shard_batch(batch, mesh)
+
+    def log(row: dict[str, Any]) -> None:
+        history.append(row)
+        if main_process:
+            _append_jsonl(out / "metrics.jsonl", row)
+
+    bar = tqdm(total=steps, initial=trainer.step, desc="finetune", unit="step", disable=not main_process)
     saved_step = trainer.step if args.resume else -1
     with _StopOnInterrupt() as stop:
         while trainer.step < steps and not stop.requested:
             batch = next(batcher)
             start = time.perf_counter()
-            metrics = {k: float(v) for k, v in trainer.train_step(batch).items()}
+            metrics = {k: float(v) for k, v in trainer.train_step(place(batch)).items()}
             seconds = time.perf_counter() - start
             tokens = float(np.sum(batch["weights"]))
-            row = {"step": trainer.step, **metrics, "seconds": seconds, "tokens_per_s": tokens / seconds}
-            history.append(row)
-            _append_jsonl(out / "metrics.jsonl", row)
+            log({"step": trainer.step, **metrics, "seconds": seconds, "tokens_per_s": tokens / seconds})
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}", mem=memory_in_use())
             if eval_examples is not None and args.eval_every and trainer.step % args.eval_every == 0:
                 result = trainer.evaluate(eval_batches())
-                history.append({"step": trainer.step, "eval_loss": result["loss"]})
-                _append_jsonl(out / "metrics.jsonl", history[-1])
+                log({"step": trainer.step, "eval_loss": result["loss"]})
             if args.save_every and trainer.step % args.save_every == 0 and trainer.step < steps:
                 trainer.save(checkpoints, batcher.state())
                 saved_step = trainer.step
@@ -183,20 +199,49 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         if saved_step != trainer.step:
             trainer.save(checkpoints, batcher.state())
         if stop.requested and trainer.step < steps:
-            _plot(out / "loss.png", history)
+            if main_process:
+                _plot(out / "loss.png", history)
             print(f"interrupted: saved step {trainer.step} of {steps} in {checkpoints}; continue with --resume",
                   file=sys.stderr)
             raise KeyboardInterrupt(f"finetune interrupted at step {trainer.step}")
     model.eval()
-    save_peft_adapter(model, out / "adapter", base_model_name_or_path=str(args.model))
     summary = {"steps": trainer.step, "final_loss": history[-1].get("loss") if history else None}
     if eval_examples is not None:
         result = trainer.evaluate(eval_batches())
         summary["eval_loss"] = result["loss"]
-        _append_jsonl(out / "metrics.jsonl", {"step": trainer.step, "eval_loss": result["loss"]})
-        history.append({"step": trainer.step, "eval_loss": result["loss"]})
-    _plot(out / "loss.png", history)
+        log({"step": trainer.step, "eval_loss": result["loss"]})
+    adapters = nnx.state(model, nnx.LoRAParam)
+    if not all(x.is_fully_addressable for x in jax.tree.leaves(adapters)):  # sharded across processes
+        nnx.update(model, multihost_utils.process_allgather(adapters, tiled=True))
+    if main_process:
+        save_peft_adapter(model, out / "adapter", base_model_name_or_path=str(args.model))
+        _plot(out / "loss.png", history)
     return summary
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Joins a multi-process run (`jax.distributed.initialize`) before JAX is used.
+
+    With no arguments JAX detects the cluster (Slurm, Open MPI, Cloud TPU, ...).
+    On CPU the processes exchange data over gloo. Call it first, in every
+    process; the checkpoint directory must be shared storage.
+
+    Args:
+        coordinator: `host:port` of process 0.
+        num_processes: The number of processes.
+        process_id: This process's index, `0 <= process_id < num_processes`.
+
+    Example:
+        >>> initialize_distributed("10.0.0.1:1234", 2, 0)  # doctest: +SKIP
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def _plot(path: Path, history: list[dict[str, Any]]) -> None:

@@ -1,0 +1,54 @@
+"""Two processes on localhost run a sharded QLoRA train step together with `jax.distributed` (CPU collectives
+over gloo) and agree with one process on one device."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from test_sharding import TRAIN, _batch, _loss_and_grads, _model
+
+import qlora_jax as qj
+
+SCRIPT = Path(__file__).parent / "scripts" / "distributed_step.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_together_and_match_one_device(tmp_path):
+    out, port = tmp_path / "result.npz", _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(i), "2", str(port), str(out)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    got = np.load(out)
+
+    loss, grads = _loss_and_grads(_model(), _batch())
+    trainer = qj.train.Trainer(_model(), TRAIN)
+    metrics = trainer.train_step(_batch())
+    assert abs(float(got["loss"]) - float(loss)) <= 1e-5 * abs(float(loss))
+    assert abs(float(got["step_loss"]) - float(metrics["loss"])) <= 1e-5 * abs(float(metrics["loss"]))
+    assert abs(float(got["grad_norm"]) - float(metrics["grad_norm"])) <= 1e-5 * float(metrics["grad_norm"])
+    adapters = nnx.to_pure_dict(nnx.state(trainer.model, nnx.LoRAParam))
+    grads = nnx.to_pure_dict(grads)
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        g = np.asarray(g)
+        d = got["grad" + jax.tree_util.keystr(path)]
+        assert np.max(np.abs(d - g)) <= 1e-5 * np.max(np.abs(g)), path
+        keep = np.abs(g) > 1e-4 * np.abs(g).max()  # see test_sharding: Adam's first step amplifies g ~ 0
+        a = np.asarray(dict(jax.tree_util.tree_leaves_with_path(adapters))[path])
+        np.testing.assert_allclose(got["adapter" + jax.tree_util.keystr(path)][keep], a[keep], rtol=0,
+                                   atol=1e-4 * TRAIN.lr)
