@@ -1,6 +1,7 @@
 """Two processes on localhost run a sharded QLoRA train step together with `jax.distributed` (CPU collectives
 over gloo) and agree with one process on one device."""
 
+import json
 import os
 import socket
 import subprocess
@@ -52,3 +53,43 @@ def test_two_processes_train_together_and_match_one_device(tmp_path):
         a = np.asarray(dict(jax.tree_util.tree_leaves_with_path(adapters))[path])
         np.testing.assert_allclose(got["adapter" + jax.tree_util.keystr(path)][keep], a[keep], rtol=0,
                                    atol=1e-4 * TRAIN.lr)
+
+
+def test_finetune_command_on_two_processes(tmp_path):
+    """`qlora-jax finetune --mesh ... --coordinator ... --num-processes 2 --process-id i` on two local processes
+    (2 CPU devices each) trains like one process on one device; process 0 writes the adapter."""
+    from test_cli_finetune import ROWS
+    from test_data import _tokenizer
+    from test_models import make_checkpoint
+
+    from qlora_jax.cli import main
+
+    tokenizer = _tokenizer("wordlevel")
+    path, _ = make_checkpoint(tmp_path, "llama-gqa-untied", vocab_size=len(tokenizer))
+    tokenizer.save_pretrained(path)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    args = ["finetune", "--model", str(path), "--data", str(data), "--steps", "4", "--batch-size", "4",
+            "--seq-len", "32", "--rank", "4", "--lr", "1e-2", "--dropout", "0", "--block-size", "32"]
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0
+
+    port = _free_port()
+    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_NUM_CPU_DEVICES": "2"}
+    command = [sys.executable, "-m", "qlora_jax.cli", *args, "--output", str(tmp_path / "two"),
+               "--mesh", "data=2,fsdp=2", "--coordinator", f"localhost:{port}", "--num-processes", "2"]
+    procs = [subprocess.Popen([*command, "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        logs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                if "loss" in json.loads(line)]
+
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    assert (tmp_path / "two" / "adapter" / "adapter_model.safetensors").is_file()
+    assert qj.checkpoint.latest_step(tmp_path / "two" / "checkpoints") == 4
