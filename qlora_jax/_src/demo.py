@@ -74,8 +74,8 @@ class DemoConfig:
     batch_size: int = 32  # rows per step
     pretrain_steps: int = 300  # full pre-training updates of the base
     pretrain_lr: float = 3e-3  # peak AdamW learning rate of the pre-training (cosine decay)
-    finetune_steps: int = 200  # adapter updates per method
-    finetune_lr: float = 5e-3  # peak adapter learning rate (constant after a 3% warmup)
+    finetune_steps: int = 300  # adapter updates per method
+    finetune_lr: float = 4e-3  # peak adapter learning rate (constant after a 3% warmup)
     rank: int = 8  # LoRA rank
     alpha: float = 16.0  # LoRA alpha
     eval_words: int = 200  # held-out words scored by exact match
