@@ -24,3 +24,52 @@ def test_qmatmul_benchmark_runs_and_writes_json(tmp_path):
         assert row["paths"]["xla"]["ratio"] > 0 and row["dense_ms"] > 0
         if jax.default_backend() == "cpu":
             assert "default backend is cpu" in row["paths"]["pallas_gpu"]["skipped"]
+
+
+def test_memory_benchmark_runs_and_writes_json(tmp_path):
+    out = tmp_path / "memory.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--quick", "--methods", "qlora-dq",
+         "--rss-methods", "qlora-dq", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "| config | method | N (linear params) | M (trained params) | base linear weights |" in result.stdout
+    assert "| config | method | arguments | temporaries | outputs | aliased | step total |" in result.stdout
+    data = json.loads(out.read_text())
+    (row,) = data["rows"]
+    assert row["method"] == "qlora-dq" and row["config"] == "small"
+    assert row["linear_bytes"] / row["linear_params"] <= 0.5159
+    assert abs(row["parts_bytes"] / row["formula_bytes"] - 1) < 1e-3  # the measured parts are the formula's
+    assert row["argument_bytes"] > row["linear_bytes"] and row["compiled_total"] > row["argument_bytes"]
+    real = row["real_optimizer"]  # optax state of zero-filled adapters: two float32 moments per parameter
+    assert real["adapter_params"] == row["trainable_params"] > 0 and real["moment_bytes"] == 8 * real["adapter_params"]
+    (rss,) = data["rss"]
+    assert rss["method"] == "qlora-dq" and rss["optimizer"]["moment_bytes"] == 8 * rss["trained_params"] > 0
+    assert rss["peak_rss_lifetime"] >= rss["rss_after_imports"] > 0 and len(rss["losses"]) == 1
+    assert [c["ok"] for c in data["acceptance"]] == [True, True, True]
+
+
+def test_quality_benchmark_runs_and_writes_json(tmp_path):
+    out = tmp_path / "quality.json"
+    demo = tmp_path / "demo.json"
+    demo.write_text(json.dumps({"rows": [{"method": "QLoRA: NF4", "accuracy": 0.5, "eval_loss": 0.25},
+                                         {"method": "LoRA: float32", "accuracy": 0.25}]}))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--shape", "256", "96", "--block-sizes", "32",
+         "256", "--no-real", "--demo-json", str(demo), "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "| format | block | double quant | bytes/param | relative MSE (f64) | SQNR dB |" in result.stdout
+    assert "| QLoRA: NF4 | 50.0% | 0.2500 |" in result.stdout
+    data = json.loads(out.read_text())
+    rows = {(r["format"], r["block_size"], r["double_quant"]): r for r in data["gaussian"]["rows"]}
+    assert len(rows) == 14 and data["real"] == {"skipped": "--no-real"}
+    assert data["demo"]["qlora_minus_lora_accuracy"] == 0.25
+    for r in rows.values():  # qlora_jax's rounding is as good as the independent float64 reference
+        assert abs(r["relative_mse_vs_reference"] - 1) < 1e-3
+        assert abs(r["relative_mse_float32"] / r["relative_mse"] - 1) < 1e-3
+    assert rows[("nf4", 32, False)]["relative_mse"] < rows[("nf4", 256, False)]["relative_mse"]
+    assert rows[("nf4", 256, False)]["relative_mse"] < rows[("fp4", 256, False)]["relative_mse"] < 0.03
+    assert rows[("int8", 32, False)]["relative_mse"] < 1e-4
+    assert rows[("nf4", 256, True)]["bytes_per_param"] < rows[("nf4", 256, False)]["bytes_per_param"]
+
