@@ -24,17 +24,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_together_and_match_one_device(tmp_path):
-    out, port = tmp_path / "result.npz", _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(i), "2", str(port), str(out)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+def _run_together(commands, env):
+    """Starts the commands (one per process) at once and waits for all; each must exit with 0."""
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c in commands]
     try:
         logs = [p.communicate(timeout=600)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(log[-3000:] for log in logs)
+
+
+def test_two_processes_train_together_and_match_one_device(tmp_path):
+    out, port = tmp_path / "result.npz", _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    _run_together([[sys.executable, str(SCRIPT), str(i), "2", str(port), str(out)] for i in range(2)], env)
     got = np.load(out)
 
     loss, grads = _loss_and_grads(_model(), _batch())
@@ -77,14 +82,7 @@ def test_finetune_command_on_two_processes(tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_NUM_CPU_DEVICES": "2"}
     command = [sys.executable, "-m", "qlora_jax.cli", *args, "--output", str(tmp_path / "two"),
                "--mesh", "data=2,fsdp=2", "--coordinator", f"localhost:{port}", "--num-processes", "2"]
-    procs = [subprocess.Popen([*command, "--process-id", str(i)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    _run_together([[*command, "--process-id", str(i)] for i in range(2)], env)
 
     def losses(out):
         return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
