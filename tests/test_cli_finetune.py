@@ -110,6 +110,15 @@ def _interrupted_args(args, run_dir, out):
     return [a if a != str(run_dir) else str(out) for a in args]
 
 
+@pytest.fixture(autouse=True)
+def _sigint_raises():
+    """Python's own SIGINT handler, also where the test runner was started with SIGINT ignored (a background job
+    of a non-interactive shell)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _send_sigint(times=1):
     for _ in range(times):
         os.kill(os.getpid(), signal.SIGINT)

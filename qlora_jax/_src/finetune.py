@@ -259,13 +259,15 @@ class _StopOnInterrupt:
     A step or a checkpoint save that is under way is never cut short by the
     first Ctrl-C; a second one raises `KeyboardInterrupt` at once (a save cut
     short that way is discarded by Orbax, the previous checkpoint stays).
-    Outside the main thread (where Python cannot handle signals) it does nothing.
+    Outside the main thread (where Python cannot handle signals), or where
+    SIGINT is ignored, it does nothing.
     """
 
     def __enter__(self) -> _StopOnInterrupt:
         self.requested = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is not (
+                signal.SIG_IGN):  # a process that ignores SIGINT (e.g. started with nohup) keeps ignoring it
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
