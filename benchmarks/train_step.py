@@ -17,7 +17,8 @@ batch of 4 x 256 tokens, for:
   * the same PyTorch model with plain PEFT LoRA (float32 `nn.Linear`).
 
 Both sides clip the gradient norm to 0.3 and run AdamW at 2e-4 (qlora_jax's
-`TrainConfig` defaults, without warmup). The steps are timed interleaved (one
+`TrainConfig` defaults, without warmup), and use every core (PyTorch through
+`torch.set_num_threads`). The steps are timed interleaved (one
 call of each per repeat), after warm-up, and the median is reported, with the
 f32 matmul rate of this machine measured in the same run (`jnp.dot` of two
 2048 x 2048 matrices) and the utilisation of each step:

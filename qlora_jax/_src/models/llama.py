@@ -46,7 +46,11 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE (and Qwen3's q/k norms)."""
+    """Grouped-query self-attention with RoPE (and Qwen3's q/k norms).
+
+    Called without a cache, the mask must be causal (as `causal_mask` makes
+    it): `attention` then skips the keys after each block of queries.
+    """
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
@@ -75,15 +79,98 @@ class Attention(nnx.Module):
             cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
             cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, s, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k) * np.float32(self.head_dim**-0.5).astype(q.dtype)
-        scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), np.finfo(np.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, s, self.num_heads * self.head_dim)
+        out = attention(q, k, v, mask, causal=cache is None)  # [b, s, heads * head_dim]
         if cache is not None:
             return self.o_proj(out), (cache_k, cache_v)
         return self.o_proj(out)
+
+
+# Queries per block of causal self-attention (see `attention`), and the most blocks.
+_QUERY_BLOCK = 64
+_MAX_QUERY_BLOCKS = 8
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, causal: bool = False) -> jax.Array:
+    """Grouped-query softmax attention, scores and softmax in float32.
+
+    The heads are moved in front of the sequence once (`[b, kv, groups, s,
+    d]`), so that every product is a batched matmul over contiguous blocks
+    and no score-sized tensor is transposed, forward or backward. With
+    `causal` (self-attention whose mask lets no query see a later key, as
+    `causal_mask` always does) the queries are cut into blocks of
+    `_QUERY_BLOCK` (at most `_MAX_QUERY_BLOCKS` blocks) and each block
+    attends only to the keys up to its last query: the skipped scores are
+    masked anyway, so the result is the same for about (n + 1) / 2n of the
+    work with n blocks.
+
+    Args:
+        q: Queries `[b, sq, heads, d]` (after RoPE).
+        k: Keys `[b, sk, kv_heads, d]`; `heads` a multiple of `kv_heads`.
+        v: Values, as `k`.
+        mask: `[b, sq, sk]` bool, True where a query may attend to a key.
+        causal: Whether `sq == sk` and the mask is causal (query i sees no key after i).
+
+    Returns:
+        `[b, sq, heads * d]` in `v.dtype`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlora_jax.models import causal_mask
+        >>> from qlora_jax._src.models.llama import attention
+        >>> q, kv = jnp.ones((1, 3, 4, 8)), jnp.ones((1, 3, 2, 8))
+        >>> attention(q, kv, kv, causal_mask(3), causal=True).shape
+        (1, 3, 32)
+    """
+    b, sq, heads, d = q.shape
+    kv_heads = k.shape[2]
+    q = q * np.float32(d**-0.5).astype(q.dtype)
+    q = q.reshape(b, sq, kv_heads, heads // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, sq, d]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, sk, d]
+    n_blocks = min(_MAX_QUERY_BLOCKS, -(-sq // _QUERY_BLOCK)) if causal else 1
+    bounds = np.linspace(0, sq, n_blocks + 1).round().astype(int)
+    outs = []
+    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+        end = stop if causal else k.shape[2]  # keys this block can see
+        outs.append(_attend(q[:, :, :, start:stop], k[:, :, :end], v[:, :, :end], mask[:, start:stop, :end]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [b, kv, g, sq, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, heads * d)
+
+
+def _probs(q, k, mask):
+    """Softmax of the scores in float32: `[b, kv, g, m, n]`."""
+    scores = jnp.einsum("bkgqd,bksd->bkgqs", q, k).astype(jnp.float32)
+    return jax.nn.softmax(jnp.where(mask[:, None, None], scores, np.finfo(np.float32).min), axis=-1)
+
+
+@jax.custom_vjp
+def _attend(q, k, v, mask):
+    """One block of queries `q [b, kv, g, m, d]` (scaled) over keys and values `[b, kv, n, d]`; mask `[b, m, n]`."""
+    return jnp.einsum("bkgqs,bksd->bkgqd", _probs(q, k, mask).astype(v.dtype), v)
+
+
+def _attend_fwd(q, k, v, mask):
+    probs = _probs(q, k, mask)
+    return jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(v.dtype), v), (q, k, v, mask, probs)
+
+
+def _attend_bwd(res, grad_out):
+    # Autodiff's products, with the key and value gradients computed transposed
+    # (`[b, kv, d, n]`, contracting the score-sized operand over its rows in
+    # place), so that no score-sized array is transposed.
+    q, k, v, mask, probs = res
+    b, kv, g, m, d = q.shape
+    grad_probs = jnp.einsum("bkgqd,bksd->bkgqs", grad_out, v).astype(jnp.float32)
+    grad_scores = probs * (grad_probs - jnp.sum(grad_probs * probs, axis=-1, keepdims=True))
+    grad_scores = jnp.where(mask[:, None, None], grad_scores, 0.0).astype(q.dtype)  # [b, kv, g, m, n]
+    grad_q = jnp.einsum("bkgqs,bksd->bkgqd", grad_scores, k)
+    rows = (b, kv, g * m, -1)
+    grad_k = jnp.einsum("bkmd,bkms->bkds", q.reshape(rows), grad_scores.reshape(rows))
+    grad_v = jnp.einsum("bkmd,bkms->bkds", grad_out.reshape(rows), probs.astype(v.dtype).reshape(rows))
+    return grad_q, grad_k.swapaxes(2, 3), grad_v.swapaxes(2, 3), None
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
 
 
 def _rope(x, cos, sin):
@@ -104,7 +191,38 @@ class MLP(nnx.Module):
         self.down_proj = nnx.Linear(f, d, **kw)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """`silu(gate) * up`, whose gradient keeps only `gate` and `up` for the backward pass.
+
+    Autodiff of `gate * sigmoid(gate) * up` would also keep the sigmoid and the
+    intermediate products, each as large as the MLP's hidden activations; the
+    backward pass recomputes the sigmoid instead (one cheap elementwise pass).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlora_jax._src.models.llama import swiglu
+        >>> swiglu(jnp.zeros(2), jnp.ones(2)).tolist()
+        [0.0, 0.0]
+    """
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(res, g):
+    gate, up = res
+    sig = jax.nn.sigmoid(gate)
+    # d silu(x) / dx = sigmoid(x) + x * sigmoid(x) * (1 - sigmoid(x))
+    return g * up * (sig + gate * sig * (1 - sig)), g * (gate * sig)
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
 
 class DecoderLayer(nnx.Module):

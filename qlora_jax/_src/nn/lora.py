@@ -12,6 +12,7 @@ PEFT's `lora_A.weight` and `lora_B.weight`.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -36,6 +37,10 @@ def lora_delta(
     precision: lax.PrecisionLike = None,
 ) -> jax.Array:
     """The adapter's contribution `(x @ a @ b) * scale`, computed in `x.dtype`.
+
+    Computed as `((x @ a) * scale) @ b` (the scale applied on the rank axis),
+    with a custom gradient for `x`, `a` and `b` that contracts the large
+    operands over their token axis in place (see `_lora_delta_bwd`).
 
     Dropout, when used, is applied to `x` by the caller (PEFT applies it to the
     adapter input only). The adapter factors are cast to `x.dtype`, so float32
@@ -63,8 +68,39 @@ def lora_delta(
     if a.ndim != 2 or b.ndim != 2 or x.ndim < 1 or x.shape[-1] != a.shape[0] or a.shape[1] != b.shape[0]:
         raise ValueError(f"lora_delta: shapes do not chain: x {tuple(x.shape)} @ a {tuple(a.shape)} @ b "
                          f"{tuple(b.shape)}; expected x[..., in], a[in, r], b[r, out] (slice stacked layers first)")
-    h = _dot(x, a.astype(x.dtype), precision)  # [..., r]
-    return _dot(h, b.astype(x.dtype), precision) * scale  # [..., out]
+    if isinstance(precision, list):
+        precision = tuple(precision)
+    return _lora_delta(x, a.astype(x.dtype), b.astype(x.dtype), float(scale), precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _lora_delta(x, a, b, scale, precision):
+    return _dot(_dot(x, a, precision) * scale, b, precision)  # the scale on the rank axis: [..., r]
+
+
+def _lora_delta_fwd(x, a, b, scale, precision):
+    h = _dot(x, a, precision) * scale  # [..., r]
+    return _dot(h, b, precision), (x, a, b, h)
+
+
+def _lora_delta_bwd(scale, precision, res, g):
+    # The products autodiff would give, written so that each large operand
+    # ([tokens, in] activations, [tokens, out] cotangent) is contracted over its
+    # leading (token) axis in place. Left to autodiff, the gradient of B is
+    # `dot(g, h)ᵀ`, for which XLA on CPU materializes a transposed copy of g,
+    # fused with whatever produced g (e.g. SwiGLU's backward): on CPU that
+    # strided copy cost more than all the matmuls of the layer.
+    x, a, b, h = res
+    tokens = (((0,), (0,)), ((), ()))
+    x2, g2, h2 = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1])
+    grad_b = lax.dot_general(h2, g2, tokens, precision=precision)  # [r, out]
+    grad_h = lax.dot_general(g2, b, (((1,), (1,)), ((), ())), precision=precision) * scale  # [tokens, r]
+    grad_a = lax.dot_general(x2, grad_h, tokens, precision=precision)  # [in, r]
+    grad_x = lax.dot_general(grad_h, a, (((1,), (1,)), ((), ())), precision=precision)  # [tokens, in]
+    return grad_x.reshape(x.shape), grad_a, grad_b
+
+
+_lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
 def lora_einsum(

@@ -375,8 +375,7 @@ def _xla_product(q: QuantizedArray, op: _Op, out_dtype: np.dtype):
     interleaving the nibbles (about a quarter of the time of a matrix-vector
     product).
     """
-    standard = op.dims == (((len(op.lhs_shape) - 1,), (0,)), ((), ())) and len(q.shape) == 2
-    if standard and q.bits == 4 and q.row_layout and jax.default_backend() == "cpu":
+    if _split_halves(q, op):
         even, odd = dequantize_halves(q, op.compute_dtype)  # [out, in // 2] each
         acc = np.dtype(np.float32) if op.compute_dtype.itemsize < 4 else out_dtype
 
@@ -398,6 +397,12 @@ def _xla_product(q: QuantizedArray, op: _Op, out_dtype: np.dtype):
     return product
 
 
+def _split_halves(q: QuantizedArray, op: _Op) -> bool:
+    """Whether the "xla" path multiplies by the even and odd input columns separately (see `_xla_product`)."""
+    standard = op.dims == (((len(op.lhs_shape) - 1,), (0,)), ((), ())) and len(q.shape) == 2
+    return standard and q.bits == 4 and q.row_layout and jax.default_backend() == "cpu"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _qdot(x, q, op: _Op):
     return _forward(x, q, op)
@@ -412,9 +417,19 @@ def _qdot_bwd(op: _Op, q, g):
     # Recompute the weight. Tying q to g keeps XLA from merging this
     # dequantization with the forward one (CSE) or scheduling it before the
     # cotangent exists; either would keep the weight alive in between.
-    product = _xla_product(_depend_on(q, g), op, op.compute_dtype)
-    (grad_x,) = jax.linear_transpose(product, jax.ShapeDtypeStruct(op.lhs_shape, op.compute_dtype))(
-        g.astype(op.compute_dtype))
+    q_g, g = _depend_on(q, g), g.astype(op.compute_dtype)
+    if _split_halves(q, op):
+        # The even and odd columns of the input gradient, interleaved in one pass
+        # (the transpose of the forward's strided slices would write each half
+        # into a zero-padded full-size array, then add the two).
+        even, odd = dequantize_halves(q_g, op.compute_dtype)  # [out, in // 2] each
+        acc = np.dtype(np.float32) if op.compute_dtype.itemsize < 4 else op.compute_dtype
+        dims = (((g.ndim - 1,), (0,)), ((), ()))
+        halves = [lax.dot_general(g, w, dims, precision=op.precision, preferred_element_type=acc) for w in (even, odd)]
+        grad_x = jnp.stack(halves, axis=-1).reshape(op.lhs_shape).astype(op.compute_dtype)  # [..., in]
+        return grad_x, jax.tree.map(_zero_cotangent, q)
+    product = _xla_product(q_g, op, op.compute_dtype)
+    (grad_x,) = jax.linear_transpose(product, jax.ShapeDtypeStruct(op.lhs_shape, op.compute_dtype))(g)
     return grad_x, jax.tree.map(_zero_cotangent, q)
 
 
