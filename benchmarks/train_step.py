@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import math
 import os
@@ -259,22 +258,6 @@ def _is_bnb4(model) -> bool:
 # -- the run ------------------------------------------------------------------------------------------------------
 
 
-def restore_malloc_defaults() -> None:
-    """Undoes `from_pretrained`'s process-wide 1 MiB glibc mmap threshold (a no-op outside glibc).
-
-    The loader makes every allocation of 1 MiB or more an `mmap` so that
-    streamed tensors go back to the OS. Left in place, every large
-    temporary of the PyTorch steps timed after it is page-faulted afresh on
-    each step (about 10^5 faults, +30% step time here); the XLA steps are not
-    affected (their buffers are mmapped either way). 32 MiB is the most glibc's
-    own dynamic threshold rises to.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def matmul_probe(n: int) -> Callable[[], Any]:
     """One blocking `jnp.dot` of two float32 n x n matrices (2·n³ FLOPs), to time next to the steps."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
@@ -348,7 +331,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, quantized in zip(CASES[:2], (True, False), strict=True):
             fns[name], issued, loss0 = jax_step(path, shape, quantized, batch)
             info[name] = {"loss0": loss0, "issued_dot_flops": issued}
-        restore_malloc_defaults()
         if not args.no_torch:
             import torch
 

@@ -140,27 +140,24 @@ def storage_order(q: QuantizedArray) -> tuple[int, ...]:
     return _storage_order(len(q.shape), q.contract_axes)
 
 
-def dequantize_halves(q: QuantizedArray, dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
-    """A 4-bit kernel in row layout, dequantized as its even and odd input columns.
+def dequantize_permuted(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
+    """A 4-bit kernel in row layout, dequantized with its even input columns first, then the odd ones.
 
-    Returns `(even, odd)`, each `[*stack, *out_shape, in // 2]`: the high and
-    low nibbles of every byte, `codebook[code] * absmax` in float32, then cast;
-    interleaved along the last axis they are `dequantize_stored(q, dtype)`
-    exactly. Products with `x[..., 0::2]` and `x[..., 1::2]` skip the
-    interleaving, which costs more than the table lookup on CPU.
+    Returns `[*stack, *out_shape, in]`: the high nibbles of every byte (input
+    columns 0, 2, 4, ...), then the low ones (1, 3, 5, ...), `codebook[code] *
+    absmax` in float32, then cast. Products with `x`'s columns permuted the same
+    way skip interleaving the nibbles, which costs more than the table lookup
+    on CPU.
     """
     if q.bits != 4 or not q.row_layout:
-        raise ValueError(f"q: dequantize_halves needs a 4-bit kernel in row layout; got {q.fmt}, shape {q.shape}, "
+        raise ValueError(f"q: dequantize_permuted needs a 4-bit kernel in row layout; got {q.fmt}, shape {q.shape}, "
                          f"block_size {q.block_size}")
     table = jnp.asarray(codebooks.codebook(q.fmt))
-    absmax = dequantize_absmax(q)[..., None]  # [*stack, *out, in // bs, 1]
-
-    def half(codes: jax.Array) -> jax.Array:
-        values = table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
-        blocks = values.reshape(*values.shape[:-1], -1, q.block_size // 2)
-        return (blocks * absmax).reshape(values.shape).astype(dtype)
-
-    return half(q.codes >> 4), half(q.codes & 0xF)
+    absmax = dequantize_absmax(q)[..., None, :, None]  # [*stack, *out, 1, in // bs, 1]
+    codes = jnp.concatenate([q.codes >> 4, q.codes & 0xF], axis=-1)  # [*stack, *out, in]
+    values = table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+    blocks = values.reshape(*q.codes.shape[:-1], 2, -1, q.block_size // 2)  # [..., half, in // bs, bs // 2]
+    return (blocks * absmax).reshape(values.shape).astype(dtype)
 
 
 def dequantize_stored(q: QuantizedArray, dtype: np.dtype) -> jax.Array:

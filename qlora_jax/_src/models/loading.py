@@ -7,11 +7,13 @@ transposed to Flax's `[in, out]`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +163,15 @@ def from_pretrained(
     config = load_config(path)
     directory = _local_dir(path)
     reader = SafetensorsReader(directory)
-    _return_freed_memory()
+    with _returning_freed_memory():
+        return _load(config, directory, reader, quant=quant, lora=lora, dtype=dtype, param_dtype=param_dtype,
+                     remat=remat, rngs=rngs, progress=progress)
+
+
+def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, quant: QuantConfig | None,
+          lora: LoraConfig | None, dtype: jnp.dtype, param_dtype: jnp.dtype, remat: bool, rngs: nnx.Rngs | None,
+          progress: bool) -> CausalLM:
+    """`from_pretrained`'s work once the checkpoint is found."""
     bnb = _bnb_config(directory)
     if bnb is not None:
         if quant is not None and (quant.fmt, quant.double_quant) != (bnb.fmt, bnb.double_quant):
@@ -242,20 +252,32 @@ def _trim_heap() -> None:
         pass
 
 
-def _return_freed_memory() -> None:
-    """Makes glibc serve allocations of 1 MiB and more with mmap (so they go back
-    to the OS when freed) instead of raising that threshold as buffers are freed.
+@contextlib.contextmanager
+def _returning_freed_memory() -> Iterator[None]:
+    """While loading, glibc serves allocations of 1 MiB and more with mmap, so
+    that they go back to the OS when freed; afterwards, the values glibc's own
+    adaptive thresholds reach after large frees (a no-op outside glibc).
 
-    glibc's default adapts the threshold up to 32 MiB after large frees, after
-    which tensor-sized buffers come from the heap and stay resident once freed;
-    streaming a checkpoint tensor by tensor then grows the process by several
-    hundred MiB. A process-wide, harmless setting; a no-op outside glibc.
+    glibc's default raises the mmap threshold up to 32 MiB as buffers are
+    freed, after which tensor-sized buffers come from the heap and stay
+    resident once freed: streaming a checkpoint tensor by tensor would grow the
+    process by several hundred MiB. Left at 1 MiB after loading, every large
+    temporary of a later computation (a PyTorch step in the same process: +30%
+    time) would be mapped and page-faulted afresh each time, so the thresholds
+    are set to 32 MiB (mmap) and 64 MiB (trim) on the way out. glibc has no
+    call to read the previous values back.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     except (OSError, AttributeError):
-        pass
+        libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
 
 
 def _put_layer(parts: dict[str, Any], q: QuantizedArray, layer: int, num_layers: int) -> None:

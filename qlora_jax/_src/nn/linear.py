@@ -23,6 +23,7 @@ from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn.adapter import AdapterMixin
 from qlora_jax._src.nn.lora import lora_delta
 from qlora_jax._src.nn.variables import FrozenWeight, QuantizedWeight
+from qlora_jax._src.ops.merged import can_merge, lora_matmul
 from qlora_jax._src.ops.qmatmul import qmatmul
 
 __all__ = ["QuantLinear", "QLoRALinear"]
@@ -145,6 +146,11 @@ class QLoRALinear(QuantLinear, AdapterMixin):
     `model.train()` clears it; a `deterministic=` call argument overrides it).
     Its keys come from the layer's own `RngStream` (split per stacked layer).
 
+    In float32 without dropout (rate 0, or deterministic) the adapter is
+    folded into the weight the product materializes anyway, `x @ (W + s · A
+    @ B)`, with its own gradient (`qlora_jax/_src/ops/merged.py`); otherwise,
+    and on the Pallas paths, the adapter's two thin products are added.
+
     Attributes:
         lora_a: `nnx.LoRAParam` `[*stack, in, rank]`.
         lora_b: `nnx.LoRAParam` `[*stack, rank, out]`.
@@ -208,6 +214,15 @@ class QLoRALinear(QuantLinear, AdapterMixin):
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         """`x [..., in]` → `[..., out]` in the compute dtype; `deterministic` overrides the attribute."""
+        off = self.deterministic if deterministic is None else deterministic
+        h = x.astype(x.dtype if self.dtype is None else self.dtype)
+        kernel = self.kernel.get_value()
+        if (self.dropout_rate == 0 or off) and can_merge(h, kernel):
+            # float32 without dropout: one product with the merged weight (ops/merged.py)
+            y = lora_matmul(h, kernel, self.lora_a[...], self.lora_b[...], self.scale, precision=self.precision)
+            if self.bias is not None:
+                y = y + jnp.reshape(self.bias[...].astype(y.dtype), (1,) * (y.ndim - 1) + (-1,))
+            return y
         y = super().__call__(x)  # [..., out]
         h = self._adapter_input(x.astype(y.dtype), deterministic)  # [..., in], dropout on the adapter input only
         return y + lora_delta(h, self.lora_a[...], self.lora_b[...], self.scale, precision=self.precision)

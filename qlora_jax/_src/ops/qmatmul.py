@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from qlora_jax._src.formats.blockwise import dequantize, dequantize_halves, dequantize_stored, storage_order
+from qlora_jax._src.formats.blockwise import dequantize, dequantize_permuted, dequantize_stored, storage_order
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.ops import pallas
 
@@ -370,22 +370,22 @@ def _xla_product(q: QuantizedArray, op: _Op, out_dtype: np.dtype):
     The weight is contracted in its storage order (`[out, in]` for a 2-D
     kernel): that is as fast as `[in, out]` and saves a transposed copy, which
     costs more than the dequantization itself on CPU. On CPU a 4-bit kernel in
-    row layout is further dequantized as its even and odd input columns and
-    multiplied with `x[..., 0::2]` and `x[..., 1::2]`, which saves
-    interleaving the nibbles (about a quarter of the time of a matrix-vector
-    product).
+    row layout is further dequantized with its input columns permuted, the
+    even ones first, then the odd ones (the high and low nibbles of each byte,
+    written side by side without interleaving them, which costs about a
+    quarter of the time of a matrix-vector product), and contracted in one
+    full-width product with `x`'s columns permuted the same way.
     """
-    if _split_halves(q, op):
-        even, odd = dequantize_halves(q, op.compute_dtype)  # [out, in // 2] each
+    if _permute_columns(q, op):
+        w = dequantize_permuted(q, op.compute_dtype)  # [out, in], columns 0, 2, 4, ..., 1, 3, 5, ...
         acc = np.dtype(np.float32) if op.compute_dtype.itemsize < 4 else out_dtype
 
-        def split_product(x):
+        def permuted_product(x):
             dims = (((x.ndim - 1,), (1,)), ((), ()))
-            y = lax.dot_general(x[..., 0::2], even, dims, precision=op.precision, preferred_element_type=acc)
-            y = y + lax.dot_general(x[..., 1::2], odd, dims, precision=op.precision, preferred_element_type=acc)
-            return y.astype(out_dtype)
+            x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
+            return lax.dot_general(x, w, dims, precision=op.precision, preferred_element_type=acc).astype(out_dtype)
 
-        return split_product
+        return permuted_product
     w = dequantize_stored(q, op.compute_dtype)
     position = {a: i for i, a in enumerate(storage_order(q))}
     (lc, rc), (lb, rb) = op.dims
@@ -397,10 +397,14 @@ def _xla_product(q: QuantizedArray, op: _Op, out_dtype: np.dtype):
     return product
 
 
-def _split_halves(q: QuantizedArray, op: _Op) -> bool:
-    """Whether the "xla" path multiplies by the even and odd input columns separately (see `_xla_product`)."""
-    standard = op.dims == (((len(op.lhs_shape) - 1,), (0,)), ((), ())) and len(q.shape) == 2
-    return standard and q.bits == 4 and q.row_layout and jax.default_backend() == "cpu"
+def _permute_columns(q: QuantizedArray, op: _Op) -> bool:
+    """Whether the "xla" path contracts the kernel with its even and odd input columns apart (see `_xla_product`)."""
+    return op.dims == (((len(op.lhs_shape) - 1,), (0,)), ((), ())) and _permutes_columns(q)
+
+
+def _permutes_columns(q: QuantizedArray) -> bool:
+    """Whether a 2-D kernel `[in, out]` is dequantized with its input columns permuted on this backend."""
+    return len(q.shape) == 2 and q.bits == 4 and q.row_layout and jax.default_backend() == "cpu"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -418,16 +422,18 @@ def _qdot_bwd(op: _Op, q, g):
     # dequantization with the forward one (CSE) or scheduling it before the
     # cotangent exists; either would keep the weight alive in between.
     q_g, g = _depend_on(q, g), g.astype(op.compute_dtype)
-    if _split_halves(q, op):
-        # The even and odd columns of the input gradient, interleaved in one pass
-        # (the transpose of the forward's strided slices would write each half
-        # into a zero-padded full-size array, then add the two).
-        even, odd = dequantize_halves(q_g, op.compute_dtype)  # [out, in // 2] each
+    if _permute_columns(q, op):
+        # The input gradient with its columns permuted as the kernel's, then
+        # interleaved back in one pass (the transpose of the forward's strided
+        # slices and concatenation would write each half into a zero-padded
+        # full-size array, then add the two).
+        w = dequantize_permuted(q_g, op.compute_dtype)
         acc = np.dtype(np.float32) if op.compute_dtype.itemsize < 4 else op.compute_dtype
         dims = (((g.ndim - 1,), (0,)), ((), ()))
-        halves = [lax.dot_general(g, w, dims, precision=op.precision, preferred_element_type=acc) for w in (even, odd)]
-        grad_x = jnp.stack(halves, axis=-1).reshape(op.lhs_shape).astype(op.compute_dtype)  # [..., in]
-        return grad_x, jax.tree.map(_zero_cotangent, q)
+        grad = lax.dot_general(g, w, dims, precision=op.precision, preferred_element_type=acc)  # [..., in] permuted
+        half = grad.shape[-1] // 2
+        grad_x = jnp.stack([grad[..., :half], grad[..., half:]], axis=-1).reshape(op.lhs_shape)
+        return grad_x.astype(op.compute_dtype), jax.tree.map(_zero_cotangent, q)
     product = _xla_product(q_g, op, op.compute_dtype)
     (grad_x,) = jax.linear_transpose(product, jax.ShapeDtypeStruct(op.lhs_shape, op.compute_dtype))(g)
     return grad_x, jax.tree.map(_zero_cotangent, q)
@@ -442,9 +448,15 @@ def _depend_on(q: QuantizedArray, a: jax.Array) -> QuantizedArray:
     0x7FC00001), so the dequantization runs where `a` is used."""
     if a.size == 0:
         return q
-    first = lax.bitcast_convert_type(a.reshape(-1)[:1].astype(jnp.float32), jnp.int32)
-    zero = (first == np.int32(0x7FC00001)).astype(q.codes.dtype)
-    return dataclasses.replace(q, codes=q.codes + zero.reshape((1,) * q.codes.ndim))
+    return dataclasses.replace(q, codes=q.codes + _tie(a).astype(q.codes.dtype))
+
+
+def _tie(a: jax.Array) -> jax.Array:
+    """An int32 scalar zero that depends on `a` (1 only if a's first element has the bits 0x7FC00001)."""
+    if a.size == 0:
+        return jnp.zeros((), jnp.int32)
+    first = lax.bitcast_convert_type(a.reshape(-1)[0].astype(jnp.float32), jnp.int32)
+    return (first == np.int32(0x7FC00001)).astype(jnp.int32)
 
 
 def _zero_cotangent(leaf: jax.Array) -> jax.Array:
