@@ -265,8 +265,12 @@ def _returning_freed_memory() -> Iterator[None]:
     temporary of a later computation (a PyTorch step in the same process: +30%
     time) would be mapped and page-faulted afresh each time, so the thresholds
     are set to 32 MiB (mmap) and 64 MiB (trim) on the way out. glibc has no
-    call to read the previous values back.
+    call to read the previous values back. Where `GLIBC_TUNABLES` sets malloc
+    parameters, they are left as the user chose.
     """
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        yield
+        return
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
