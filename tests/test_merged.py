@@ -17,7 +17,7 @@ from qlora_jax.nnx import QLoRALinear
 SCALE = 1.5
 
 
-def _operands(n_in: int, n_out: int, rank: int = 4, tokens: tuple[int, ...] = (3, 5)):
+def _operands(n_in: int, n_out: int, rank: int = 4, tokens: tuple[int, ...] = (4, 32)):
     k = jax.random.split(jax.random.key(0), 5)
     w = jax.random.normal(k[0], (n_in, n_out), jnp.float32) * 0.1
     x = jax.random.normal(k[1], (*tokens, n_in), jnp.float32)
@@ -97,11 +97,14 @@ def test_dropout_and_half_precision_keep_the_separate_adapter(monkeypatch):
     assert len(calls) == 1
     assert not can_merge(x.astype(jnp.bfloat16), q)
     assert not can_merge(x, jax.tree.map(lambda leaf: leaf[None], q))  # stacked: one layer at a time
+    assert not can_merge(x[:1, :8], q)  # 8 tokens: forming A @ B would cost more than the thin products
+    layer(x[:1, :8], deterministic=True)
+    assert len(calls) == 1
 
 
 def test_bad_factors_are_named():
     w, x, a, b, _ = _operands(128, 64)
     with pytest.raises(ValueError, match=r"lora_matmul: factors a \(128, 4\), b \(3, 64\) do not fit"):
         lora_matmul(x, w, a, b[:3], SCALE)
-    with pytest.raises(ValueError, match=r"lora_matmul: cannot merge x \(3, 5, 128\) bfloat16"):
+    with pytest.raises(ValueError, match=r"lora_matmul: cannot merge x \(4, 32, 128\) bfloat16"):
         lora_matmul(x.astype(jnp.bfloat16), w, a, b, SCALE)

@@ -8,7 +8,9 @@ for `A @ B`), and a training step saves, per layer: the `[tokens, out]`
 product `(x A) B` and its sum with `x W` in the forward pass, and the
 `[tokens, in]` product `(g Bᵀ) Aᵀ` and its sum with `g Wᵀ` in the backward
 pass. On CPU, where these thin products run far below the machine's matmul
-rate, that is about a tenth of a QLoRA step.
+rate, that is about a tenth of a QLoRA step. It pays where the step has more
+activations than weights (see `can_merge`), not when decoding a token at a
+time.
 
 Only for float32: in bfloat16 or float16 the adapter's update, orders of
 magnitude smaller than the weight, would be rounded away in the sum.
@@ -39,17 +41,24 @@ def can_merge(x: jax.Array, kernel: QuantizedArray | jax.Array) -> bool:
     """Whether `lora_matmul` computes `x @ kernel` plus an adapter for these operands.
 
     float32 activations, a 2-D kernel `[in, out]` without stack dimensions,
-    and for a packed kernel the "xla" path of `qmatmul` (a Pallas kernel
-    never materializes the weight, so there the adapter stays separate).
+    for a packed kernel the "xla" path of `qmatmul` (a Pallas kernel never
+    materializes the weight, so there the adapter stays separate), and enough
+    tokens: the activations `x` and `y` together hold at least as many
+    elements as the weight (`tokens · (in + out) ≥ in · out`). Below that
+    (decoding, small batches of a large model) forming `A @ B` and adding it
+    to the weight moves more memory than the two thin products it saves.
 
     Example:
         >>> import jax.numpy as jnp
         >>> from qlora_jax._src.ops.merged import can_merge
-        >>> x, kernel = jnp.ones((2, 64)), jnp.ones((64, 8))
-        >>> can_merge(x, kernel), can_merge(x.astype(jnp.bfloat16), kernel)
-        (True, False)
+        >>> x, kernel = jnp.ones((64, 64)), jnp.ones((64, 8))
+        >>> can_merge(x, kernel), can_merge(x.astype(jnp.bfloat16), kernel), can_merge(x[:1], kernel)
+        (True, False, False)
     """
-    if np.dtype(x.dtype) != np.float32 or x.ndim < 1:
+    if np.dtype(x.dtype) != np.float32 or x.ndim < 1 or len(kernel.shape) != 2:
+        return False
+    n_in, n_out = kernel.shape
+    if x.size // max(x.shape[-1], 1) * (n_in + n_out) < n_in * n_out:
         return False
     if isinstance(kernel, QuantizedArray):
         return (len(kernel.shape) == 2 and kernel.contract_axes == (0,) and not kernel.stack_shape
@@ -90,7 +99,7 @@ def lora_matmul(
         >>> import jax, jax.numpy as jnp, qlora_jax as qj
         >>> from qlora_jax._src.ops.merged import lora_matmul
         >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (128, 64)), "nf4")
-        >>> x, a, b = jnp.ones((2, 128)), jnp.full((128, 4), 0.01), jnp.full((4, 64), 0.01)
+        >>> x, a, b = jnp.ones((64, 128)), jnp.full((128, 4), 0.01), jnp.full((4, 64), 0.01)
         >>> y = lora_matmul(x, q, a, b, 2.0)
         >>> bool(jnp.allclose(y, qj.qmatmul(x, q) + 2.0 * (x @ a) @ b, atol=1e-4))
         True
