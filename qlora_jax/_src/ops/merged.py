@@ -114,7 +114,7 @@ def lora_matmul(
                          f"[{n_in}, {n_out}]; expected a [in, r], b [r, out]")
     if isinstance(precision, list):
         precision = tuple(precision)
-    permuted = isinstance(kernel, QuantizedArray) and _permutes_columns(kernel, np.dtype(np.float32))
+    permuted = isinstance(kernel, QuantizedArray) and _permutes_columns(kernel)
     return _merged(x, kernel, a.astype(x.dtype), b.astype(x.dtype), (float(scale), precision, permuted))
 
 

@@ -369,20 +369,21 @@ def _xla_product(q: QuantizedArray, op: _Op, out_dtype: np.dtype):
 
     The weight is contracted in its storage order (`[out, in]` for a 2-D
     kernel): that is as fast as `[in, out]` and saves a transposed copy, which
-    costs more than the dequantization itself on CPU. On CPU, in float32, a
-    4-bit kernel in row layout is further dequantized with its input columns
-    permuted, the even ones first, then the odd ones (the high and low nibbles
-    of each byte, written side by side without interleaving them, which costs
-    about a quarter of the time of a matrix-vector product), and contracted in
-    one full-width product with `x`'s columns permuted the same way.
+    costs more than the dequantization itself on CPU. On CPU a 4-bit kernel in
+    row layout is further dequantized with its input columns permuted, the
+    even ones first, then the odd ones (the high and low nibbles of each byte,
+    written side by side without interleaving them, which costs about a
+    quarter of the time of a matrix-vector product), and contracted in one
+    full-width product with `x`'s columns permuted the same way.
     """
     if _permute_columns(q, op):
         w = dequantize_permuted(q, op.compute_dtype)  # [out, in], columns 0, 2, 4, ..., 1, 3, 5, ...
+        acc = np.dtype(np.float32) if op.compute_dtype.itemsize < 4 else out_dtype
 
         def permuted_product(x):
             dims = (((x.ndim - 1,), (1,)), ((), ()))
             x = jnp.concatenate([x[..., 0::2], x[..., 1::2]], axis=-1)
-            return lax.dot_general(x, w, dims, precision=op.precision, preferred_element_type=out_dtype)
+            return lax.dot_general(x, w, dims, precision=op.precision, preferred_element_type=acc).astype(out_dtype)
 
         return permuted_product
     w = dequantize_stored(q, op.compute_dtype)
@@ -398,15 +399,17 @@ def _xla_product(q: QuantizedArray, op: _Op, out_dtype: np.dtype):
 
 def _permute_columns(q: QuantizedArray, op: _Op) -> bool:
     """Whether the "xla" path contracts the kernel with its even and odd input columns apart (see `_xla_product`)."""
-    return op.dims == (((len(op.lhs_shape) - 1,), (0,)), ((), ())) and _permutes_columns(q, op.compute_dtype)
+    return op.dims == (((len(op.lhs_shape) - 1,), (0,)), ((), ())) and _permutes_columns(q)
 
 
-def _permutes_columns(q: QuantizedArray, compute_dtype: np.dtype) -> bool:
-    """Whether a 2-D kernel `[in, out]` is dequantized with its input columns permuted: a speed path for
-    float32 on CPU. It materializes the kernel's nibbles (one byte per weight) for the lookup; in 16-bit, which
-    is not a CPU training dtype, the interleaved dequantization keeps no such buffer."""
-    return (len(q.shape) == 2 and q.bits == 4 and q.row_layout and np.dtype(compute_dtype) == np.float32
-            and jax.default_backend() == "cpu")
+def _permutes_columns(q: QuantizedArray) -> bool:
+    """Whether a 2-D kernel `[in, out]` is dequantized with its input columns permuted on this backend.
+
+    The permuted lookup materializes the kernel's nibbles, one byte per weight,
+    for one layer at a time; on CPU that is still leaner than the interleaved
+    lookup in 16-bit (whose float32 products keep more) and faster in float32.
+    """
+    return len(q.shape) == 2 and q.bits == 4 and q.row_layout and jax.default_backend() == "cpu"
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -429,9 +432,10 @@ def _qdot_bwd(op: _Op, q, g):
         # interleaved back in one pass (the transpose of the forward's strided
         # slices and concatenation would write each half into a zero-padded
         # full-size array, then add the two).
-        w = dequantize_permuted(q_g, op.compute_dtype)  # float32 (see `_permutes_columns`)
+        w = dequantize_permuted(q_g, op.compute_dtype)
+        acc = np.dtype(np.float32) if op.compute_dtype.itemsize < 4 else op.compute_dtype
         dims = (((g.ndim - 1,), (0,)), ((), ()))
-        grad = lax.dot_general(g, w, dims, precision=op.precision)  # [..., in] permuted
+        grad = lax.dot_general(g, w, dims, precision=op.precision, preferred_element_type=acc)  # [..., in] permuted
         half = grad.shape[-1] // 2
         grad_x = jnp.stack([grad[..., :half], grad[..., half:]], axis=-1).reshape(op.lhs_shape)
         return grad_x.astype(op.compute_dtype), jax.tree.map(_zero_cotangent, q)
