@@ -308,6 +308,20 @@ def test_leaves_shard_along_the_output_axis(cpu_devices):
 
 
 @pytest.mark.parametrize("fmt", ["nf4", "fp4", "int4"])
+def test_dequantize_halves_are_the_even_and_odd_input_columns(fmt):
+    kernel = jax.random.normal(jax.random.key(3), (2, 256, 48))
+    q = qj.quantize(kernel[0], fmt, 64, double_quant=True)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), q, qj.quantize(kernel[1], fmt, 64, double_quant=True))
+    for qq in (q, stacked):
+        even, odd = blockwise.dequantize_halves(qq, jnp.float32)
+        full = np.asarray(qj.dequantize(qq, jnp.float32))  # [*stack, in, out]
+        np.testing.assert_array_equal(np.swapaxes(np.asarray(even), -1, -2), full[..., 0::2, :])
+        np.testing.assert_array_equal(np.swapaxes(np.asarray(odd), -1, -2), full[..., 1::2, :])
+    with pytest.raises(ValueError, match="dequantize_halves needs a 4-bit kernel in row layout"):
+        blockwise.dequantize_halves(qj.quantize(kernel[0], "int8", 64), jnp.float32)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "int4"])
 def test_dequantize_permuted_puts_the_even_input_columns_first(fmt):
     kernel = jax.random.normal(jax.random.key(3), (2, 256, 48))
     q = qj.quantize(kernel[0], fmt, 64, double_quant=True)

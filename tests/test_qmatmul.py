@@ -378,3 +378,18 @@ def test_bad_input_names_the_shapes():
         qj.qeinsum("bsd,dnh->bsnh", jnp.ones((2, 3, 32)), k3)
     with pytest.raises(ValueError, match=r"subscripts: 'bsd,dnh' is not of the form"):
         qj.qeinsum("bsd,dnh", jnp.ones((2, 3, 64)), k3)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("rows", [8, 1024])
+def test_cpu_nibble_layouts_match_the_reference(rows, dtype, tol):
+    """On CPU a 4-bit kernel is contracted as two half-width products below 1024 rows of x and as one
+    permuted full-width product from 1024 rows on: both give the reference's values and input gradient."""
+    q = qj.quantize(jax.random.normal(jax.random.key(0), (128, 64)), "nf4", 64, double_quant=True)
+    x = jax.random.normal(jax.random.key(1), (rows, 128)).astype(dtype)
+    g = jax.random.normal(jax.random.key(2), (rows, 64)).astype(dtype)
+    want, want_vjp = jax.vjp(lambda x: qj.qmatmul(x, q, path="reference"), x)
+    got, got_vjp = jax.vjp(lambda x: qj.qmatmul(x, q, path="xla"), x)
+    for a, b in ((got, want), (got_vjp(g)[0], want_vjp(g)[0])):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max())

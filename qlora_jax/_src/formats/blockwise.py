@@ -140,6 +140,29 @@ def storage_order(q: QuantizedArray) -> tuple[int, ...]:
     return _storage_order(len(q.shape), q.contract_axes)
 
 
+def dequantize_halves(q: QuantizedArray, dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
+    """A 4-bit kernel in row layout, dequantized as its even and odd input columns.
+
+    Returns `(even, odd)`, each `[*stack, *out_shape, in // 2]`: the high and
+    low nibbles of every byte, `codebook[code] * absmax` in float32, then cast;
+    interleaved along the last axis they are `dequantize_stored(q, dtype)`
+    exactly. Products with `x[..., 0::2]` and `x[..., 1::2]` skip the
+    interleaving, which costs more than the table lookup on CPU.
+    """
+    if q.bits != 4 or not q.row_layout:
+        raise ValueError(f"q: dequantize_halves needs a 4-bit kernel in row layout; got {q.fmt}, shape {q.shape}, "
+                         f"block_size {q.block_size}")
+    table = jnp.asarray(codebooks.codebook(q.fmt))
+    absmax = dequantize_absmax(q)[..., None]  # [*stack, *out, in // bs, 1]
+
+    def half(codes: jax.Array) -> jax.Array:
+        values = table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
+        blocks = values.reshape(*values.shape[:-1], -1, q.block_size // 2)
+        return (blocks * absmax).reshape(values.shape).astype(dtype)
+
+    return half(q.codes >> 4), half(q.codes & 0xF)
+
+
 def dequantize_permuted(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
     """A 4-bit kernel in row layout, dequantized with its even input columns first, then the odd ones.
 

@@ -37,7 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from qlora_jax._src.formats.blockwise import dequantize, dequantize_permuted, dequantize_stored, storage_order
+from qlora_jax._src.formats.blockwise import (
+    dequantize,
+    dequantize_halves,
+    dequantize_permuted,
+    dequantize_stored,
+    storage_order,
+)
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.ops import pallas
 
@@ -370,13 +376,27 @@ def _xla_product(q: QuantizedArray, op: _Op, out_dtype: np.dtype):
     The weight is contracted in its storage order (`[out, in]` for a 2-D
     kernel): that is as fast as `[in, out]` and saves a transposed copy, which
     costs more than the dequantization itself on CPU. On CPU a 4-bit kernel in
-    row layout is further dequantized with its input columns permuted, the
-    even ones first, then the odd ones (the high and low nibbles of each byte,
-    written side by side without interleaving them, which costs about a
-    quarter of the time of a matrix-vector product), and contracted in one
-    full-width product with `x`'s columns permuted the same way.
+    row layout skips interleaving the high and low nibbles of each byte (about
+    a quarter of the time of a matrix-vector product): for fewer than
+    `_PERMUTED_MIN_ROWS` rows of `x` it is dequantized as its even and odd
+    input columns, multiplied with `x[..., 0::2]` and `x[..., 1::2]`; for more,
+    as one kernel with its input columns permuted (the even ones first, then the
+    odd ones), contracted in one full-width product with `x`'s columns permuted
+    the same way, which is faster there but materializes the kernel's nibbles
+    (one byte per weight).
     """
-    if _permute_columns(q, op):
+    if _cpu_halves(q, op) == "split":
+        even, odd = dequantize_halves(q, op.compute_dtype)  # [out, in // 2] each
+        acc = np.dtype(np.float32) if op.compute_dtype.itemsize < 4 else out_dtype
+
+        def split_product(x):
+            dims = (((x.ndim - 1,), (1,)), ((), ()))
+            y = lax.dot_general(x[..., 0::2], even, dims, precision=op.precision, preferred_element_type=acc)
+            y = y + lax.dot_general(x[..., 1::2], odd, dims, precision=op.precision, preferred_element_type=acc)
+            return y.astype(out_dtype)
+
+        return split_product
+    if _cpu_halves(q, op) == "permuted":
         w = dequantize_permuted(q, op.compute_dtype)  # [out, in], columns 0, 2, 4, ..., 1, 3, 5, ...
         acc = np.dtype(np.float32) if op.compute_dtype.itemsize < 4 else out_dtype
 
@@ -397,18 +417,20 @@ def _xla_product(q: QuantizedArray, op: _Op, out_dtype: np.dtype):
     return product
 
 
-def _permute_columns(q: QuantizedArray, op: _Op) -> bool:
-    """Whether the "xla" path contracts the kernel with its even and odd input columns apart (see `_xla_product`)."""
-    return op.dims == (((len(op.lhs_shape) - 1,), (0,)), ((), ())) and _permutes_columns(q)
+# Rows of x from which the CPU "xla" path contracts a permuted full-width kernel instead of its two halves.
+_PERMUTED_MIN_ROWS = 1024
+
+
+def _cpu_halves(q: QuantizedArray, op: _Op) -> str | None:
+    """How the "xla" path handles the nibbles of a 4-bit kernel on CPU (see `_xla_product`): "split" (two
+    half-width products), "permuted" (one product with permuted columns), or None (interleaved)."""
+    if op.dims != (((len(op.lhs_shape) - 1,), (0,)), ((), ())) or not _permutes_columns(q):
+        return None
+    return "permuted" if math.prod(op.lhs_shape[:-1]) >= _PERMUTED_MIN_ROWS else "split"
 
 
 def _permutes_columns(q: QuantizedArray) -> bool:
-    """Whether a 2-D kernel `[in, out]` is dequantized with its input columns permuted on this backend.
-
-    The permuted lookup materializes the kernel's nibbles, one byte per weight,
-    for one layer at a time; on CPU that is still leaner than the interleaved
-    lookup in 16-bit (whose float32 products keep more) and faster in float32.
-    """
+    """Whether a 2-D kernel `[in, out]` is dequantized without interleaving its nibbles on this backend (CPU)."""
     return len(q.shape) == 2 and q.bits == 4 and q.row_layout and jax.default_backend() == "cpu"
 
 
@@ -427,7 +449,17 @@ def _qdot_bwd(op: _Op, q, g):
     # dequantization with the forward one (CSE) or scheduling it before the
     # cotangent exists; either would keep the weight alive in between.
     q_g, g = _depend_on(q, g), g.astype(op.compute_dtype)
-    if _permute_columns(q, op):
+    if _cpu_halves(q, op) == "split":
+        # The even and odd columns of the input gradient, interleaved in one pass
+        # (the transpose of the forward's strided slices would write each half
+        # into a zero-padded full-size array, then add the two).
+        even, odd = dequantize_halves(q_g, op.compute_dtype)  # [out, in // 2] each
+        acc = np.dtype(np.float32) if op.compute_dtype.itemsize < 4 else op.compute_dtype
+        dims = (((g.ndim - 1,), (0,)), ((), ()))
+        halves = [lax.dot_general(g, w, dims, precision=op.precision, preferred_element_type=acc) for w in (even, odd)]
+        grad_x = jnp.stack(halves, axis=-1).reshape(op.lhs_shape).astype(op.compute_dtype)  # [..., in]
+        return grad_x, jax.tree.map(_zero_cotangent, q)
+    if _cpu_halves(q, op) == "permuted":
         # The input gradient with its columns permuted as the kernel's, then
         # interleaved back in one pass (the transpose of the forward's strided
         # slices and concatenation would write each half into a zero-padded
