@@ -112,9 +112,12 @@ class QuantLinear(nnx.Module):
         """`x [..., in]` → `[..., out]` in the compute dtype."""
         x = x.astype(x.dtype if self.dtype is None else self.dtype)
         y = _frozen_matmul(x, self.kernel.get_value(), self.precision, type(self).__name__)  # [..., out]
-        if self.bias is not None:
-            y = y + jnp.reshape(self.bias[...].astype(y.dtype), (1,) * (y.ndim - 1) + (-1,))
-        return y
+        return self._add_bias(y)
+
+    def _add_bias(self, y: jax.Array) -> jax.Array:
+        if self.bias is None:
+            return y
+        return y + jnp.reshape(self.bias[...].astype(y.dtype), (1,) * (y.ndim - 1) + (-1,))
 
     @property
     def quantized(self) -> bool:
@@ -219,10 +222,8 @@ class QLoRALinear(QuantLinear, AdapterMixin):
         kernel = self.kernel.get_value()
         if (self.dropout_rate == 0 or off) and can_merge(h, kernel):
             # float32 without dropout: one product with the merged weight (ops/merged.py)
-            y = lora_matmul(h, kernel, self.lora_a[...], self.lora_b[...], self.scale, precision=self.precision)
-            if self.bias is not None:
-                y = y + jnp.reshape(self.bias[...].astype(y.dtype), (1,) * (y.ndim - 1) + (-1,))
-            return y
+            return self._add_bias(lora_matmul(h, kernel, self.lora_a[...], self.lora_b[...], self.scale,
+                                              precision=self.precision))
         y = super().__call__(x)  # [..., out]
         h = self._adapter_input(x.astype(y.dtype), deterministic)  # [..., in], dropout on the adapter input only
         return y + lora_delta(h, self.lora_a[...], self.lora_b[...], self.scale, precision=self.precision)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from qlora_jax._src.formats.blockwise import dequantize_permuted, dequantize_stored, storage_order
+from qlora_jax._src.formats.blockwise import dequantize_permuted, dequantize_stored
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.ops.qmatmul import _depend_on, _permutes_columns, _tie, _zero_cotangent, qmatmul_path
 
@@ -60,10 +60,11 @@ def can_merge(x: jax.Array, kernel: QuantizedArray | jax.Array) -> bool:
     n_in, n_out = kernel.shape
     if x.size // max(x.shape[-1], 1) * (n_in + n_out) < n_in * n_out:
         return False
+    if x.shape[-1] != n_in:
+        return False
     if isinstance(kernel, QuantizedArray):
-        return (len(kernel.shape) == 2 and kernel.contract_axes == (0,) and not kernel.stack_shape
-                and x.shape[-1] == kernel.shape[0] and qmatmul_path(x, kernel) == "xla")
-    return kernel.ndim == 2 and x.shape[-1] == kernel.shape[0]
+        return kernel.contract_axes == (0,) and not kernel.stack_shape and qmatmul_path(x, kernel) == "xla"
+    return True
 
 
 def lora_matmul(
@@ -174,7 +175,6 @@ def _weight(kernel, a, b, cfg, *, tie):
         base = dequantize_permuted(q, np.dtype(np.float32))  # [out, in], even input columns first
         a = jnp.concatenate([a[0::2], a[1::2]], axis=0)
     else:
-        base = dequantize_stored(q, np.dtype(np.float32))
-        assert storage_order(q) == (1, 0)
+        base = dequantize_stored(q, np.dtype(np.float32))  # [out, in]: a 2-D kernel contracted over axis 0
     update = lax.dot_general(b, a, (((0,), (1,)), ((), ())), precision=precision)  # [out, in]
     return base + update * np.float32(scale)
