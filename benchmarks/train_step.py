@@ -48,6 +48,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import statistics
 import sys
 import tempfile
 import warnings
@@ -255,6 +256,134 @@ def _is_bnb4(model) -> bool:
     return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
+# -- what bounds the step ----------------------------------------------------------------------------------------
+
+
+def frozen_products(shape: Shape) -> list[dict[str, Any]]:
+    """The frozen-weight products of one step, one entry per distinct shape and direction.
+
+    Each linear layer's frozen weight `W [out, in]` is used twice per step:
+    forward `x [T, in] · Wᵀ` and input gradient `g [T, out] · W` (no weight
+    gradient). `count` is how many such products one step issues
+    (layers times projections of that shape, plus the output head).
+
+    Example:
+        >>> [(p["layers"], p["count"]) for p in frozen_products(Shape())][:2]
+        [('q_proj, o_proj', 8), ('q_proj, o_proj', 8)]
+    """
+    d, f, hd, n = shape.hidden, shape.intermediate, shape.head_dim, shape.layers
+    q_out, kv_out = shape.heads * hd, shape.kv_heads * hd
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, size in {"q_proj": (d, q_out), "k_proj": (d, kv_out), "v_proj": (d, kv_out), "o_proj": (q_out, d),
+                       "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}.items():
+        groups.setdefault(size, []).append(name)
+    shapes = [(i, o, ", ".join(names), n * len(names)) for (i, o), names in groups.items()]
+    shapes.append((d, shape.vocab, "lm_head", 1))
+    tokens = shape.batch * shape.seq
+    out = []
+    for i, o, names, count in shapes:
+        for direction in ("forward", "input gradient"):
+            k, m = (i, o) if direction == "forward" else (o, i)  # contracted, produced
+            out.append({"layers": names, "direction": direction, "tokens": tokens, "in": k, "out": m,
+                        "count": count, "flops": 2.0 * tokens * k * m})
+    return out
+
+
+def product_fns(product: dict[str, Any], with_torch: bool) -> dict[str, Callable[[], Any]]:
+    """Blocking calls of one frozen-weight product: XLA (`jnp.dot`, jitted) and, if asked, PyTorch.
+
+    The forms are the ones each step runs: forward `x · Wᵀ` (`torch.nn.functional.linear`), input gradient
+    `g · W` (`g @ W`, as autograd's `Linear` backward), with `W` stored `[out, in]` on both sides.
+    """
+    rng = np.random.default_rng(0)
+    tokens, k, m = product["tokens"], product["in"], product["out"]
+    forward = product["direction"] == "forward"
+    lhs = rng.standard_normal((tokens, k), np.float32)
+    weight = rng.standard_normal((m, k) if forward else (k, m), np.float32)  # [out, in] of the layer
+    xla = jax.jit(lambda a, w: a @ w.T) if forward else jax.jit(lambda a, w: a @ w)
+    lhs_j, weight_j = jnp.asarray(lhs), jnp.asarray(weight)
+    fns: dict[str, Callable[[], Any]] = {"xla": lambda: xla(lhs_j, weight_j).block_until_ready()}
+    if with_torch:
+        import torch
+
+        lhs_t, weight_t = torch.from_numpy(lhs), torch.from_numpy(weight)
+        fns["torch"] = (lambda: torch.nn.functional.linear(lhs_t, weight_t)) if forward else (lambda: lhs_t @ weight_t)
+    return fns
+
+
+PRODUCT_CALLS = 3  # back-to-back calls per timed repeat of one product (each takes a few ms)
+
+
+def _times(fn: Callable[[], Any], calls: int) -> Callable[[], None]:
+    def run() -> None:
+        for _ in range(calls):
+            fn()
+
+    return run
+
+
+def product_bound(products: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """One step's frozen-weight products summed (`count` times each), with XLA and with PyTorch, and the
+    qlora_jax QLoRA step time with the difference taken off (`None` where PyTorch was not timed).
+
+    Example:
+        >>> product_bound([{"count": 2, "xla_ms": 3.0, "torch_ms": 2.0}], [{"case": CASES[0], "ms": 10.0}])
+        {'xla_ms': 6.0, 'torch_ms': 4.0, 'step_ms': 8.0}
+    """
+    xla = sum(p["count"] * p["xla_ms"] for p in products)
+    timed = all(p.get("torch_ms") is not None for p in products)
+    ref = sum(p["count"] * p["torch_ms"] for p in products) if timed else None
+    step = next((r.get("ms") for r in rows if r["case"] == CASES[0]), None)
+    return {"xla_ms": xla, "torch_ms": ref, "step_ms": None if ref is None or step is None else step - (xla - ref)}
+
+
+class PageFaults:
+    """Wraps a blocking call and records the process's minor page faults during each call (`ru_minflt`).
+
+    Example:
+        >>> counted = PageFaults(lambda: bytearray(1 << 20))
+        >>> _ = counted(); len(counted.faults)
+        1
+    """
+
+    def __init__(self, fn: Callable[[], Any]):
+        self.fn, self.faults = fn, []
+
+    def __call__(self) -> Any:
+        before = _minor_faults()
+        out = self.fn()
+        self.faults.append(_minor_faults() - before)
+        return out
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def products_table(products: Sequence[dict[str, Any]]) -> str:
+    """One line per frozen-weight product: per-step count, time and rate with XLA and with PyTorch.
+
+    Example:
+        >>> products_table([]).startswith("| layers | product | tokens x in -> out | per step | XLA ms |")
+        True
+    """
+    lines = []
+    for p in products:
+        xla, ref = p.get("xla_ms"), p.get("torch_ms")
+        rate = [NA if t is None else f"{p['flops'] / t / 1e6:.0f}" for t in (xla, ref)]
+        form = "x·Wᵀ" if p["direction"] == "forward" else "g·W"
+        lines.append([p["layers"], f"{p['direction']} {form}", f"{p['tokens']} x {p['in']} -> {p['out']}", p["count"],
+                      NA if xla is None else f"{xla:.2f}", NA if ref is None else f"{ref:.2f}", *rate,
+                      _ratio(xla, ref)])
+    return markdown_table(["layers", "product", "tokens x in -> out", "per step", "XLA ms", "PyTorch ms",
+                           "XLA GFLOP/s", "PyTorch GFLOP/s", "XLA time / PyTorch time"], lines)
+
+
+
 # -- the run ------------------------------------------------------------------------------------------------------
 
 
@@ -341,14 +470,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                     info[name] = {"loss0": loss0, "how": how}
                 except Exception as e:  # noqa: BLE001 (reported, the other rows still run)
                     info[name] = {"skipped": f"{type(e).__name__}: {e}"[:300]}
+        fns = {name: PageFaults(fn) for name, fn in fns.items()}
         fns["matmul"] = matmul_probe(args.matmul_size)
+        products = frozen_products(shape)
+        for index, product in enumerate(products):
+            for lib, fn in product_fns(product, with_torch=not args.no_torch).items():
+                fns[f"product {index} {lib}"] = _times(fn, PRODUCT_CALLS)
         load_before = os.getloadavg()[0]
         ms = dict(zip(fns, median_ms(list(fns.values()), args.repeats), strict=True))
         load_after = os.getloadavg()[0]
     rate = 2.0 * args.matmul_size**3 / (ms.pop("matmul") / 1e3)
+    for index, product in enumerate(products):
+        for lib in ("xla", "torch"):
+            value = ms.pop(f"product {index} {lib}", None)
+            product[f"{lib}_ms"] = None if value is None else value / PRODUCT_CALLS
+    faults = {name: int(statistics.median(fn.faults[1:] or fn.faults)) for name, fn in fns.items()
+              if isinstance(fn, PageFaults)}
     rows = []
     for name, row_info in info.items():
-        row = {"case": name, "ms": ms.get(name), **row_info}
+        row = {"case": name, "ms": ms.get(name), "page_faults": faults.get(name), **row_info}
         if row["ms"] is not None:
             row["gflops"] = flops["total"] / (row["ms"] / 1e3) / 1e9
             row["utilisation"] = flops["total"] / (row["ms"] / 1e3) / rate
@@ -377,6 +517,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"- {name}: {row_info['how']}")
         if "skipped" in row_info:
             print(f"- {name}: not run: {row_info['skipped']}")
+    bound = product_bound(products, rows)
+    print("\n## What bounds the qlora_jax step: its frozen-weight products, timed alone in the same loop "
+          f"({PRODUCT_CALLS} calls per repeat, median)\n")
+    print(products_table(products) + "\n")
+    if bound["torch_ms"] is not None:
+        print(f"- one step's frozen-weight products (forward and input gradient, {sum(p['count'] for p in products)} "
+              f"products, {sum(p['count'] * p['flops'] for p in products) / 1e9:.2f} GFLOP): XLA "
+              f"{bound['xla_ms']:.1f} ms, PyTorch {bound['torch_ms']:.1f} ms; the qlora_jax QLoRA step with XLA's "
+              f"products at PyTorch's times would take {bound['step_ms']:.1f} ms = "
+              f"{_ratio(bound['step_ms'], ms.get(CASES[2]))} x PEFT + bnb (an estimate, not a measurement)")
+    else:
+        print(f"- one step's frozen-weight products with XLA: {bound['xla_ms']:.1f} ms")
+    print("- minor page faults per step (median): " + ", ".join(
+        f"{r['case']} {r['page_faults']:,} ({r['page_faults'] * 4096 / 2**20:.0f} MiB of fresh pages)"
+        for r in rows if r.get("page_faults") is not None))
     names = {"qlora_vs_lora": "qlora_jax QLoRA / qlora_jax LoRA", "qlora_vs_peft_bnb": "qlora_jax QLoRA / PEFT + bnb",
              "qlora_utilisation": "qlora_jax QLoRA utilisation"}
     for key, c in checks.items():
@@ -388,7 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "torch_threads": None if args.no_torch else threads, "matmul_size": args.matmul_size,
                 "dtype": "float32", "targets": list(TARGETS), "load_average": [load_before, load_after]}
     write_json(args.json, {"machine": machine, "settings": settings, "matmul_gflops": rate / 1e9,
-                           "model_flops": flops, "rows": rows, "targets": checks})
+                           "model_flops": flops, "rows": rows, "targets": checks, "frozen_products": products,
+                           "product_bound": bound})
     print(f"\nresults written to {args.json}")
     return 0
 
