@@ -92,6 +92,15 @@ def test_train_step_benchmark_runs(tmp_path):
     for row in (ours, lora):
         assert row["ms"] > 0 and row["utilisation"] > 0 and row["issued_dot_flops"] > 0
     assert data["targets"]["qlora_vs_lora"]["value"] == ours["ms"] / lora["ms"]
+    # Each frozen-weight product of the step timed alone: counts and FLOPs add up to the formula's frozen part.
+    assert "| layers | product | tokens x in -> out | per step | XLA ms | PyTorch ms |" in result.stdout
+    products = data["frozen_products"]
+    assert sum(p["count"] * p["flops"] for p in products) == data["model_flops"]["frozen_linear"]
+    assert all(p["xla_ms"] > 0 for p in products)
+    bound = data["product_bound"]
+    assert bound["xla_ms"] == sum(p["count"] * p["xla_ms"] for p in products)
+    for row in (ours, lora):
+        assert row["page_faults"] >= 0
     # The same checkpoint and batch in PyTorch: the first loss (adapters still zero) agrees.
     for torch_case, ours_case in (("PEFT + bnb QLoRA (NF4)", ours), ("PEFT LoRA (f32)", lora)):
         if "skipped" in rows[torch_case]:  # e.g. bitsandbytes without CPU support: reported, not timed
