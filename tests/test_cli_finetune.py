@@ -25,6 +25,8 @@ ROWS = [{"prompt": "what is two plus two", "completion": "two plus two is four"}
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """The straight run that the tests below inspect, interrupt and resume; also the one-device reference of
+    `--mesh data=8` (hence 8 rows a batch)."""
     tmp = tmp_path_factory.mktemp("cli")
     tokenizer = _tokenizer("wordlevel")
     path, hf = make_checkpoint(tmp, "llama-gqa-untied", vocab_size=len(tokenizer))
@@ -33,7 +35,7 @@ def run(tmp_path_factory):
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     out = tmp / "run"
     args = ["finetune", "--model", str(path), "--data", str(data), "--output", str(out), "--steps", "6",
-            "--batch-size", "2", "--seq-len", "32", "--rank", "4", "--alpha", "8", "--lr", "1e-2",
+            "--batch-size", "8", "--seq-len", "32", "--rank", "4", "--alpha", "8", "--lr", "1e-2",
             "--eval-data", str(data), "--save-every", "3", "--targets", "q_proj", "v_proj", "down_proj"]
     assert main(args) == 0
     return tmp, path, hf, data, out, args
@@ -193,20 +195,22 @@ def test_second_ctrl_c_abandons_the_save_in_progress(run, monkeypatch, capsys):
             == (straight / "adapter" / "adapter_model.safetensors").read_bytes())
 
 
-def test_finetune_on_a_mesh_matches_one_device(run, capsys):
-    """--mesh data=8 (8 CPU devices, data parallel) trains like one device: the same losses to 1e-5."""
-    tmp, _, _, _, straight, args = run
-    base = [*_interrupted_args(args, straight, tmp / "one_device"), "--batch-size", "8", "--dropout", "0"]
-    assert main(base) == 0
-    assert main([*_interrupted_args(base, tmp / "one_device", tmp / "mesh"), "--mesh", "data=8"]) == 0
+def run_losses(out):
+    """The training losses, then the evaluation losses, in a finetune run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r] + [r["eval_loss"] for r in rows if "eval_loss" in r]
 
-    def losses(out):
-        return [json.loads(line).get("loss") for line in (out / "metrics.jsonl").read_text().splitlines()]
 
-    np.testing.assert_allclose(np.array(losses(tmp / "mesh"), float), np.array(losses(tmp / "one_device"), float),
-                               rtol=1e-5)
-    assert (tmp / "mesh" / "adapter" / "adapter_model.safetensors").is_file()
+def test_finetune_on_a_mesh_matches_one_device(run, tmp_path, capsys):
+    """--mesh data=8 (8 CPU devices, data parallel) trains and evaluates like one device: the same training and
+    evaluation losses to 1e-5 (dropout included: its masks do not depend on the sharding)."""
+    _, _, _, _, straight, args = run
+    assert main([*_interrupted_args(args, straight, tmp_path / "mesh"), "--mesh", "data=8"]) == 0
+    losses, reference = run_losses(tmp_path / "mesh"), run_losses(straight)
+    assert len(reference) == 7  # 6 steps and the final evaluation
+    np.testing.assert_allclose(losses, reference, rtol=1e-5)
+    assert (tmp_path / "mesh" / "adapter" / "adapter_model.safetensors").is_file()
     capsys.readouterr()
-    assert main([*_interrupted_args(base, tmp / "one_device", tmp / "bad_mesh"), "--mesh", "data=3"]) == 2
+    assert main([*_interrupted_args(args, straight, tmp_path / "bad_mesh"), "--mesh", "data=3"]) == 2
     assert "mesh {'data': 3}: the axis sizes multiply to 3, but there are 8 devices" in capsys.readouterr().err
-    assert not (tmp / "bad_mesh").exists()
+    assert not (tmp_path / "bad_mesh").exists()

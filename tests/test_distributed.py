@@ -10,8 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
-from test_sharding import TRAIN, _batch, _loss_and_grads, _model
+from test_sharding import TRAIN
 
 import qlora_jax as qj
 
@@ -22,6 +21,14 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """os.environ for the worker processes, with XLA_FLAGS minus any host device count (each worker sets its own
+    devices; the flags tests/conftest.py adds stay)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return {**os.environ, "XLA_FLAGS": " ".join(flags), **extra}
 
 
 def _run_together(commands, env):
@@ -36,20 +43,18 @@ def _run_together(commands, env):
     assert [p.returncode for p in procs] == [0] * len(procs), "\n".join(log[-3000:] for log in logs)
 
 
-def test_two_processes_train_together_and_match_one_device(tmp_path):
+def test_two_processes_train_together_and_match_one_device(tmp_path, single_device):
     out, port = tmp_path / "result.npz", _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = _env()
     _run_together([[sys.executable, str(SCRIPT), str(i), "2", str(port), str(out)] for i in range(2)], env)
     got = np.load(out)
 
-    loss, grads = _loss_and_grads(_model(), _batch())
-    trainer = qj.train.Trainer(_model(), TRAIN)
-    metrics = trainer.train_step(_batch())
-    assert abs(float(got["loss"]) - float(loss)) <= 1e-5 * abs(float(loss))
-    assert abs(float(got["step_loss"]) - float(metrics["loss"])) <= 1e-5 * abs(float(metrics["loss"]))
-    assert abs(float(got["grad_norm"]) - float(metrics["grad_norm"])) <= 1e-5 * float(metrics["grad_norm"])
-    adapters = nnx.to_pure_dict(nnx.state(trainer.model, nnx.LoRAParam))
-    grads = nnx.to_pure_dict(grads)
+    # One device: test_sharding's _loss_and_grads(_model(), _batch()) and one Trainer(_model(), TRAIN) step
+    # (tests/conftest.py computes them once for this file and tests/test_sharding.py).
+    loss, grads, step_loss, grad_norm, adapters = single_device
+    assert abs(float(got["loss"]) - loss) <= 1e-5 * abs(loss)
+    assert abs(float(got["step_loss"]) - step_loss) <= 1e-5 * abs(step_loss)
+    assert abs(float(got["grad_norm"]) - grad_norm) <= 1e-5 * grad_norm
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         g = np.asarray(g)
         d = got["grad" + jax.tree_util.keystr(path)]
@@ -79,7 +84,7 @@ def test_finetune_command_on_two_processes(tmp_path):
     assert main([*args, "--output", str(tmp_path / "one")]) == 0
 
     port = _free_port()
-    env = {**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "JAX_NUM_CPU_DEVICES": "2"}
+    env = _env(JAX_NUM_CPU_DEVICES="2")
     command = [sys.executable, "-m", "qlora_jax.cli", *args, "--output", str(tmp_path / "two"),
                "--mesh", "data=2,fsdp=2", "--coordinator", f"localhost:{port}", "--num-processes", "2"]
     _run_together([[*command, "--process-id", str(i)] for i in range(2)], env)

@@ -2,6 +2,7 @@
 export, each against PyTorch (`transformers`, `bitsandbytes`, `peft`) on tiny
 random checkpoints built here."""
 
+import copy
 import json
 
 import bitsandbytes.functional as bnbf
@@ -110,17 +111,23 @@ def test_bitsandbytes_checkpoint_loads_its_packed_bytes(tmp_path):
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), loose, atol=1e-2, rtol=0)
 
 
-def _train_a_few_steps(model, ids, steps=3):
-    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
-
+@nnx.jit
+def _adam_step(model, optimizer, ids):
+    """One Adam step on the adapters, compiled (run eagerly, op by op, it compiled each primitive separately: ~15 s
+    a test)."""
     def loss_fn(model):
         logits = model(ids[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
+    grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    optimizer.update(model, grads)
+
+
+def _train_a_few_steps(model, ids, steps=3):
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
     with jax.numpy_dtype_promotion("standard"):
         for _ in range(steps):
-            grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-            optimizer.update(model, grads)
+            _adam_step(model, optimizer, ids)
     return model
 
 
@@ -129,6 +136,7 @@ def test_adapter_round_trips_through_peft(tmp_path):
     from peft import PeftModel, get_peft_model
 
     path, hf = make_checkpoint(tmp_path, "llama-gqa-untied")
+    hf2 = copy.deepcopy(hf)  # the same random base, for the PEFT-made adapter below
     lora = qj.LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
     model = models.from_pretrained(path, quant=qj.QuantConfig(double_quant=False), lora=lora)
     ids = jnp.asarray(np.random.default_rng(3).integers(0, 128, (2, 12)))
@@ -144,7 +152,6 @@ def test_adapter_round_trips_through_peft(tmp_path):
     np.testing.assert_allclose(np.asarray(model(ids)), expected, atol=1e-4, rtol=0)
 
     # an adapter made by PEFT loads here
-    _, hf2 = make_checkpoint(tmp_path, "llama-gqa-untied")
     made = get_peft_model(_dequantized_reference(hf2), PeftLoraConfig(r=4, lora_alpha=8, target_modules=[
         "q_proj", "v_proj", "down_proj"], lora_dropout=0.0))
     with torch.no_grad():

@@ -27,27 +27,37 @@ import qlora_jax as qj
 
 TrainConfig = qj.train.TrainConfig
 SCRIPT = Path(__file__).parent / "scripts" / "train_resume.py"
+ENV = dict(os.environ)  # as at collection, before any test changes it
 _spec = importlib.util.spec_from_file_location("train_resume", SCRIPT)
 script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(script)
 
 
-def _run_script(*args, timeout=300):
-    result = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                            timeout=timeout, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+def _run_scripts(*runs, cwd, timeout=300):
+    """Runs the script once per argument list, all at once; each must exit with 0."""
+    processes = [subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=ENV,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for args in runs]
+    try:
+        for process in processes:
+            _, stderr = process.communicate(timeout=timeout)
+            assert process.returncode == 0, stderr[-3000:]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
 
 
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
-    ckpt, cache, marker = tmp_path / "ckpt", tmp_path / "jax_cache", tmp_path / "step12"
-    # 1. 20 steps straight (this process also fills the compilation cache the next two use).
-    _run_script("--out", tmp_path / "straight.npz", "--cache", cache)
-    # 2. Checkpoints at steps 5 and 10, killed with SIGKILL during step 12.
+def _killed_and_resumed(directory):
+    """The three processes of the test below. Returns the final state of the
+    straight run and of the resumed one."""
+    ckpt, cache, marker = directory / "ckpt", directory / "jax_cache", directory / "step12"
+    # 1. Checkpoints at steps 5 and 10, killed with SIGKILL during step 12 (this process also fills the compilation
+    # cache that the next two use).
     args = ["--ckpt", ckpt, "--save-every", 5, "--hang-at", 12, "--marker", marker, "--cache", cache]
-    log = tmp_path / "killed.log"
+    log = directory / "killed.log"
     with open(log, "w") as stderr:
-        killed = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.DEVNULL,
-                                  stderr=stderr)
+        killed = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=directory, env=ENV,
+                                  stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         deadline = time.monotonic() + 300
         while not marker.exists():
@@ -62,10 +72,15 @@ def test_resume_after_sigkill_is_bit_identical(tmp_path):
             killed.wait()
     assert qj.checkpoint.latest_step(ckpt) == 10
     assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [5, 10]
-    # 3. A fresh process resumes from the last complete checkpoint and finishes the 20 steps.
-    _run_script("--ckpt", ckpt, "--resume", "--out", tmp_path / "resumed.npz", "--cache", cache)
+    # 2. A fresh process resumes from the last complete checkpoint and finishes the 20 steps, while another runs the
+    # 20 steps straight (two independent processes at the same time; both only read the cache the killed one wrote).
+    _run_scripts(["--ckpt", ckpt, "--resume", "--out", directory / "resumed.npz", "--cache", cache],
+                 ["--out", directory / "straight.npz", "--cache", cache], cwd=directory)
+    return dict(np.load(directory / "straight.npz")), dict(np.load(directory / "resumed.npz"))
 
-    straight, resumed = dict(np.load(tmp_path / "straight.npz")), dict(np.load(tmp_path / "resumed.npz"))
+
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    straight, resumed = _killed_and_resumed(tmp_path)
     assert (int(straight.pop("start")), int(resumed.pop("start"))) == (0, 10)
     losses = straight.pop("losses")
     np.testing.assert_array_equal(resumed.pop("losses"), losses[10:])
@@ -147,8 +162,9 @@ def test_grad_accum_gives_the_update_of_the_whole_batch():
     fresh = _tiny(dropout=0.1)
     fresh.eval()
     halves = [{k: v[i * 2:(i + 1) * 2] for k, v in batch.items()} for i in range(2)]
-    mean_of_means = np.mean([float(_reference_loss(fresh, h)) for h in halves])
-    token_mean = float(_reference_loss(fresh, batch))
+    reference_loss = nnx.jit(_reference_loss)
+    mean_of_means = np.mean([float(reference_loss(fresh, h)) for h in halves])
+    token_mean = float(reference_loss(fresh, batch))
     assert abs(mean_of_means - token_mean) > 1e-2
     np.testing.assert_allclose(float(runs[2][2][0]["loss"]), token_mean, rtol=1e-6)
 
@@ -157,9 +173,9 @@ def test_step_metrics_match_an_independent_computation():
     model = _tiny()
     batch = _tiny_batch(seed=1)
     config = TrainConfig(total_steps=10, lr=1e-2, warmup_ratio=0.2, max_grad_norm=1e-4)
-    grads = nnx.grad(_reference_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, batch)
+    grads = nnx.jit(nnx.grad(_reference_loss, argnums=nnx.DiffState(0, nnx.LoRAParam)))(model, batch)
     norm = math.sqrt(sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)))
-    loss = float(_reference_loss(model, batch))
+    loss = float(nnx.jit(_reference_loss)(model, batch))
     optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
     m = [qj.train.train_step(model, optimizer, batch, config) for _ in range(3)]
     np.testing.assert_allclose(float(m[0]["loss"]), loss, rtol=1e-6)
