@@ -80,29 +80,32 @@ def test_memory_reports_a_7b_step_from_the_compiled_program(capsys):
 
 
 def _char_tokenizer():
-    """A Hugging Face tokenizer with one token per character (a WordLevel vocabulary of single characters, text
-    split into characters): 45 ids, letters, digits and the punctuation of the demo's task; pad, bos and eos are
-    ids 0, 1 and 2, as in the stand-in base's vocabulary."""
+    """A Hugging Face tokenizer over the demo's own character vocabulary (`CharVocab.SYMBOLS`, same ids, then
+    `<unk>`): one token per character, text split into characters."""
     import transformers
     from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers import models as tok_models
 
-    vocab = ["<pad>", "<s>", "</s>", "<unk>", *" .:=>abcdefghijklmnopqrstuvwxyz0123456789"]
+    from qlora_jax._src.demo import CharVocab
+
+    vocab = [*CharVocab.SYMBOLS, "<unk>"]
     tok = Tokenizer(tok_models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
                                                 pad_token="<pad>", unk_token="<unk>")
 
 
 def test_demo_with_model_fine_tunes_that_checkpoint(tmp_path, capsys):
     from test_models import make_checkpoint
 
+    from qlora_jax._src.demo import CharVocab
+
     tokenizer = _char_tokenizer()
     # A Hugging Face checkpoint with the shapes of the quick demo's stand-in base (64 ids, MLP width 128): the steps
     # it compiles in the test above (fine-tuning, evaluation, generation) are reused here.
-    path, _ = make_checkpoint(tmp_path, "llama-gqa-untied", vocab_size=64, intermediate_size=128)
-    assert len(tokenizer) <= 64
+    path, _ = make_checkpoint(tmp_path, "llama-gqa-untied", vocab_size=CharVocab.size, intermediate_size=128)
+    assert len(tokenizer) <= CharVocab.size
     tokenizer.save_pretrained(path)
     out_dir = tmp_path / "demo"
     assert cli.main(["demo", "--quick", "--model", str(path), "--output", str(out_dir)]) == 0

@@ -27,15 +27,14 @@ import qlora_jax as qj
 
 TrainConfig = qj.train.TrainConfig
 SCRIPT = Path(__file__).parent / "scripts" / "train_resume.py"
-ENV = dict(os.environ)  # as at collection, before any test changes it
 _spec = importlib.util.spec_from_file_location("train_resume", SCRIPT)
 script = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(script)
 
 
-def _run_scripts(*runs, cwd, timeout=300):
+def _run_scripts(*runs, timeout=300):
     """Runs the script once per argument list, all at once; each must exit with 0."""
-    processes = [subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=cwd, env=ENV,
+    processes = [subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for args in runs]
     try:
         for process in processes:
@@ -47,17 +46,15 @@ def _run_scripts(*runs, cwd, timeout=300):
             process.wait()
 
 
-def _killed_and_resumed(directory):
-    """The three processes of the test below. Returns the final state of the
-    straight run and of the resumed one."""
-    ckpt, cache, marker = directory / "ckpt", directory / "jax_cache", directory / "step12"
+def test_resume_after_sigkill_is_bit_identical(tmp_path):
+    ckpt, cache, marker = tmp_path / "ckpt", tmp_path / "jax_cache", tmp_path / "step12"
     # 1. Checkpoints at steps 5 and 10, killed with SIGKILL during step 12 (this process also fills the compilation
     # cache that the next two use).
     args = ["--ckpt", ckpt, "--save-every", 5, "--hang-at", 12, "--marker", marker, "--cache", cache]
-    log = directory / "killed.log"
+    log = tmp_path / "killed.log"
     with open(log, "w") as stderr:
-        killed = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], cwd=directory, env=ENV,
-                                  stdout=subprocess.DEVNULL, stderr=stderr)
+        killed = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.DEVNULL,
+                                  stderr=stderr)
     try:
         deadline = time.monotonic() + 300
         while not marker.exists():
@@ -74,13 +71,10 @@ def _killed_and_resumed(directory):
     assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [5, 10]
     # 2. A fresh process resumes from the last complete checkpoint and finishes the 20 steps, while another runs the
     # 20 steps straight (two independent processes at the same time; both only read the cache the killed one wrote).
-    _run_scripts(["--ckpt", ckpt, "--resume", "--out", directory / "resumed.npz", "--cache", cache],
-                 ["--out", directory / "straight.npz", "--cache", cache], cwd=directory)
-    return dict(np.load(directory / "straight.npz")), dict(np.load(directory / "resumed.npz"))
+    _run_scripts(["--ckpt", ckpt, "--resume", "--out", tmp_path / "resumed.npz", "--cache", cache],
+                 ["--out", tmp_path / "straight.npz", "--cache", cache])
 
-
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
-    straight, resumed = _killed_and_resumed(tmp_path)
+    straight, resumed = dict(np.load(tmp_path / "straight.npz")), dict(np.load(tmp_path / "resumed.npz"))
     assert (int(straight.pop("start")), int(resumed.pop("start"))) == (0, 10)
     losses = straight.pop("losses")
     np.testing.assert_array_equal(resumed.pop("losses"), losses[10:])
