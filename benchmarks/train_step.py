@@ -103,6 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-torch", action="store_true", help="time the qlora_jax steps only")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n x n f32 rate probe")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    parser.add_argument("--default-runtime", action="store_true",
+                        help="skip qlora_jax.configure_cpu(): JAX's asynchronous dispatch and glibc's malloc defaults")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -445,6 +447,9 @@ def targets(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark, prints its table and writes JSON."""
     args = parse_args(argv)
+    import qlora_jax as qj
+
+    runtime = None if args.default_runtime else qj.configure_cpu()  # before JAX starts; process-wide
     shape = QUICK if args.quick else Shape()
     threads = os.cpu_count() or 1
     machine = machine_info()
@@ -500,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model: Llama, hidden {shape.hidden}, {shape.layers} layers, intermediate {shape.intermediate}, heads "
           f"{shape.heads}/{shape.kv_heads}, vocab {shape.vocab}; threads: XLA {threads}, torch "
           f"{NA if args.no_torch else threads}; load average {load_before:.1f} before, {load_after:.1f} after\n")
+    print(f"runtime: {_runtime_text(runtime)}\n")
     print(results_table(rows) + "\n")
     print(f"- f32 matmul rate ({args.matmul_size}³ `jnp.dot`, timed in the same loop): {rate / 1e9:.1f} GFLOP/s; "
           f"utilisation = model FLOPs / step time / that rate")
@@ -541,12 +547,26 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{verdict}")
     settings = {**dataclasses.asdict(shape), "repeats": args.repeats, "quick": args.quick, "threads": threads,
                 "torch_threads": None if args.no_torch else threads, "matmul_size": args.matmul_size,
-                "dtype": "float32", "targets": list(TARGETS), "load_average": [load_before, load_after]}
+                "dtype": "float32", "targets": list(TARGETS), "load_average": [load_before, load_after],
+                "runtime": None if runtime is None else dataclasses.asdict(runtime)}
     write_json(args.json, {"machine": machine, "settings": settings, "matmul_gflops": rate / 1e9,
                            "model_flops": flops, "rows": rows, "targets": checks, "frozen_products": products,
                            "product_bound": bound})
     print(f"\nresults written to {args.json}")
     return 0
+
+
+def _runtime_text(runtime: Any) -> str:
+    """The header line on `qlora_jax.configure_cpu()`.
+
+    Example:
+        >>> _runtime_text(None)
+        "JAX's asynchronous dispatch, glibc's malloc defaults (--default-runtime)"
+    """
+    if runtime is None:
+        return "JAX's asynchronous dispatch, glibc's malloc defaults (--default-runtime)"
+    return (f"`qlora_jax.configure_cpu()` (synchronous dispatch {runtime.synchronous}, freed memory kept "
+            f"{runtime.keep_freed_memory}); process-wide, so it holds for the PyTorch steps too")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from qlora_jax._src.formats import (
 from qlora_jax._src.linen import lora_mask, masked
 from qlora_jax._src.nn import lora_delta, lora_einsum
 from qlora_jax._src.ops import can_use_pallas_gpu, can_use_pallas_tpu, qdot_general, qeinsum, qmatmul, qmatmul_path
+from qlora_jax._src.runtime import CpuRuntime, configure_cpu
 from qlora_jax._src.sharding import (
     LLAMA_AXES,
     STRATEGIES,
@@ -54,6 +55,7 @@ __all__ = [
     "nnx",
     "train",
     "BLOCK_SIZES",
+    "CpuRuntime",
     "FORMATS",
     "LLAMA_AXES",
     "STRATEGIES",
@@ -66,6 +68,7 @@ __all__ = [
     "batch_sharding",
     "can_use_pallas_gpu",
     "can_use_pallas_tpu",
+    "configure_cpu",
     "dequantize",
     "dequantize_absmax",
     "from_bnb",

@@ -50,6 +50,7 @@ from qlora_jax._src.finetune import FinetuneArgs, initialize_distributed, run_fi
 from qlora_jax._src.memory import METHODS, PRESETS, memory_table, step_memory
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.loading import load_config
+from qlora_jax._src.runtime import configure_cpu_for_command
 
 __all__ = ["main"]
 
@@ -225,6 +226,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         format=None if args.format == "none" else args.format, block_size=args.block_size,
         double_quant=not args.no_double_quant, remat=args.remat, pack=not args.no_pack, mesh=args.mesh,
         strategy=args.strategy)
+    configure_cpu_for_command()  # before JAX starts: training steps on the CPU reuse their memory
     try:
         if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
             initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -338,6 +340,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     if args.formats_only:
         return _run_formats(args)
     from qlora_jax._src import demo
+
+    configure_cpu_for_command()  # before JAX starts: training steps on the CPU reuse their memory
 
     cfg = demo.QUICK if args.quick else demo.DemoConfig()
     overrides = {"seed": args.seed, "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps}

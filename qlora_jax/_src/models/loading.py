@@ -7,13 +7,11 @@ transposed to Flax's `[in, out]`.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import json
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,7 @@ from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.models.safetensors_io import SafetensorsReader
+from qlora_jax._src.runtime import returning_freed_memory
 from qlora_jax._src.surgery.apply import apply_qlora
 from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 
@@ -163,7 +162,7 @@ def from_pretrained(
     config = load_config(path)
     directory = _local_dir(path)
     reader = SafetensorsReader(directory)
-    with _returning_freed_memory():
+    with returning_freed_memory():
         return _load(config, directory, reader, quant=quant, lora=lora, dtype=dtype, param_dtype=param_dtype,
                      remat=remat, rngs=rngs, progress=progress)
 
@@ -250,38 +249,6 @@ def _trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-@contextlib.contextmanager
-def _returning_freed_memory() -> Iterator[None]:
-    """While loading, glibc serves allocations of 1 MiB and more with mmap, so
-    that they go back to the OS when freed; afterwards, the values glibc's own
-    adaptive thresholds reach after large frees (a no-op outside glibc).
-
-    glibc's default raises the mmap threshold up to 32 MiB as buffers are
-    freed, after which tensor-sized buffers come from the heap and stay
-    resident once freed: streaming a checkpoint tensor by tensor would grow the
-    process by several hundred MiB. Left at 1 MiB after loading, every large
-    temporary of a later computation (a PyTorch step in the same process: +30%
-    time) would be mapped and page-faulted afresh each time, so the thresholds
-    are set to 32 MiB (mmap) and 64 MiB (trim) on the way out. glibc has no
-    call to read the previous values back. Where `GLIBC_TUNABLES` sets malloc
-    parameters, they are left as the user chose.
-    """
-    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        yield
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        libc = None
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-            libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
 
 
 def _put_layer(parts: dict[str, Any], q: QuantizedArray, layer: int, num_layers: int) -> None:

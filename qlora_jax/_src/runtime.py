@@ -1,0 +1,186 @@
+"""CPU runtime settings for training steps: dispatch on the calling thread, freed memory kept.
+
+XLA's CPU client allocates each execution's temporary buffer (for a training
+step: the activations kept for the backward pass, hundreds of MiB) when the
+execution starts and frees it when it ends. With JAX's default asynchronous
+dispatch the allocation runs on a worker thread, whose glibc arena serves any
+request over 64 MiB from a fresh `mmap`; the next step maps it again and
+faults in every page (measured: 52,900 page faults, ~13% of a QLoRA step of
+`benchmarks/train_step.py`). `configure_cpu` runs executions on the calling
+thread (`jax_cpu_enable_async_dispatch=False`), where the allocation comes
+from glibc's main arena, and tells glibc to serve large requests from the
+heap and not to hand freed heap back to the OS (`mallopt`), so every step
+after the first reuses the pages of the one before.
+
+Both settings are process-wide: other libraries in the process (PyTorch)
+allocate the same way while they hold. The model loader
+(`qlora_jax.models.from_pretrained`) suspends the malloc part while it
+streams a checkpoint, so that freed full-precision tensors still go back to
+the OS, and restores it when it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import importlib.util
+import os
+import pkgutil
+from collections.abc import Iterator
+
+import jax
+from jax._src import xla_bridge
+
+__all__ = ["CpuRuntime", "configure_cpu"]
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+_GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX
+_ASYNC_FLAG = "jax_cpu_enable_async_dispatch"
+
+_keeping_freed_memory = False  # set by `configure_cpu` when glibc took the settings
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CpuRuntime:
+    """What `configure_cpu` set.
+
+    Attributes:
+        synchronous: JAX runs CPU executions on the calling thread.
+        keep_freed_memory: glibc serves large requests from the heap and keeps freed heap
+            (False where the C library is not glibc or `GLIBC_TUNABLES` sets malloc parameters).
+
+    Example:
+        >>> from qlora_jax import CpuRuntime
+        >>> CpuRuntime(synchronous=True, keep_freed_memory=False).synchronous
+        True
+    """
+
+    synchronous: bool  # jax_cpu_enable_async_dispatch is False
+    keep_freed_memory: bool  # glibc M_MMAP_MAX = 0 and M_TRIM_THRESHOLD = -1 (never trim)
+
+
+def configure_cpu(*, synchronous: bool = True, keep_freed_memory: bool = True) -> CpuRuntime:
+    """Sets up the process so that CPU training steps reuse their memory from step to step.
+
+    Call it before the first JAX computation (JAX creates its CPU client then,
+    with the dispatch mode it has at that moment); the `qlora-jax demo` and
+    `finetune` commands call it when JAX runs on the CPU only. Both settings
+    are process-wide (see the module docstring); on GPU and TPU they do not
+    matter and are best left alone.
+
+    Args:
+        synchronous: Run CPU executions on the calling thread
+            (`jax.config.update("jax_cpu_enable_async_dispatch", False)`). A
+            jitted call then returns once its results are computed.
+        keep_freed_memory: On glibc, serve large allocations from the heap
+            (`mallopt(M_MMAP_MAX, 0)`) and never trim it (`mallopt(M_TRIM_THRESHOLD, -1)`),
+            so freed step buffers stay mapped for the next step; the process
+            keeps its peak heap. Left alone where `GLIBC_TUNABLES` sets malloc
+            parameters, and a no-op on other C libraries.
+
+    Returns:
+        What was set: `CpuRuntime(synchronous=..., keep_freed_memory=...)`.
+
+    Raises:
+        RuntimeError: `synchronous=True` after JAX's backends were created with asynchronous dispatch.
+
+    Example:
+        >>> import qlora_jax as qj
+        >>> qj.configure_cpu()  # doctest: +SKIP
+        CpuRuntime(synchronous=True, keep_freed_memory=True)
+    """
+    global _keeping_freed_memory
+    if synchronous and jax.config.values[_ASYNC_FLAG]:
+        if xla_bridge.backends_are_initialized():
+            raise RuntimeError(
+                "configure_cpu(synchronous=True): JAX's backends already exist (created by the first JAX "
+                f"computation) with {_ASYNC_FLAG}=True, which a running client does not change; call "
+                "qlora_jax.configure_cpu() before any JAX computation, or pass synchronous=False")
+        jax.config.update(_ASYNC_FLAG, False)
+    kept = False
+    if keep_freed_memory and (libc := _glibc()) is not None:
+        kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
+        _keeping_freed_memory = kept
+    return CpuRuntime(synchronous=not jax.config.values[_ASYNC_FLAG], keep_freed_memory=kept)
+
+
+@contextlib.contextmanager
+def returning_freed_memory() -> Iterator[None]:
+    """While the body runs, glibc maps allocations of 1 MiB and more and unmaps them when freed.
+
+    For streaming a checkpoint tensor by tensor: glibc's default raises the
+    mmap threshold up to 32 MiB as buffers are freed, after which
+    tensor-sized buffers come from the heap and stay resident once freed, and
+    the process would grow by several hundred MiB. On the way out: what
+    `configure_cpu` set, if it kept freed memory; otherwise the thresholds
+    glibc's own adaptive ones reach (32 MiB mmap, 64 MiB trim), so that a
+    later computation (a PyTorch step in the same process: +30% time at
+    1 MiB) reuses its buffers. glibc has no call to read the previous values
+    back. A no-op outside glibc or where `GLIBC_TUNABLES` sets malloc
+    parameters.
+
+    Example:
+        >>> from qlora_jax._src.runtime import returning_freed_memory
+        >>> with returning_freed_memory():
+        ...     pass
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            if _keeping_freed_memory:
+                libc.mallopt(_M_MMAP_MAX, 0)
+                libc.mallopt(_M_TRIM_THRESHOLD, -1)
+            else:
+                libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+
+
+def configure_cpu_for_command() -> CpuRuntime | None:
+    """`configure_cpu()` for a command line run: only where JAX will compute on the CPU and has not started yet.
+
+    JAX runs on the CPU when `jax_platforms` (`JAX_PLATFORMS`) names only
+    "cpu", or when it is unset and no GPU/TPU plugin is installed
+    (`jax_plugins.*`, `libtpu`). Creates no backend.
+
+    Returns:
+        What `configure_cpu` set, or None where it was not called.
+
+    Example:
+        >>> from qlora_jax._src.runtime import configure_cpu_for_command
+        >>> configure_cpu_for_command() is None  # this process has computed already  # doctest: +SKIP
+        True
+    """
+    if xla_bridge.backends_are_initialized():
+        return None
+    platforms = {p.strip() for p in (jax.config.values.get("jax_platforms") or "").split(",") if p.strip()}
+    if platforms:
+        cpu_only = platforms == {"cpu"}
+    else:
+        try:
+            import jax_plugins
+
+            plugins = list(pkgutil.iter_modules(jax_plugins.__path__))
+        except ImportError:
+            plugins = []
+        cpu_only = not plugins and importlib.util.find_spec("libtpu") is None
+    return configure_cpu() if cpu_only else None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """glibc, unless malloc parameters come from `GLIBC_TUNABLES` (the user's choice) or the C library is another."""
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it)
+        return libc
+    except (OSError, AttributeError):
+        return None

@@ -1,0 +1,78 @@
+"""`qlora_jax.configure_cpu`: CPU steps reuse their temporary buffer instead of faulting in fresh pages."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import qlora_jax as qj
+
+# One fresh process per mode: the dispatch mode is fixed when JAX creates its CPU client.
+_SCRIPT = r"""
+import json, resource, sys
+import jax, jax.numpy as jnp, numpy as np
+import qlora_jax as qj
+from qlora_jax._src.runtime import returning_freed_memory
+
+mode = sys.argv[1]
+runtime = None if mode == "default" else qj.configure_cpu()
+
+def step(x):  # [4096, 4096] -> a transposed copy and its running sum: 128 MiB of temporaries
+    return jnp.cumsum((x * 2).T, axis=0)[-1].sum()
+
+compiled = jax.jit(step).lower(jax.ShapeDtypeStruct((4096, 4096), jnp.float32)).compile()
+x = jnp.ones((4096, 4096), jnp.float32)
+jax.block_until_ready(compiled(x))
+if mode == "after_loading":  # what from_pretrained wraps its reading in, with a 64 MiB buffer freed inside
+    with returning_freed_memory():
+        buffer = np.ones(16 << 20, np.float32)
+        del buffer
+faults = []
+for _ in range(3):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    jax.block_until_ready(compiled(x))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"temp_pages": compiled.memory_analysis().temp_size_in_bytes // 4096, "faults": faults,
+                  "runtime": None if runtime is None else [runtime.synchronous, runtime.keep_freed_memory]}))
+"""
+
+
+def _run(*modes: str) -> list[dict]:
+    """The script in one fresh process per mode, run side by side (page faults are counted per process)."""
+    procs = [subprocess.Popen([sys.executable, "-c", _SCRIPT, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for mode in modes]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return results
+
+
+def _transparent_huge_pages_always() -> bool:
+    path = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    return path.exists() and "[always]" in path.read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and ru_minflt page counts")
+def test_configure_cpu_steps_reuse_their_pages():
+    default, configured, after_loading = _run("default", "configure", "after_loading")
+    pages = default["temp_pages"]
+    assert pages >= 32768, default  # 128 MiB of temporaries: mapped afresh by glibc's defaults
+    if not _transparent_huge_pages_always():  # with 2 MiB pages the default faults 512 times fewer
+        assert min(default["faults"]) > pages // 2, default  # every step faults its temporaries in again
+    assert configured["runtime"] == [True, True]
+    assert max(configured["faults"]) < pages // 20, configured  # reused from the step before
+    assert max(after_loading["faults"]) < pages // 20, after_loading  # the loader's malloc settings undone
+
+
+def test_configure_cpu_after_jax_started_names_the_fix():
+    import jax.numpy as jnp
+
+    jnp.zeros(1).block_until_ready()  # this process's backends exist, with asynchronous dispatch
+    with pytest.raises(RuntimeError, match=r"before any JAX computation"):
+        qj.configure_cpu(keep_freed_memory=False)
+    assert qj.configure_cpu(synchronous=False, keep_freed_memory=False) == qj.CpuRuntime(
+        synchronous=False, keep_freed_memory=False)
