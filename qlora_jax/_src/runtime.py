@@ -129,7 +129,8 @@ def returning_freed_memory() -> Iterator[None]:
     """
     libc = _glibc()
     if libc is not None:
-        libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
+        if _keeping_freed_memory:  # configure_cpu turned mmap off
+            libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
         libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
     try:
         yield
