@@ -28,7 +28,7 @@ if mode == "after_loading":  # what from_pretrained wraps its reading in, with a
         buffer = np.ones(16 << 20, np.float32)
         del buffer
 faults = []
-for _ in range(3):
+for _ in range(9):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(compiled(x))
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -62,10 +62,11 @@ def test_configure_cpu_steps_reuse_their_pages():
     if not _transparent_huge_pages_always():  # with 2 MiB pages the default faults 512 times fewer
         assert min(default["faults"]) > pages // 2, default  # every step faults its temporaries in again
     assert configured["runtime"] == [True, True]
-    # Reused from the step before. The median of three steps: a host that reclaims idle pages (this VM runs
-    # a DAMON "pageout" scheme) can take some back between two steps, and that step faults them in again.
-    assert sorted(configured["faults"])[1] < pages // 20, configured
-    assert sorted(after_loading["faults"])[1] < pages // 20, after_loading  # the loader's malloc settings undone
+    # Reused from the steps before: of 9 steps, glibc's defaults fault in all 9 temporaries, the kept heap at
+    # most a few (now and then one step still faults its temporaries in afresh: about 1 in 15 on an idle
+    # machine here, more under load).
+    assert sum(configured["faults"]) < 3 * pages, configured
+    assert sum(after_loading["faults"]) < 3 * pages, after_loading  # the loader's malloc settings undone
 
 
 def test_configure_cpu_after_jax_started_names_the_fix():
