@@ -42,6 +42,7 @@ _GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX
 _ASYNC_FLAG = "jax_cpu_enable_async_dispatch"
 
 _keeping_freed_memory = False  # set by `configure_cpu` when glibc took the settings
+_LIBC: ctypes.CDLL | None | bool = False  # `_libc()`: False until first looked up
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -176,13 +177,32 @@ def configure_cpu_for_command() -> CpuRuntime | None:
     return configure_cpu() if cpu_only else None
 
 
+def trim_heap() -> None:
+    """Returns freed heap pages to the OS (glibc `malloc_trim`); a no-op with another C library.
+
+    Example:
+        >>> from qlora_jax._src.runtime import trim_heap
+        >>> trim_heap()
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
 def _glibc() -> ctypes.CDLL | None:
     """glibc, unless malloc parameters come from `GLIBC_TUNABLES` (the user's choice) or the C library is another."""
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it)
-        return libc
-    except (OSError, AttributeError):
-        return None
+    return _libc()
+
+
+def _libc() -> ctypes.CDLL | None:
+    """glibc (loaded once), or None where the C library is another."""
+    global _LIBC
+    if _LIBC is False:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.gnu_get_libc_version  # noqa: B018  (only glibc has it)
+        except (OSError, AttributeError):
+            _LIBC = None
+    return _LIBC

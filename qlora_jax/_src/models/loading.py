@@ -7,7 +7,6 @@ transposed to Flax's `[in, out]`.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import os
@@ -27,7 +26,7 @@ from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.models.safetensors_io import SafetensorsReader
-from qlora_jax._src.runtime import returning_freed_memory
+from qlora_jax._src.runtime import returning_freed_memory, trim_heap
 from qlora_jax._src.surgery.apply import apply_qlora
 from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 
@@ -205,7 +204,7 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
                                  f"[in, out], the model expects {expected}")
             _put_layer(kernels.setdefault(key, {}), q, layer, config.num_layers)
             del q
-            _trim_heap()  # the full-precision rows just freed
+            trim_heap()  # the full-precision rows just freed
         else:
             if bnb is not None and reader.dtype_name(name) == "U8":
                 raise ValueError(f"{reader.file_of(name)}: tensor {name!r} is 4-bit packed, but {'/'.join(key)} "
@@ -238,17 +237,9 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
     stacked = {}
     for key in list(kernels):
         stacked["/".join(key[:-1])] = _stacked(kernels.pop(key))
-        _trim_heap()
+        trim_heap()
     model, _ = apply_qlora(model, quant=quant, lora=lora, rngs=rngs or nnx.Rngs(0), kernels=stacked)
     return model
-
-
-def _trim_heap() -> None:
-    """Returns freed heap pages to the OS (glibc `malloc_trim`); a no-op elsewhere."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _put_layer(parts: dict[str, Any], q: QuantizedArray, layer: int, num_layers: int) -> None:
