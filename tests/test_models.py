@@ -138,6 +138,110 @@ def test_model_builds_and_trains_under_remat():
     assert qj.__version__
 
 
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("name", ["llama-mha-bias", "qwen3"])
+def test_adapter_gradients_match_peft(tmp_path, name):
+    """The adapters' gradients of a step without remat (each scanned layer keeps `llama._KEPT` and recomputes
+    its RMSNorm outputs and SwiGLU product) equal PyTorch autograd's through PEFT on the same weights;
+    Qwen3's q/k norms read the projections' outputs in the backward pass."""
+    from flax import nnx
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    path, hf = make_checkpoint(tmp_path, name)
+    peft_model = get_peft_model(hf, PeftLoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, lora_dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = models.from_pretrained(path, lora=qj.LoraConfig(rank=4, alpha=8, targets=ALL_LINEAR, dropout=0.0))
+    models.load_peft_adapter(model, tmp_path / "adapter")
+    assert not model.remat
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 128, (2, 12))
+    weights = rng.standard_normal((2, 12, 128)).astype(np.float32)
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(ids)) * weights), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    peft_model.train()
+    (peft_model(torch.from_numpy(ids)).logits * torch.from_numpy(weights)).sum().backward()
+    layers = peft_model.base_model.model.model.layers
+    checked = 0
+    for block, names in (("self_attn", ALL_LINEAR[:4]), ("mlp", ALL_LINEAR[4:])):
+        for proj in names:
+            ours = getattr(getattr(grads.layers, block), proj)
+            for i, layer in enumerate(layers):
+                theirs = getattr(getattr(layer, block), proj)
+                for mine, ref in ((ours.lora_a[...][i], theirs.lora_A["default"].weight.grad.T),
+                                  (ours.lora_b[...][i], theirs.lora_B["default"].weight.grad.T)):
+                    scale = float(ref.abs().max())
+                    assert scale > 0
+                    np.testing.assert_allclose(np.asarray(mine), ref.numpy(), rtol=0, atol=2e-5 * scale,
+                                               err_msg=f"layer {i} {proj}")
+                    checked += 1
+    assert checked == 2 * 7 * len(layers)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_layers_recompute_no_product_and_keep_less(monkeypatch, qk_norm):
+    """Against the same step that keeps every value: no matmul is computed twice (the lowered backward pass
+    has as many dot_generals) and the compiled step needs less temporary memory."""
+    from flax import nnx
+
+    from qlora_jax._src.models import llama
+
+    cfg = models.ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                             num_kv_heads=2, qk_norm=qk_norm)
+    model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
+    model, _ = qj.apply_qlora(model, quant=qj.QuantConfig(block_size=32),
+                              lora=qj.LoraConfig(rank=4, alpha=8, targets="all-linear"), rngs=nnx.Rngs(1))
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    ids = jnp.arange(64).reshape(2, 32) % 64
+
+    def measure():
+        def loss(lora, rest):
+            return jnp.mean(nnx.merge(graphdef, lora, rest, copy=True)(ids) ** 2)
+
+        lowered = jax.jit(jax.grad(loss)).lower(lora, rest)
+        return lowered.as_text().count("stablehlo.dot_general"), lowered.compile().memory_analysis().temp_size_in_bytes
+
+    dots, temp = measure()
+    monkeypatch.setattr(llama, "_KEEP", jax.checkpoint_policies.everything_saveable)
+    dots_all, temp_all = measure()
+    assert dots == dots_all
+    assert temp < 0.9 * temp_all
+
+
+def test_dropout_keys_advance_through_the_scanned_layers():
+    """The layers run under `nnx.remat` that hands back only what they change: the adapters' dropout RNG counts
+    advance with every call (eager and in a jitted step), so no two steps draw the same masks."""
+    from flax import nnx
+
+    cfg = models.ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                             num_kv_heads=2)
+    model, _ = qj.apply_qlora(models.CausalLM(cfg, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(block_size=32),
+                              lora=qj.LoraConfig(rank=4, alpha=8, targets="all-linear", dropout=0.5),
+                              rngs=nnx.Rngs(1))
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
+        if path[-1] == "lora_b":
+            v.set_value(jnp.full_like(v.get_value(), 0.1))
+    ids = jnp.arange(32).reshape(2, 16) % 64
+    assert not np.allclose(model(ids), model(ids))
+
+    def counts():
+        return np.concatenate([np.ravel(v.get_value()) for _, v in nnx.to_flat_state(nnx.state(model, nnx.RngCount))])
+
+    config = qj.train.TrainConfig(total_steps=10, warmup_ratio=0.0)
+    optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
+    batch = {"input_ids": np.asarray(ids), "targets": np.asarray(ids), "weights": np.ones((2, 16), np.float32)}
+    before = counts()
+    qj.train.train_step(model, optimizer, batch, config)
+    assert len(before) > 0 and np.all(counts() == before + 1)
+
+
 def test_tokenizer_is_exposed_when_the_checkpoint_has_one(tmp_path):
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers import models as tok_models

@@ -4,7 +4,9 @@ Module and parameter names follow the Hugging Face checkpoints
 (`model.layers.N.self_attn.q_proj` → `model.layers.self_attn.q_proj`,
 stacked over N), so LoRA targets read as in PEFT ("q_proj", "down_proj").
 The decoder layers are created with `nnx.vmap` (every variable gets a leading
-layer axis) and run with `nnx.scan`, optionally under `nnx.remat`; linear
+layer axis) and run with `nnx.scan` under `nnx.remat`: with `remat=True` a
+layer keeps only its input for the backward pass, otherwise its products'
+outputs, attention probabilities and residual stream (`_KEEP`); linear
 layers are plain `nnx.Linear` until `apply_qlora` (or the loader) replaces
 them. Numerics follow `transformers`' eager implementation: RMSNorm in
 float32, RoPE with rotate-half, softmax in float32.
@@ -18,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax._src.models.config import ModelConfig
 
@@ -68,21 +71,33 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, cache=None):
         b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        q = _name(self.q_proj(x), "proj_q").reshape(b, s, self.num_heads, self.head_dim)
+        k = _name(self.k_proj(x), "proj_k").reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        q, k, v = _name(q, "attn_q"), _name(k, "attn_k"), _name(v, "attn_v")
         if cache is not None:  # write this step's keys/values at `start`, attend over the whole cache
             cache_k, cache_v, start = cache
             cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
             cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        out = attention(q, k, v, mask, causal=cache is None)  # [b, s, heads * head_dim]
+        out = _name(attention(q, k, v, mask, causal=cache is None), "attn_out")  # [b, s, heads * head_dim]
         if cache is not None:
             return self.o_proj(out), (cache_k, cache_v)
         return self.o_proj(out)
+
+
+# What a decoder layer keeps for its backward pass when the model is not rematerialized: the products'
+# outputs that the backward pass reads (q/k/v after RoPE, and before it where Qwen3's q/k norms need them),
+# the attention probabilities and output, the residual stream after attention (the layer's input is the
+# scan's carry) and the MLP's gate and up products. The RMSNorm outputs (the projections' inputs) and the
+# SwiGLU product (down_proj's input) are recomputed from these in the backward pass: elementwise passes,
+# where keeping them costs a copy into the scan's stacked residuals and one out of it.
+_KEPT = ("proj_q", "proj_k", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_out", "h_mid", "mlp_gate", "mlp_up")
+_KEEP = jax.checkpoint_policies.save_only_these_names(*_KEPT)
+_name = checkpoint_name
 
 
 # Queries per block of causal self-attention (see `attention`), and the most blocks.
@@ -149,7 +164,7 @@ def _attend(q, k, v, mask):
 
 
 def _attend_fwd(q, k, v, mask):
-    probs = _probs(q, k, mask)
+    probs = _name(_probs(q, k, mask), "attn_probs")
     return jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(v.dtype), v), (q, k, v, mask, probs)
 
 
@@ -191,7 +206,7 @@ class MLP(nnx.Module):
         self.down_proj = nnx.Linear(f, d, **kw)
 
     def __call__(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(swiglu(_name(self.gate_proj(x), "mlp_gate"), _name(self.up_proj(x), "mlp_up")))
 
 
 @jax.custom_vjp
@@ -236,7 +251,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, cache=None):
         if cache is None:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+            x = _name(x + self.self_attn(self.input_layernorm(x), cos, sin, mask), "h_mid")
             return x + self.mlp(self.post_attention_layernorm(x))
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x = x + attn
@@ -254,7 +269,9 @@ class CausalLM(nnx.Module):
         norm: Final `RMSNorm`.
         lm_head: `nnx.Linear` `[hidden, vocab]` without bias, or None when tied.
         dtype: Compute dtype (float32 on CPU, bfloat16 on GPU/TPU is usual).
-        remat: Rematerialize each layer in the backward pass (`nnx.remat`).
+        remat: Rematerialize each layer in the backward pass (`nnx.remat`); without it a
+            layer keeps its products' outputs, attention probabilities and residual stream,
+            and recomputes its RMSNorm outputs and SwiGLU product (elementwise passes).
 
     Example:
         >>> import jax.numpy as jnp
@@ -282,7 +299,9 @@ class CausalLM(nnx.Module):
             config: Architecture.
             dtype: Compute dtype of activations and matmuls.
             param_dtype: Dtype of the float parameters.
-            remat: Rematerialize each decoder layer in the backward pass.
+            remat: Rematerialize each decoder layer in the backward pass (keep only its
+                input); otherwise keep what its backward pass reads but the RMSNorm
+                outputs and the SwiGLU product, which are recomputed.
             rngs: Initializers' randomness.
         """
         self.config = config
@@ -348,6 +367,11 @@ class CausalLM(nnx.Module):
 
             if self.remat:
                 body = nnx.remat(body)
+            else:
+                # Inside a scan the recomputation needs no CSE barrier (`jax.checkpoint`'s `prevent_cse`);
+                # only the variables a layer changes (dropout's RNG counts) come out of it, the frozen weights
+                # stay the arrays (and shardings) they were.
+                body = nnx.remat(body, prevent_cse=False, policy=_KEEP, graph_updates=False)
             h = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.layers)
         else:
             def body(h, layer, k, v):
