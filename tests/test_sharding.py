@@ -69,6 +69,26 @@ def single_device_reference():
         nnx.state(trainer.model, nnx.LoRAParam))
 
 
+def test_remat_step_keeps_every_array_where_it_was(cpu_devices):
+    """With `remat=True` too, the layers hand back only the variables they change: after a sharded step the
+    frozen weights, norms and nested scales keep their shardings (NNX's default handed the whole layer state
+    back, resharded)."""
+    config = ModelConfig(vocab_size=128, hidden_size=512, intermediate_size=512, num_layers=2, num_heads=4,
+                         num_kv_heads=2, max_position_embeddings=64)
+    model, _ = qj.apply_qlora(CausalLM(config, remat=True, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(double_quant=True),
+                              lora=qj.LoraConfig(rank=8, alpha=16), rngs=nnx.Rngs(1))
+    mesh = qj.make_mesh({"fsdp": 8}, cpu_devices)
+    trainer = qj.train.Trainer(model, TRAIN)
+    qj.shard_model(trainer.model, mesh, "fsdp", optimizer=trainer.optimizer)
+    before = {p: a.sharding for p, a in jax.tree_util.tree_leaves_with_path(nnx.state(trainer.model))}
+    ids = np.random.default_rng(0).integers(0, 128, (8, 17)).astype(np.int32)
+    batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "weights": np.ones((8, 16), np.float32)}
+    assert np.isfinite(float(trainer.train_step(qj.shard_batch(batch, mesh))["loss"]))
+    moved = [jax.tree_util.keystr(p) for p, a in jax.tree_util.tree_leaves_with_path(nnx.state(trainer.model))
+             if not a.sharding.is_equivalent_to(before[p], a.ndim)]
+    assert moved == []
+
+
 @pytest.mark.parametrize("axes,strategy", MESHES, ids=[f"{'x'.join(map(str, a.values()))}-{s}" for a, s in MESHES])
 def test_sharded_step_matches_one_device(cpu_devices, single_device, axes, strategy):
     ref_loss, ref_grads, ref_step_loss, ref_grad_norm, ref_adapters = single_device

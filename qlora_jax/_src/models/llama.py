@@ -365,12 +365,12 @@ class CausalLM(nnx.Module):
             def body(h, layer):
                 return layer(h, cos, sin, mask)
 
+            # Only the variables a layer changes (dropout's RNG counts) come out of the remat, so the frozen
+            # weights stay the arrays (and shardings) they were. Without `remat`, a policy keeps `_KEEP`'s
+            # values; inside a scan that recomputation needs no CSE barrier (`jax.checkpoint`'s `prevent_cse`).
             if self.remat:
-                body = nnx.remat(body)
+                body = nnx.remat(body, graph_updates=False)
             else:
-                # Inside a scan the recomputation needs no CSE barrier (`jax.checkpoint`'s `prevent_cse`);
-                # only the variables a layer changes (dropout's RNG counts) come out of it, the frozen weights
-                # stay the arrays (and shardings) they were.
                 body = nnx.remat(body, prevent_cse=False, policy=_KEEP, graph_updates=False)
             h = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.layers)
         else:
