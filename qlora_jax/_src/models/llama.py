@@ -92,10 +92,12 @@ class Attention(nnx.Module):
 # What a decoder layer keeps for its backward pass when the model is not rematerialized: the products'
 # outputs that the backward pass reads (q/k/v after RoPE, and before it where Qwen3's q/k norms need them),
 # the attention probabilities and output, the residual stream after attention (the layer's input is the
-# scan's carry) and the MLP's gate and up products. The RMSNorm outputs (the projections' inputs) and the
+# scan's carry), the MLP's gate and up products and the adapters' dropout masks (drawing the random bits again
+# costs more than keeping one byte per input). The RMSNorm outputs (the projections' inputs) and the
 # SwiGLU product (down_proj's input) are recomputed from these in the backward pass: elementwise passes,
 # where keeping them costs a copy into the scan's stacked residuals and one out of it.
-_KEPT = ("proj_q", "proj_k", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_out", "h_mid", "mlp_gate", "mlp_up")
+_KEPT = ("proj_q", "proj_k", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_out", "h_mid", "mlp_gate", "mlp_up",
+         "lora_dropout_mask")
 _KEEP = jax.checkpoint_policies.save_only_these_names(*_KEPT)
 _name = checkpoint_name
 

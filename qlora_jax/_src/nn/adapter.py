@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax._src.nn.lora import INITS, init_lora, lora_scale
 
@@ -74,6 +75,8 @@ class AdapterMixin:
         off = self.deterministic if deterministic is None else deterministic
         if self.dropout_rate > 0 and not off:
             keep = 1.0 - self.dropout_rate
-            mask = jax.random.bernoulli(self.rngs(), keep, h.shape)
+            # Named so that a layer under a remat policy can keep the mask (`models.llama._KEPT`) and need not
+            # draw the random bits again in the backward pass.
+            mask = checkpoint_name(jax.random.bernoulli(self.rngs(), keep, h.shape), "lora_dropout_mask")
             h = lax.select(mask, h / keep, jnp.zeros_like(h))
         return h
