@@ -71,19 +71,19 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, cache=None):
         b, s, _ = x.shape
-        q = _name(self.q_proj(x), "proj_q").reshape(b, s, self.num_heads, self.head_dim)
-        k = _name(self.k_proj(x), "proj_k").reshape(b, s, self.num_kv_heads, self.head_dim)
+        q = checkpoint_name(self.q_proj(x), "proj_q").reshape(b, s, self.num_heads, self.head_dim)
+        k = checkpoint_name(self.k_proj(x), "proj_k").reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        q, k, v = _name(q, "attn_q"), _name(k, "attn_k"), _name(v, "attn_v")
+        q, k, v = checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
         if cache is not None:  # write this step's keys/values at `start`, attend over the whole cache
             cache_k, cache_v, start = cache
             cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
             cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        out = _name(attention(q, k, v, mask, causal=cache is None), "attn_out")  # [b, s, heads * head_dim]
+        out = checkpoint_name(attention(q, k, v, mask, causal=cache is None), "attn_out")  # [b, s, heads * head_dim]
         if cache is not None:
             return self.o_proj(out), (cache_k, cache_v)
         return self.o_proj(out)
@@ -99,7 +99,6 @@ class Attention(nnx.Module):
 _KEPT = ("proj_q", "proj_k", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_out", "h_mid", "mlp_gate", "mlp_up",
          "lora_dropout_mask")
 _KEEP = jax.checkpoint_policies.save_only_these_names(*_KEPT)
-_name = checkpoint_name
 
 
 # Queries per block of causal self-attention (see `attention`), and the most blocks.
@@ -166,7 +165,7 @@ def _attend(q, k, v, mask):
 
 
 def _attend_fwd(q, k, v, mask):
-    probs = _name(_probs(q, k, mask), "attn_probs")
+    probs = checkpoint_name(_probs(q, k, mask), "attn_probs")
     return jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(v.dtype), v), (q, k, v, mask, probs)
 
 
@@ -208,7 +207,8 @@ class MLP(nnx.Module):
         self.down_proj = nnx.Linear(f, d, **kw)
 
     def __call__(self, x):
-        return self.down_proj(swiglu(_name(self.gate_proj(x), "mlp_gate"), _name(self.up_proj(x), "mlp_up")))
+        gate, up = checkpoint_name(self.gate_proj(x), "mlp_gate"), checkpoint_name(self.up_proj(x), "mlp_up")
+        return self.down_proj(swiglu(gate, up))
 
 
 @jax.custom_vjp
@@ -253,7 +253,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, cache=None):
         if cache is None:
-            x = _name(x + self.self_attn(self.input_layernorm(x), cos, sin, mask), "h_mid")
+            x = checkpoint_name(x + self.self_attn(self.input_layernorm(x), cos, sin, mask), "h_mid")
             return x + self.mlp(self.post_attention_layernorm(x))
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x = x + attn
