@@ -10,7 +10,7 @@ LoRA r=16, alpha=16, dropout 0 on q, k, v, o, gate, up and down — on one
 batch of 4 x 256 tokens, for:
 
   * qlora_jax QLoRA: NF4, block 64, double quantization (`from_pretrained`
-    with a `QuantConfig`, `qj.train.train_step`, jitted);
+    with a `QuantConfig`, `qj.train.Trainer.train_step`, jitted);
   * qlora_jax LoRA over float32 kernels (`quant=None`, same step);
   * PEFT + bitsandbytes QLoRA in PyTorch (`BitsAndBytesConfig` NF4 + double
     quant, compute dtype float32, on CPU) on the same checkpoint and batch;
@@ -159,7 +159,7 @@ def model_flops(shape: Shape) -> dict[str, float]:
 
 
 def jax_step(path: Path, shape: Shape, quantized: bool, batch: dict[str, np.ndarray]):
-    """`(run, issued_dot_flops, loss0)`: one `qj.train.train_step` per `run()` call (blocking), on `path`."""
+    """`(run, issued_dot_flops, loss0)`: one `qj.train.Trainer.train_step` per `run()` call (blocking), on `path`."""
     from flax import nnx
 
     import qlora_jax as qj
@@ -169,13 +169,13 @@ def jax_step(path: Path, shape: Shape, quantized: bool, batch: dict[str, np.ndar
     lora = qj.LoraConfig(rank=shape.rank, alpha=shape.alpha, dropout=0.0, targets=TARGETS)
     model = qj.models.from_pretrained(path, quant=quant, lora=lora, dtype=jnp.float32, rngs=nnx.Rngs(0))
     config = qj.train.TrainConfig(total_steps=1_000_000, warmup_ratio=0.0)
-    optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
+    trainer = qj.train.Trainer(model, config)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
 
     def run():
-        return float(jax.block_until_ready(qj.train.train_step(model, optimizer, batch, config))["loss"])
+        return float(jax.block_until_ready(trainer.train_step(batch))["loss"])
 
-    graphdef, state = nnx.split((model, optimizer))
+    graphdef, state = nnx.split((model, trainer.optimizer))
 
     def pure(state, batch):  # the same step as a function of arrays, for its jaxpr
         return qj.train.train_step(*nnx.merge(graphdef, state), batch, config)

@@ -214,6 +214,45 @@ def test_loss_decreases_and_evaluate_leaves_the_model_alone():
     assert last["perplexity"] == pytest.approx(math.exp(last["loss"]))
 
 
+def test_trainer_step_walks_the_graph_once_and_matches_train_step(monkeypatch):
+    """`Trainer.train_step` binds the step to its model once (no graph walk per call) and updates exactly as
+    `qj.train.train_step` does: dropout masks, RNG counts, adapters and moments; `model.eval()` is seen."""
+    batch = _tiny_batch()
+    model = _tiny(dropout=0.3)
+    trainer = qj.train.Trainer(model, TINY_CONFIG)
+    reference = _tiny(dropout=0.3)  # the same model, stepped by the function
+    nnx.reseed(reference, dropout=TINY_CONFIG.seed, policy="match_shape")  # as Trainer does
+    optimizer = nnx.Optimizer(reference, qj.train.make_optimizer(TINY_CONFIG), wrt=nnx.LoRAParam)
+    walks = []
+    flatten = nnx.graphlib.flatten
+    monkeypatch.setattr(nnx.graphlib, "flatten", lambda *a, **k: walks.append(1) or flatten(*a, **k))
+
+    def both():
+        walks.clear()
+        got = trainer.train_step(batch)
+        mine = len(walks)
+        want = qj.train.train_step(reference, optimizer, batch, TINY_CONFIG)
+        assert float(got["loss"]) == float(want["loss"]) and float(got["grad_norm"]) == float(want["grad_norm"])
+        for kind in (nnx.LoRAParam, nnx.RngState):
+            for a, b in zip(_leaves(model, kind), _leaves(reference, kind), strict=True):
+                np.testing.assert_array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(nnx.state(trainer.optimizer)), jax.tree.leaves(nnx.state(optimizer)),
+                        strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        return mine
+
+    assert both() > 0  # the first call binds (and compiles)
+    assert [both() for _ in range(3)] == [0, 0, 0]  # later calls do not walk the graphs
+    rngs = _leaves(model, nnx.RngState)
+    model.eval(), reference.eval()  # no dropout: the trainer binds again and draws no key
+    assert both() > 0
+    for a, b in zip(rngs, _leaves(model, nnx.RngState), strict=True):
+        np.testing.assert_array_equal(a, b)
+    model.train(), reference.train()
+    both()
+    assert trainer.step == 6
+
+
 # ----------------------------------------------------------------------------- optimizer and schedules
 
 

@@ -13,7 +13,7 @@ from flax import nnx
 from qlora_jax._src.train import resume
 from qlora_jax._src.train.config import TrainConfig
 from qlora_jax._src.train.optim import make_optimizer
-from qlora_jax._src.train.step import Batch, evaluate, train_step
+from qlora_jax._src.train.step import Batch, _bound_train_step, _check_batch, evaluate
 
 __all__ = ["Trainer"]
 
@@ -76,6 +76,10 @@ class Trainer:
         # compilation cache hit when a new process resumes).
         _commit(model)
         _commit(self.optimizer)
+        # `_bound_train_step`, made at the first step, the modules it saw and their modes then
+        self._step: Any = None
+        self._modules: list[nnx.Module] = []
+        self._modes: tuple[Any, ...] = ()
 
     @property
     def step(self) -> int:
@@ -83,8 +87,20 @@ class Trainer:
         return int(self.optimizer.step[...])
 
     def train_step(self, batch: Batch) -> dict[str, jax.Array]:
-        """One update on `batch`; returns `loss`, `grad_norm`, `lr`, `tokens` (see `qj.train.train_step`)."""
-        return train_step(self.model, self.optimizer, batch, self.config)
+        """One update on `batch`; returns `loss`, `grad_norm`, `lr`, `tokens` (see `qj.train.train_step`).
+
+        The same step as `qj.train.train_step`, without its per-call walk over
+        the model's and optimizer's graphs (about 10 ms of Python): the step is
+        bound to the trainer's model and optimizer at its first call and bound
+        again when a module's mode changes (`model.train()` / `model.eval()`)
+        or after `restore`. Replace `trainer.model`'s modules only through a
+        new `Trainer`.
+        """
+        batch = _check_batch(batch, self.config.grad_accum)
+        if self._step is None or _modes(self._modules) != self._modes:
+            self._modules = [module for _, module in nnx.iter_modules(self.model)]
+            self._step, self._modes = _bound_train_step(self.model, self.optimizer), _modes(self._modules)
+        return self._step(batch, config=self.config)
 
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
         """`loss`, `perplexity` and `tokens` over `batches`, without dropout (see `qj.train.evaluate`)."""
@@ -105,7 +121,13 @@ class Trainer:
         `TrainConfig` (see `qj.train.restore`).
         """
         _, data_state = resume.restore(directory, self.model, self.optimizer, step=step, config=self.config)
+        self._step = None
         return data_state
+
+
+def _modes(modules: list[nnx.Module]) -> tuple[Any, ...]:
+    """The modules' `deterministic` and `use_running_average` flags (what `model.train()` / `eval()` set)."""
+    return tuple((getattr(m, "deterministic", None), getattr(m, "use_running_average", None)) for m in modules)
 
 
 def _commit(node: nnx.Module | nnx.Optimizer) -> None:
