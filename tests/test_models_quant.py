@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from test_models import hf_logits, make_checkpoint
+from test_models import assert_adapter_gradients_match_peft, hf_logits, make_checkpoint, peft_with_random_b
 
 import qlora_jax as qj
 from qlora_jax import models
@@ -80,47 +80,19 @@ def test_qlora_adapter_gradients_match_peft_on_the_exact_nf4_weights(tmp_path, m
     """A float32 QLoRA step without dropout (the merged products of `ops/merged.py`; on CPU with the 4-bit
     kernels' permuted input columns): the adapters' gradients equal PyTorch autograd's through PEFT on the HF
     model whose projections hold the exactly dequantized NF4 weights. Llama with biases everywhere."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
     from qlora_jax._src.nn import linear as linear_module
 
     path, hf = make_checkpoint(tmp_path, "llama-mha-bias")
-    peft_model = get_peft_model(_dequantized_reference(hf), PeftLoraConfig(r=4, lora_alpha=8, target_modules=list(PROJ),
-                                                                           lora_dropout=0.0))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn_like(p) * 0.1)
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model = peft_with_random_b(_dequantized_reference(hf), tmp_path, PROJ)
     model = models.from_pretrained(path, quant=qj.QuantConfig(fmt="nf4", block_size=64, double_quant=False),
                                    lora=qj.LoraConfig(rank=4, alpha=8, targets=list(PROJ), dropout=0.0))
     models.load_peft_adapter(model, tmp_path / "adapter")
     merged = []
     real = linear_module.lora_matmul
     monkeypatch.setattr(linear_module, "lora_matmul", lambda *a, **k: merged.append(1) or real(*a, **k))
-
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, 128, (2, 32))  # 64 tokens: enough for the merged products (`can_merge`)
-    weights = rng.standard_normal((2, 32, 128)).astype(np.float32)
-    grads = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(ids)) * weights), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    # 64 tokens: enough for the merged products (`can_merge`)
+    assert_adapter_gradients_match_peft(model, peft_model, np.random.default_rng(0).integers(0, 128, (2, 32)), PROJ)
     assert len(merged) == 7  # every projection of the scanned layer took the merged product
-    peft_model.train()
-    (peft_model(torch.from_numpy(ids)).logits * torch.from_numpy(weights)).sum().backward()
-    checked = 0
-    for block, names in (("self_attn", PROJ[:4]), ("mlp", PROJ[4:])):
-        for proj in names:
-            ours = getattr(getattr(grads.layers, block), proj)
-            for i, layer in enumerate(peft_model.base_model.model.model.layers):
-                theirs = getattr(getattr(layer, block), proj)
-                for mine, ref in ((ours.lora_a[...][i], theirs.lora_A["default"].weight.grad.T),
-                                  (ours.lora_b[...][i], theirs.lora_B["default"].weight.grad.T)):
-                    scale = float(ref.abs().max())
-                    np.testing.assert_allclose(np.asarray(mine), ref.numpy(), rtol=0, atol=2e-5 * scale,
-                                               err_msg=f"layer {i} {proj}")
-                    checked += 1
-    assert checked == 2 * 7 * 2
 
 
 def test_bitsandbytes_checkpoint_loads_its_packed_bytes(tmp_path):
