@@ -214,9 +214,10 @@ def test_loss_decreases_and_evaluate_leaves_the_model_alone():
     assert last["perplexity"] == pytest.approx(math.exp(last["loss"]))
 
 
-def test_trainer_step_walks_the_graph_once_and_matches_train_step(monkeypatch):
+def test_trainer_step_walks_the_graph_once_and_matches_train_step(monkeypatch, tmp_path):
     """`Trainer.train_step` binds the step to its model once (no graph walk per call) and updates exactly as
-    `qj.train.train_step` does: dropout masks, RNG counts, adapters and moments; `model.eval()` is seen."""
+    `qj.train.train_step` does: dropout masks, RNG counts, adapters and moments; `model.eval()` is seen, and
+    after `restore` the bound step reads the restored state without being bound or compiled again."""
     batch = _tiny_batch()
     model = _tiny(dropout=0.3)
     trainer = qj.train.Trainer(model, TINY_CONFIG)
@@ -251,6 +252,15 @@ def test_trainer_step_walks_the_graph_once_and_matches_train_step(monkeypatch):
     model.train(), reference.train()
     both()
     assert trainer.step == 6
+    trainer.save(tmp_path / "ckpt")
+    after_save = trainer.train_step(batch)
+    trainer.restore(tmp_path / "ckpt")
+    assert trainer.step == 6
+    walks.clear()
+    compiles = trainer._step.jitted_fn._cache_size()
+    again = trainer.train_step(batch)  # the same state and dropout keys as the step after saving
+    assert walks == [] and trainer._step.jitted_fn._cache_size() == compiles
+    assert float(again["loss"]) == float(after_save["loss"]) and trainer.step == 7
 
 
 # ----------------------------------------------------------------------------- optimizer and schedules

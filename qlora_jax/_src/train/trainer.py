@@ -92,9 +92,10 @@ class Trainer:
         The same step as `qj.train.train_step`, without its per-call walk over
         the model's and optimizer's graphs (about 10 ms of Python): the step is
         bound to the trainer's model and optimizer at its first call and bound
-        again when a module's mode changes (`model.train()` / `model.eval()`)
-        or after `restore`. Replace `trainer.model`'s modules only through a
-        new `Trainer`.
+        again when a module's mode changes (`model.train()` / `model.eval()`);
+        `restore` and `shard_model` write into the same variables, which the
+        bound step reads. Replace `trainer.model`'s modules only through a new
+        `Trainer`.
         """
         batch = _check_batch(batch, self.config.grad_accum)
         if self._step is None or _modes(self._modules) != self._modes:
@@ -120,8 +121,8 @@ class Trainer:
         Raises `ValueError` when the checkpoint was saved with a different
         `TrainConfig` (see `qj.train.restore`).
         """
+        # Restored values go into the same variables (`nnx.update`): the bound step reads them, uncompiled again.
         _, data_state = resume.restore(directory, self.model, self.optimizer, step=step, config=self.config)
-        self._step = None
         return data_state
 
 
