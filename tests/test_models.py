@@ -162,7 +162,7 @@ def assert_adapter_gradients_match_peft(model, peft_model, ids, targets):
     PyTorch autograd's through `peft_model` (atol 2e-5 x the largest)."""
     from flax import nnx
 
-    weights = np.random.default_rng(1).standard_normal((*ids.shape, 128)).astype(np.float32)
+    weights = np.random.default_rng(1).standard_normal((*ids.shape, model.config.vocab_size)).astype(np.float32)
     grads = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(ids)) * weights), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
     peft_model.train()
     (peft_model(torch.from_numpy(ids)).logits * torch.from_numpy(weights)).sum().backward()
