@@ -12,11 +12,17 @@ Runs unchanged on CPU, GPU or TPU; paths that cannot run say why.
 Usage:
     python benchmarks/qmatmul.py [--m 1 16 256 512 2048] [--k 4096] [--n 4096]
         [--fmt nf4] [--block-size 64] [--dtype float32|bfloat16|float16] [--repeats N] [--json PATH]
+        [--default-runtime]
+
+On a CPU-only machine it calls `qlora_jax.configure_cpu()` first, as the
+`finetune` and `demo` commands do: without it every call maps the dequantized
+kernel's temporaries afresh (`--default-runtime` measures that).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +36,7 @@ from tqdm import tqdm
 
 import qlora_jax as qj
 from qlora_jax._src.formats.blockwise import dequantize_stored
+from qlora_jax._src.runtime import configure_cpu_for_command
 
 DEFAULT_M = (1, 16, 256, 512, 2048)
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "qmatmul.json"
@@ -54,11 +61,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="activation dtype (default float32 on CPU, bfloat16 on GPU/TPU)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case; the median is reported")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    parser.add_argument("--default-runtime", action="store_true",
+                        help="skip qlora_jax.configure_cpu(): JAX's asynchronous dispatch and glibc's malloc defaults")
     args = parser.parse_args(argv)
     if args.repeats < 1 or min(args.m) < 1:
         parser.error("--repeats and --m must be at least 1")
-    if args.dtype is None:
-        args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     return args
 
 
@@ -136,10 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = parse_args(argv)
-    dtype = np.dtype(args.dtype)
+    runtime = None if args.default_runtime else configure_cpu_for_command()  # before JAX starts; CPU only
+    dtype = np.dtype(args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16"))
     machine = machine_info()
     print(f"# qlora_jax qmatmul benchmark\n\nmachine: {machine['processor']} | jax device: "
           f"{machine['device_kind']} | cpus: {machine['cpu_count']} | jax {machine['jax']}\n")
+    print(f"runtime: {_runtime_text(runtime)}\n")
     kernel = jax.random.normal(jax.random.key(0), (args.k, args.n), jnp.float32) * 0.02
     q = qj.quantize(kernel, args.fmt, args.block_size, not args.no_double_quant)
     w = kernel.astype(dtype)
@@ -151,10 +160,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path, reason in skipped.items():
         print(f"- {path}: not run: {reason}")
     settings = {"k": args.k, "n": args.n, "fmt": args.fmt, "block_size": args.block_size,
-                "double_quant": not args.no_double_quant, "dtype": str(dtype), "repeats": args.repeats}
+                "double_quant": not args.no_double_quant, "dtype": str(dtype), "repeats": args.repeats,
+                "runtime": None if runtime is None else dataclasses.asdict(runtime)}
     write_json(args.json, {"machine": machine, "settings": settings, "rows": rows})
     print(f"\nresults written to {args.json}")
     return 0
+
+
+def _runtime_text(runtime: Any) -> str:
+    """The header line on `qlora_jax.configure_cpu()`.
+
+    Example:
+        >>> _runtime_text(None)
+        "JAX's defaults (--default-runtime, or not a CPU-only machine)"
+    """
+    if runtime is None:
+        return "JAX's defaults (--default-runtime, or not a CPU-only machine)"
+    return (f"`qlora_jax.configure_cpu()` (synchronous dispatch {runtime.synchronous}, freed memory kept "
+            f"{runtime.keep_freed_memory})")
 
 
 if __name__ == "__main__":

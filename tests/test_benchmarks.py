@@ -18,8 +18,12 @@ def test_qmatmul_benchmark_runs_and_writes_json(tmp_path):
         capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     assert "| M | path | ms | ratio to dense |" in result.stdout
-    rows = json.loads(out.read_text())["rows"]
+    data = json.loads(out.read_text())
+    rows = data["rows"]
     assert [row["m"] for row in rows] == [1, 3]
+    if jax.default_backend() == "cpu":  # a CPU-only machine: the script configures the CPU runtime first
+        assert data["settings"]["runtime"]["synchronous"] is True
+        assert "`qlora_jax.configure_cpu()` (synchronous dispatch True" in result.stdout
     for row in rows:
         assert row["paths"]["xla"]["ratio"] > 0 and row["dense_ms"] > 0
         if jax.default_backend() == "cpu":
