@@ -100,3 +100,20 @@ def write_json(path: Path, results: dict[str, Any]) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+def runtime_text(runtime: Any, note: str = "") -> str:
+    """The header line on `qlora_jax.configure_cpu()`: what it set, or that the script ran without it.
+
+    Args:
+        runtime: What `configure_cpu` returned, or None where it was not called.
+        note: Appended when it was called (for example, that it holds for PyTorch too).
+
+    Example:
+        >>> runtime_text(None)
+        "JAX's asynchronous dispatch, glibc's malloc defaults (--default-runtime, or not a CPU-only machine)"
+    """
+    if runtime is None:
+        return "JAX's asynchronous dispatch, glibc's malloc defaults (--default-runtime, or not a CPU-only machine)"
+    return (f"`qlora_jax.configure_cpu()` (synchronous dispatch {runtime.synchronous}, freed memory kept "
+            f"{runtime.keep_freed_memory}){note}")

@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import NA, machine_info, markdown_table, median_ms, write_json
+from _common import NA, machine_info, markdown_table, median_ms, runtime_text, write_json
 from tqdm import tqdm
 
 import qlora_jax as qj
@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = machine_info()
     print(f"# qlora_jax qmatmul benchmark\n\nmachine: {machine['processor']} | jax device: "
           f"{machine['device_kind']} | cpus: {machine['cpu_count']} | jax {machine['jax']}\n")
-    print(f"runtime: {_runtime_text(runtime)}\n")
+    print(f"runtime: {runtime_text(runtime)}\n")
     kernel = jax.random.normal(jax.random.key(0), (args.k, args.n), jnp.float32) * 0.02
     q = qj.quantize(kernel, args.fmt, args.block_size, not args.no_double_quant)
     w = kernel.astype(dtype)
@@ -165,19 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(args.json, {"machine": machine, "settings": settings, "rows": rows})
     print(f"\nresults written to {args.json}")
     return 0
-
-
-def _runtime_text(runtime: Any) -> str:
-    """The header line on `qlora_jax.configure_cpu()`.
-
-    Example:
-        >>> _runtime_text(None)
-        "JAX's defaults (--default-runtime, or not a CPU-only machine)"
-    """
-    if runtime is None:
-        return "JAX's defaults (--default-runtime, or not a CPU-only machine)"
-    return (f"`qlora_jax.configure_cpu()` (synchronous dispatch {runtime.synchronous}, freed memory kept "
-            f"{runtime.keep_freed_memory})")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import NA, machine_info, markdown_table, median_ms, write_json
+from _common import NA, machine_info, markdown_table, median_ms, runtime_text, write_json
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "train_step.json"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -509,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"model: Llama, hidden {shape.hidden}, {shape.layers} layers, intermediate {shape.intermediate}, heads "
           f"{shape.heads}/{shape.kv_heads}, vocab {shape.vocab}; threads: XLA {threads}, torch "
           f"{NA if args.no_torch else threads}; load average {load_before:.1f} before, {load_after:.1f} after\n")
-    print(f"runtime: {_runtime_text(runtime)}\n")
+    print(f"runtime: {runtime_text(runtime, '; process-wide, so it holds for the PyTorch steps too')}\n")
     print(results_table(rows) + "\n")
     print(f"- f32 matmul rate ({args.matmul_size}³ `jnp.dot`, timed in the same loop): {rate / 1e9:.1f} GFLOP/s; "
           f"utilisation = model FLOPs / step time / that rate")
@@ -558,19 +558,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "product_bound": bound})
     print(f"\nresults written to {args.json}")
     return 0
-
-
-def _runtime_text(runtime: Any) -> str:
-    """The header line on `qlora_jax.configure_cpu()`.
-
-    Example:
-        >>> _runtime_text(None)
-        "JAX's asynchronous dispatch, glibc's malloc defaults (--default-runtime)"
-    """
-    if runtime is None:
-        return "JAX's asynchronous dispatch, glibc's malloc defaults (--default-runtime)"
-    return (f"`qlora_jax.configure_cpu()` (synchronous dispatch {runtime.synchronous}, freed memory kept "
-            f"{runtime.keep_freed_memory}); process-wide, so it holds for the PyTorch steps too")
 
 
 if __name__ == "__main__":
