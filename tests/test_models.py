@@ -45,8 +45,8 @@ def make_checkpoint(tmp_path, name, seed=0, **overrides):
 
 def hf_logits(hf, ids, attention_mask=None):
     with torch.no_grad():
-        mask = None if attention_mask is None else torch.from_numpy(np.asarray(attention_mask))
-        return hf(torch.from_numpy(np.asarray(ids)).long(), attention_mask=mask).logits.numpy()
+        mask = None if attention_mask is None else torch.tensor(np.asarray(attention_mask))
+        return hf(torch.tensor(np.asarray(ids)).long(), attention_mask=mask).logits.numpy()
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
