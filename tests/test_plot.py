@@ -36,3 +36,27 @@ def test_curves_png_decodes_and_contains_both_colors(tmp_path):
     assert (31, 119, 180) in colors and (214, 39, 40) in colors
     blue = np.argwhere((image == (31, 119, 180)).all(-1))
     assert blue[:, 1].max() - blue[:, 1].min() > 200  # the curve spans the plot, not just the legend
+
+
+def test_ticks_fall_on_round_steps_and_labels_are_drawn(tmp_path):
+    steps = np.arange(1, 301)
+    loss = 9.0 / np.sqrt(steps)
+    plain, labelled = tmp_path / "plain.png", tmp_path / "labelled.png"
+    plot_curves(plain, {"train": (steps, loss)})
+    plot_curves(labelled, {"train": (steps, loss)}, title="fine-tuning loss", xlabel="step", ylabel="loss")
+    image = _decode_png(plain.read_bytes())
+    height, width = image.shape[:2]
+    black = (image == 0).all(-1)
+    # Tick marks hang below the x axis (row height - 30); the plot spans x 1..300 over pixels 60..width - 12.
+    ticks = np.flatnonzero(black[height - 30 + 2, :])
+    expected = [int(60 + (t - 1) / 299 * (width - 72)) for t in (50, 100, 150, 200, 250, 300)]
+    np.testing.assert_array_equal(ticks, expected)
+    # y ticks: the loss runs 0.52..9.0 (+5% padding), so round steps of 2 from 2 to 8 (not 0: below the padding).
+    y_ticks = np.flatnonzero(black[:, 60 - 2])
+    y0, y1 = 9.0 / np.sqrt(300), 9.0
+    y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)
+    np.testing.assert_array_equal(y_ticks, [int(12 + (y1 - v) / (y1 - y0) * (height - 42)) for v in (8, 6, 4, 2)])
+    # Title, y label and x label add ink above and below the plot that the plain figure does not have.
+    ink = (_decode_png(labelled.read_bytes()) == 0).all(-1)
+    assert not black[:12].any() and ink[:12].any()
+    assert ink[-14:].any() and not black[-14:].any()

@@ -595,7 +595,8 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, model_path: 
         curves["qlora" if method == "qlora" else "lora 32-bit"] = (list(range(1, len(result.losses) + 1)),
                                                                      result.losses)
 
-    plot_curves(output / "loss.png", curves)
+    plot_curves(output / "loss.png", curves, title="qlora-jax demo: reverse the word", xlabel="step",
+                ylabel="training loss")
     seconds = time.perf_counter() - t0
     log("\n" + results_table(rows) + "\n")
     for r in rows:

@@ -250,7 +250,7 @@ def _plot(path: Path, history: list[dict[str, Any]]) -> None:
     evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
     if evals:
         curves["eval loss"] = ([s for s, _ in evals], [v for _, v in evals])
-    plot_curves(path, curves)
+    plot_curves(path, curves, title="qlora-jax finetune", xlabel="step", ylabel="loss")
 
 
 class _StopOnInterrupt:

@@ -1,12 +1,13 @@
 """Loss curves as PNG files without a plotting library.
 
 Draws each series as a polyline on a white canvas with axes and tick marks
-(a 5x7 bitmap font labels the ticks and the legend), then writes a PNG with
+(a 5x7 bitmap font draws the tick labels, legend, title and axis labels), then writes a PNG with
 `zlib`. Enough to look at a run; not a replacement for a plotting package.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import zlib
@@ -24,7 +25,7 @@ _FONT = {
     "3": (31, 2, 4, 2, 1, 17, 14), "4": (2, 6, 10, 18, 31, 2, 2), "5": (31, 16, 30, 1, 1, 17, 14),
     "6": (6, 8, 16, 30, 17, 17, 14), "7": (31, 1, 2, 4, 8, 8, 8), "8": (14, 17, 17, 14, 17, 17, 14),
     "9": (14, 17, 17, 15, 1, 2, 12), ".": (0, 0, 0, 0, 0, 12, 12), "-": (0, 0, 0, 31, 0, 0, 0),
-    "e": (0, 0, 14, 17, 31, 16, 14), " ": (0,) * 7,
+    " ": (0,) * 7,
     "A": (14, 17, 17, 31, 17, 17, 17), "B": (30, 17, 17, 30, 17, 17, 30), "C": (14, 17, 16, 16, 16, 17, 14),
     "D": (30, 17, 17, 17, 17, 17, 30), "E": (31, 16, 16, 30, 16, 16, 31), "F": (31, 16, 16, 30, 16, 16, 16),
     "G": (14, 17, 16, 23, 17, 17, 15), "H": (17, 17, 17, 31, 17, 17, 17), "I": (14, 4, 4, 4, 4, 4, 14),
@@ -35,7 +36,8 @@ _FONT = {
     "V": (17, 17, 17, 17, 17, 10, 4), "W": (17, 17, 17, 21, 21, 21, 10), "X": (17, 17, 10, 4, 10, 17, 17),
     "Y": (17, 17, 10, 4, 4, 4, 4), "Z": (31, 1, 2, 4, 8, 16, 31), "_": (0, 0, 0, 0, 0, 0, 31),
     "/": (1, 1, 2, 4, 8, 16, 16), "(": (2, 4, 8, 8, 8, 4, 2), ")": (8, 4, 2, 2, 2, 4, 8),
-    "=": (0, 0, 31, 0, 31, 0, 0), ",": (0, 0, 0, 0, 12, 4, 8), ":": (0, 12, 12, 0, 12, 12, 0),
+    "=": (0, 0, 31, 0, 31, 0, 0), "+": (0, 4, 4, 31, 4, 4, 0), ",": (0, 0, 0, 0, 12, 4, 8),
+    ":": (0, 12, 12, 0, 12, 12, 0),
 }
 
 
@@ -65,22 +67,31 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
 
 
 def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *,
-                width: int = 640, height: int = 400) -> None:
+                title: str = "", xlabel: str = "", ylabel: str = "", width: int = 640, height: int = 400) -> None:
     """Plots named `(x, y)` series (e.g. loss per step) into a PNG.
+
+    Ticks fall on round numbers (1, 2, 2.5 or 5 times a power of ten).
+    Letters are drawn as capitals.
 
     Args:
         path: Output file.
         curves: `{name: (xs, ys)}`; non-finite points are skipped.
+        title: Drawn centred above the plot.
+        xlabel: Drawn centred below the x axis.
+        ylabel: Drawn above the y axis.
         width: Image width in pixels.
         height: Image height in pixels.
 
     Example:
         >>> import tempfile, os
         >>> import qlora_jax as qj
-        >>> qj.train.plot_curves(os.path.join(tempfile.mkdtemp(), "loss.png"), {"train": ([0, 1, 2], [3.0, 2.0, 1.5])})
+        >>> qj.train.plot_curves(os.path.join(tempfile.mkdtemp(), "loss.png"), {"train": ([0, 1, 2], [3.0, 2.0, 1.5])},
+        ...                      title="loss per step", xlabel="step", ylabel="loss")
     """
     img = np.full((height, width, 3), 255, np.uint8)
-    left, right, top, bottom = 60, 12, 12, 30
+    left, right = 60, 12
+    top = 12 + (14 if title else 0) + (12 if ylabel else 0)
+    bottom = 30 + (14 if xlabel else 0)
     points = [(np.asarray(x, np.float64), np.asarray(y, np.float64)) for x, y in curves.values()]
     finite = [(x[np.isfinite(y)], y[np.isfinite(y)]) for x, y in points]
     xs = np.concatenate([x for x, _ in finite] or [np.zeros(1)])
@@ -97,15 +108,21 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[flo
 
     img[top:height - bottom, left] = 0
     img[height - bottom, left:width - right] = 0
-    for i in range(5):
-        value = y0 + (y1 - y0) * i / 4
+    for value in nice_ticks(y0, y1):
         _, py = to_px(x0, value)
         img[int(py), left - 4:left] = 0
-        _text(img, f"{value:.3g}", 4, int(py) - 3)
-        xv = x0 + (x1 - x0) * i / 4
+        _text(img, _tick_label(value), 4, int(py) - 3)
+    for xv in nice_ticks(x0, x1):
         px, _ = to_px(xv, y0)
         img[height - bottom:height - bottom + 4, int(px)] = 0
-        _text(img, f"{xv:.4g}", int(px) - 8, height - bottom + 8)
+        label = _tick_label(xv)
+        _text(img, label, int(px) - 3 * len(label), height - bottom + 8)
+    if title:
+        _text(img, title, (width - 6 * len(title)) // 2, 6)
+    if ylabel:
+        _text(img, ylabel, 4, top - 12)
+    if xlabel:
+        _text(img, xlabel, left + (width - left - right - 6 * len(xlabel)) // 2, height - 14)
     for k, ((x, y), name) in enumerate(zip(finite, curves, strict=True)):
         color = _COLORS[k % len(_COLORS)]
         px, py = to_px(x, y)
@@ -118,6 +135,30 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[flo
     write_png(path, img)
 
 
+def nice_ticks(lo: float, hi: float, most: int = 8) -> list[float]:
+    """Round-number tick values in `[lo, hi]`: multiples of 1, 2, 2.5 or 5 times a power of ten, at most `most` (>= 2).
+
+    Example:
+        >>> from qlora_jax._src.plot import nice_ticks
+        >>> nice_ticks(1, 300)
+        [50.0, 100.0, 150.0, 200.0, 250.0, 300.0]
+        >>> nice_ticks(-0.46, 9.83)
+        [0.0, 2.0, 4.0, 6.0, 8.0]
+    """
+    span = hi - lo
+    if not span > 0:
+        return [float(lo)]
+    magnitude = 10.0 ** math.floor(math.log10(span / (most - 1)))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if span / (m * magnitude) <= most - 1)
+    first = math.ceil(lo / step - 1e-9)
+    last = math.floor(hi / step + 1e-9)
+    return [float(f"{i * step:.12g}") + 0.0 for i in range(first, last + 1)]
+
+
+def _tick_label(value: float) -> str:
+    return f"{value:.4g}"
+
+
 def _line(img: np.ndarray, xa: float, ya: float, xb: float, yb: float, color) -> None:
     n = int(max(abs(xb - xa), abs(yb - ya))) + 1
     for t in np.linspace(0.0, 1.0, n + 1):
@@ -128,7 +169,7 @@ def _line(img: np.ndarray, xa: float, ya: float, xb: float, yb: float, color) ->
 def _text(img: np.ndarray, text: str, x: int, y: int) -> None:
     """Draws digits, letters (as capitals) and a little punctuation; other characters as boxes."""
     for ch in text:
-        rows = _FONT.get(ch, _FONT.get(ch.upper(), (31, 17, 17, 17, 17, 17, 31)))
+        rows = _FONT.get(ch.upper(), _FONT.get(ch, (31, 17, 17, 17, 17, 17, 31)))
         for r, bits in enumerate(rows):
             for c in range(5):
                 if bits >> (4 - c) & 1 and 0 <= y + r < img.shape[0] and 0 <= x + c < img.shape[1]:
