@@ -4,6 +4,7 @@ GPU and TPU, path selection, and the memory property: no dequantized weight is
 kept for the backward pass."""
 
 import functools
+import importlib
 import logging
 import re
 
@@ -393,3 +394,36 @@ def test_cpu_nibble_layouts_match_the_reference(rows, dtype, tol):
     for a, b in ((got, want), (got_vjp(g)[0], want_vjp(g)[0])):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max())
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("lhs", [(1, 256), (2, 3, 256), (128, 256)])
+def test_cpu_chunked_small_products_match_a_float64_matmul(monkeypatch, lhs, dtype, tol):
+    """Up to 128 rows of x, a large 4-bit kernel is dequantized and multiplied in chunks of output rows inside a
+    loop (so that each chunk is read back from cache); shrunk chunks make a small kernel take that path."""
+    # 64 output rows of 256 float32 inputs per chunk
+    monkeypatch.setattr(importlib.import_module("qlora_jax._src.ops.qmatmul"), "_CHUNK_BYTES", 64 * 256 * 4)
+    q = qj.quantize(jax.random.normal(jax.random.key(0), (256, 512)), "nf4", 64, double_quant=True)
+    x = jax.random.normal(jax.random.key(1), lhs).astype(dtype)
+    g = jax.random.normal(jax.random.key(2), (*lhs[:-1], 512)).astype(dtype)
+    fn = jax.jit(lambda x: qj.qmatmul(x, q))
+    assert re.search(r"\bwhile\b", fn.lower(x).as_text())  # the chunk loop ran: 8 chunks of 64 rows
+    w = np.asarray(qj.dequantize(q, jnp.float32), np.float64)
+    want = np.asarray(x.astype(jnp.float32), np.float64) @ w
+    got, vjp = jax.vjp(fn, x)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=tol * np.abs(want).max())
+    want_grad = np.asarray(g.astype(jnp.float32), np.float64) @ w.T
+    np.testing.assert_allclose(np.asarray(vjp(g)[0], np.float64), want_grad, rtol=0, atol=tol * np.abs(want_grad).max())
+
+
+def test_cpu_chunked_products_only_for_few_rows_and_large_kernels():
+    """The chunk loop is for decoding-sized x and kernels larger than one chunk; otherwise one piece."""
+    big = qj.quantize(jnp.ones((4096, 4096)), "nf4", 64)  # 64 MiB as float32: 8 chunks of 512 rows
+    small = qj.quantize(jnp.ones((256, 512)), "nf4", 64)
+
+    def loops(x, q):
+        return len(re.findall(r"\bwhile\b", jax.jit(lambda x: qj.qmatmul(x, q)).lower(x).as_text()))
+
+    assert loops(jnp.ones((4, 4096)), big) == 1
+    assert loops(jnp.ones((129, 4096)), big) == 0  # more rows of x: the product dominates
+    assert loops(jnp.ones((4, 256)), small) == 0  # the whole kernel fits in one chunk

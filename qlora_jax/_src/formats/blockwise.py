@@ -152,15 +152,22 @@ def dequantize_halves(q: QuantizedArray, dtype: np.dtype) -> tuple[jax.Array, ja
     if q.bits != 4 or not q.row_layout:
         raise ValueError(f"q: dequantize_halves needs a 4-bit kernel in row layout; got {q.fmt}, shape {q.shape}, "
                          f"block_size {q.block_size}")
-    table = jnp.asarray(codebooks.codebook(q.fmt))
-    absmax = dequantize_absmax(q)[..., None]  # [*stack, *out, in // bs, 1]
+    return halves_from_codes(q.codes, dequantize_absmax(q), q.fmt, q.block_size, dtype)
 
-    def half(codes: jax.Array) -> jax.Array:
-        values = table.at[codes.astype(jnp.int32)].get(mode="promise_in_bounds")
-        blocks = values.reshape(*values.shape[:-1], -1, q.block_size // 2)
+
+def halves_from_codes(codes: jax.Array, absmax: jax.Array, fmt: str, block_size: int,
+                      dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
+    """`dequantize_halves` of any rows of a 4-bit row-layout kernel: packed `codes [..., in // 2]` and their float32
+    `absmax [..., in // block_size]` (from `dequantize_absmax`) -> `(even, odd)`, each `[..., in // 2]`."""
+    table = jnp.asarray(codebooks.codebook(fmt))
+    absmax = absmax[..., None]  # [..., in // bs, 1]
+
+    def half(nibbles: jax.Array) -> jax.Array:
+        values = table.at[nibbles.astype(jnp.int32)].get(mode="promise_in_bounds")
+        blocks = values.reshape(*values.shape[:-1], -1, block_size // 2)
         return (blocks * absmax).reshape(values.shape).astype(dtype)
 
-    return half(q.codes >> 4), half(q.codes & 0xF)
+    return half(codes >> 4), half(codes & 0xF)
 
 
 def dequantize_permuted(q: QuantizedArray, dtype: np.dtype) -> jax.Array:
