@@ -367,9 +367,10 @@ def _forward(x, q, op: _Op):
     if op.path in ("pallas_gpu", "pallas_tpu"):
         return pallas.pallas_matmul(x, q, backend=op.path[len("pallas_"):], out_dtype=op.out_dtype,
                                     precision=op.precision, interpret=op.interpret)
-    if _cpu_halves(q, op) == "split" and _chunk_rows(q, op):
+    rows = _chunk_rows(q, op) if _cpu_halves(q, op) == "split" else 0
+    if rows:
         # Each chunk is dequantized inside a loop that reads x: it cannot run before the layer does.
-        return _chunked_split_product(q, op, _chunk_rows(q, op), op.out_dtype)(x)
+        return _chunked_split_product(q, op, rows, op.out_dtype)(x)
     # The data dependence ties the dequantization to x, so that XLA computes it
     # when the layer runs instead of hoisting every layer's weight to the start.
     return _xla_product(_depend_on(q, x), op, op.out_dtype)(x)
