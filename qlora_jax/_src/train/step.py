@@ -201,7 +201,9 @@ def _train_step_impl(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[st
     return {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": lr, "tokens": weight_sum}
 
 
-_train_step = nnx.jit(_train_step_impl, static_argnames="config")
+# `graph_updates=False`: the step hands back only the variables it changes (adapters, optimizer state, RNG
+# counts); with NNX's default every variable of the model, the packed base included, would be written out anew.
+_train_step = nnx.jit(_train_step_impl, static_argnames="config", graph_updates=False)
 
 
 def _bound_train_step(model: nnx.Module, optimizer: nnx.Optimizer) -> Callable[..., dict[str, jax.Array]]:
@@ -218,7 +220,7 @@ def _bound_train_step(model: nnx.Module, optimizer: nnx.Optimizer) -> Callable[.
                            graph_updates=False)
 
 
-@nnx.jit
+@nnx.jit(graph_updates=False)
 def _eval_sums(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     return _loss_sums(model, batch)[1]
 
