@@ -11,6 +11,10 @@ Subcommands:
 * `memory --model PRESET|PATH`: the memory of one fine-tuning step for full
   fine-tuning, 16-bit LoRA and QLoRA, the paper's formulas next to what the
   compiled step needs (`memory_analysis()` with abstract shapes).
+  `memory --model PRESET|PATH --fit [--method qlora|lora|full]` plans one
+  method instead: the fastest of rematerialization and micro-batches with
+  gradient accumulation that fits the memory available (`--available-gib`,
+  default the device's free memory), or exit 2 with what it needs.
 * `demo` (also what a bare `qlora-jax` runs): QLoRA next to 32-bit LoRA, end
   to end in a few minutes on a CPU. A small Llama-family stand-in base is
   pre-trained from scratch on a synthetic corpus (cached in `--output`), then
@@ -50,6 +54,7 @@ from qlora_jax._src.finetune import FinetuneArgs, initialize_distributed, run_fi
 from qlora_jax._src.memory import METHODS, PRESETS, memory_table, step_memory
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.loading import load_config
+from qlora_jax._src.plan import RESERVE_BYTES, RESERVE_FRACTION, DoesNotFit, plan_fit, plan_table
 from qlora_jax._src.runtime import configure_cpu_for_command
 
 __all__ = ["main"]
@@ -209,6 +214,14 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="base weights and compute dtype (default bfloat16)")
     memory.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     memory.add_argument("--no-remat", action="store_true", help="do not rematerialize layers in the backward pass")
+    memory.add_argument("--fit", action="store_true",
+                        help="plan instead: the fastest setting of --method's step that fits (remat, micro-batches "
+                             "with gradient accumulation); exit 2 with what it needs when nothing fits")
+    memory.add_argument("--method", choices=list(METHODS), default="qlora", help="the method --fit plans "
+                                                                                 "(default qlora)")
+    memory.add_argument("--available-gib", type=float, default=None,
+                        help="memory --fit plans for (default: the device's free memory; the host's MemAvailable "
+                             "on CPU)")
     memory.set_defaults(func=_run_memory)
     return parser
 
@@ -321,6 +334,8 @@ def _run_memory(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"qlora-jax memory: --model {args.model}: {e}", file=sys.stderr)
         return 2
+    if args.fit:
+        return _run_memory_fit(args, config)
     print(f"qlora-jax memory: {args.model} ({config.num_params / 1e9:.2f}B parameters), batch {args.batch_size} x "
           f"{args.seq_len} tokens, {args.dtype}, LoRA rank {args.rank} on all linear layers, "
           f"remat {not args.no_remat}; compiled for {jax.default_backend()}\n")
@@ -333,6 +348,32 @@ def _run_memory(args: argparse.Namespace) -> int:
           "parameters, M: adapter parameters. The compiled rows are XLA's memory_analysis() of the step "
           f"on this backend ({jax.default_backend()}; on CPU, 16-bit dots are computed in float32).")
     return 0
+
+
+def _run_memory_fit(args: argparse.Namespace, config: ModelConfig) -> int:
+    """`memory --fit`: the plan's candidates and pick, or the refusal (exit 2)."""
+    available = None if args.available_gib is None else int(args.available_gib * 2**30)
+    print(f"qlora-jax memory --fit: {args.model} ({config.num_params / 1e9:.2f}B parameters), {args.method}, batch "
+          f"{args.batch_size} x {args.seq_len} tokens, {args.dtype}, LoRA rank {args.rank}; compiled for "
+          f"{jax.default_backend()}\n")
+    try:
+        fit = plan_fit(config, args.method, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
+                       alpha=args.alpha, dtype=np.dtype(args.dtype), available_bytes=available,
+                       remat=False if args.no_remat else None, loss_chunk=getattr(args, "loss_chunk", None))
+    except DoesNotFit as e:
+        print(plan_table(e.candidates) + "\n")
+        print(f"qlora-jax memory: {e.message(_memory_flag)}", file=sys.stderr)
+        return 2
+    print(plan_table(fit.candidates))
+    print(f"\nplan: {fit.describe()}\nneed: the compiled step, plus with accumulation the summed gradients and "
+          f"the batch's other rows, plus {RESERVE_FRACTION:.0%} and {RESERVE_BYTES / 2**20:.0f} MiB for what runs "
+          "outside the step")
+    return 0
+
+
+def _memory_flag(setting: str, value: Any) -> str:
+    """How `memory --fit` spells a suggested change."""
+    return {"method": f"--method {value}", "remat": "without --no-remat", "seq_len": f"--seq-len {value}"}[setting]
 
 
 def _run_demo(args: argparse.Namespace) -> int:
