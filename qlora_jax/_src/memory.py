@@ -126,6 +126,7 @@ def step_memory(
     dtype: jnp.dtype = jnp.bfloat16,
     quant: QuantConfig | None = None,
     remat: bool = True,
+    loss_chunk: int | None = None,
 ) -> MethodMemory:
     """Compiles one train step of `method` for abstract shapes and measures it.
 
@@ -139,6 +140,8 @@ def step_memory(
         dtype: Dtype of the base weights and the compute.
         quant: Quantization for "qlora"; default NF4, block 64, double quant.
         remat: Rematerialize each layer in the backward pass.
+        loss_chunk: Compute the loss with `chunked_cross_entropy` over chunks
+            of this many tokens (None: from the whole `[batch, seq, vocab]` logits).
 
     Returns:
         A `MethodMemory`.
@@ -183,7 +186,7 @@ def step_memory(
         "targets": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
         "weights": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32),
     }
-    step = _make_step(graphdef, tx)
+    step = _make_step(graphdef, tx, loss_chunk)
     compiled = jax.jit(step, donate_argnums=(0, 2)).lower(trainable, rest, opt_state, batch).compile()
     analysis = compiled.memory_analysis()
     return MethodMemory(
@@ -205,13 +208,20 @@ def _linear_param_count(config: ModelConfig) -> int:
     return config.num_layers * per_layer
 
 
-def _make_step(graphdef, tx: optax.GradientTransformation) -> Callable:
+def _make_step(graphdef, tx: optax.GradientTransformation, loss_chunk: int | None = None) -> Callable:
+    from qlora_jax._src.train.loss import chunked_cross_entropy
+
     def step(trainable, rest, opt_state, batch):
         def loss_fn(trainable):
             model = nnx.merge(graphdef, trainable, rest, copy=True)
-            logits = model(batch["input_ids"])
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-            return jnp.sum(ce * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+            if loss_chunk is None:
+                logits = model(batch["input_ids"])
+                ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+                return jnp.sum(ce * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+            hidden = model.hidden_states(batch["input_ids"])  # [batch, seq, hidden]
+            loss_sum, weight_sum = chunked_cross_entropy(hidden, model.logits_from_hidden, batch["targets"],
+                                                         batch["weights"], chunk_size=loss_chunk)
+            return loss_sum / jnp.maximum(weight_sum, 1.0)
 
         loss, grads = jax.value_and_grad(loss_fn)(trainable)
         with jax.numpy_dtype_promotion("standard"):

@@ -348,6 +348,54 @@ class CausalLM(nnx.Module):
                 and `(logits, new_cache)` is returned; `attention_mask` then
                 marks this call's tokens (0 for left padding).
         """
+        h, cache = self._decode(input_ids, positions, attention_mask, segment_ids, cache)
+        logits = self.logits_from_hidden(h)
+        return logits if cache is None else (logits, cache)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        *,
+        positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """The final hidden states `[batch, seq, hidden]` (after the final norm), in `dtype`.
+
+        `logits_from_hidden` of these is what `__call__` returns; a loss can
+        apply the head to chunks of them instead (`chunked_cross_entropy`),
+        so that the `[batch, seq, vocab]` logits never exist at once.
+
+        Args:
+            input_ids: Token ids `[batch, seq]`.
+            positions: As `__call__`.
+            attention_mask: As `__call__`.
+            segment_ids: As `__call__`.
+
+        Example:
+            >>> import jax.numpy as jnp
+            >>> from flax import nnx
+            >>> from qlora_jax.models import CausalLM, ModelConfig
+            >>> cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=192, num_layers=2,
+            ...                   num_heads=4, num_kv_heads=2)
+            >>> model, ids = CausalLM(cfg, rngs=nnx.Rngs(0)), jnp.zeros((1, 5), jnp.int32)
+            >>> h = model.hidden_states(ids)
+            >>> h.shape, bool(jnp.array_equal(model.logits_from_hidden(h), model(ids)))
+            ((1, 5, 64), True)
+        """
+        return self._decode(input_ids, positions, attention_mask, segment_ids, None)[0]
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        """The output head: logits `[..., vocab]` in float32 from final hidden states `[..., hidden]`.
+
+        `lm_head(h)`, or `embed_tokens.attend(h)` when the embeddings are
+        tied. Example: see `hidden_states`.
+        """
+        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return logits.astype(jnp.float32)
+
+    def _decode(self, input_ids, positions, attention_mask, segment_ids, cache):
+        """Embeddings, decoder layers and final norm: `(h [batch, seq, hidden], updated cache or None)`."""
         b, s = input_ids.shape
         start = None if cache is None else cache.length
         if positions is None:
@@ -384,13 +432,7 @@ class CausalLM(nnx.Module):
             cache = KVCache(keys, values, start + s, cache.valid if attention_mask is None else
                             jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(jnp.bool_),
                                                                 start, axis=1))
-        h = self.norm(h)
-        if self.lm_head is None:
-            logits = self.embed_tokens.attend(h)
-        else:
-            logits = self.lm_head(h)
-        logits = logits.astype(jnp.float32)
-        return logits if cache is None else (logits, cache)
+        return self.norm(h), cache
 
 
 def causal_mask(

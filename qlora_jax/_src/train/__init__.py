@@ -2,7 +2,7 @@
 
 from qlora_jax._src.plot import plot_curves
 from qlora_jax._src.train.config import SCHEDULES, TrainConfig
-from qlora_jax._src.train.loss import masked_cross_entropy
+from qlora_jax._src.train.loss import chunked_cross_entropy, masked_cross_entropy
 from qlora_jax._src.train.optim import make_optimizer, make_schedule
 from qlora_jax._src.train.resume import restore, save
 from qlora_jax._src.train.step import BATCH_KEYS, MODEL_INPUT_KEYS, eval_step, evaluate, train_step
@@ -14,6 +14,7 @@ __all__ = [
     "SCHEDULES",
     "TrainConfig",
     "Trainer",
+    "chunked_cross_entropy",
     "eval_step",
     "evaluate",
     "make_optimizer",

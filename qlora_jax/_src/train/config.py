@@ -48,6 +48,7 @@ class TrainConfig:
     eps: float = 1e-8  # Adam's epsilon (> 0)
     grad_accum: int = 1  # micro-batches per update: a batch of B rows is run as grad_accum slices of B / grad_accum
     seed: int = 0  # `Trainer` reseeds the model's "dropout" RNG streams with it; a data pipeline may use it too
+    loss_chunk: int | None = 1024  # tokens whose logits exist at once in the loss (chunked_cross_entropy); None: all
 
     def __post_init__(self) -> None:
         _check_int(self, "total_steps", minimum=1)
@@ -63,6 +64,8 @@ class TrainConfig:
         _check_float(self, "eps", lambda v: v > 0, "a positive number")
         _check_int(self, "grad_accum", minimum=1)
         _check_int(self, "seed", minimum=0)
+        if self.loss_chunk is not None:
+            _check_int(self, "loss_chunk", minimum=1)
 
     @property
     def warmup_steps(self) -> int:

@@ -104,8 +104,10 @@ def restore(
             step = checkpoint.latest_step(directory)
         _, extra = checkpoint.restore(directory, _NoVariables(), step=step)  # reads only the metadata
         saved = extra.get("train_config")
-        if saved is not None and saved != config.to_dict():
-            diff = {k: (saved.get(k), v) for k, v in config.to_dict().items() if saved.get(k) != v}
+        # Fields added to TrainConfig after the checkpoint was written (e.g. loss_chunk) are not compared.
+        given = {k: v for k, v in config.to_dict().items() if saved is None or k in saved}
+        if saved is not None and saved != given:
+            diff = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
             raise ValueError(f"{Path(directory) / str(step)}: saved with a different TrainConfig; (saved, given): "
                              f"{diff}. Pass config=None to restore anyway")
     step, extra = checkpoint.restore(directory, model, optimizer, step=step)

@@ -166,11 +166,25 @@ def evaluate(model: nnx.Module, batches: Iterable[Batch]) -> dict[str, float]:
     return {"loss": loss, "perplexity": float(np.exp(loss)), "tokens": float(tokens)}
 
 
-def _loss_sums(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """`Σ w·ce` (differentiated) and, as auxiliary output, `(Σ w·ce, Σ w)`."""
+def _loss_sums(model: nnx.Module, batch: dict[str, jax.Array],
+               loss_chunk: int | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """`Σ w·ce` (differentiated) and, as auxiliary output, `(Σ w·ce, Σ w)`.
+
+    With `loss_chunk` and a model that has `hidden_states` and
+    `logits_from_hidden` (as `CausalLM`), the loss is `chunked_cross_entropy`
+    over chunks of `loss_chunk` tokens; otherwise `model(...)`'s logits go to
+    `masked_cross_entropy`.
+    """
+    from qlora_jax._src.train.loss import chunked_cross_entropy
+
     inputs = {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
-    logits = model(batch["input_ids"], **inputs)  # [batch, seq, vocab]
-    loss_sum, weight_sum = masked_cross_entropy(logits, batch["targets"], batch["weights"])
+    if loss_chunk is not None and hasattr(model, "hidden_states") and hasattr(model, "logits_from_hidden"):
+        hidden = model.hidden_states(batch["input_ids"], **inputs)  # [batch, seq, hidden]
+        loss_sum, weight_sum = chunked_cross_entropy(hidden, model.logits_from_hidden, batch["targets"],
+                                                     batch["weights"], chunk_size=loss_chunk)
+    else:
+        logits = model(batch["input_ids"], **inputs)  # [batch, seq, vocab]
+        loss_sum, weight_sum = masked_cross_entropy(logits, batch["targets"], batch["weights"])
     return loss_sum, (loss_sum, weight_sum)
 
 
