@@ -214,6 +214,9 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="base weights and compute dtype (default bfloat16)")
     memory.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     memory.add_argument("--no-remat", action="store_true", help="do not rematerialize layers in the backward pass")
+    memory.add_argument("--loss-chunk", type=int, default=1024,
+                        help="tokens whose logits the loss computes at once (chunked cross entropy; default 1024; "
+                             "0: the whole [batch, seq, vocab] logits)")
     memory.add_argument("--fit", action="store_true",
                         help="plan instead: the fastest setting of --method's step that fits (remat, micro-batches "
                              "with gradient accumulation); exit 2 with what it needs when nothing fits")
@@ -338,9 +341,10 @@ def _run_memory(args: argparse.Namespace) -> int:
         return _run_memory_fit(args, config)
     print(f"qlora-jax memory: {args.model} ({config.num_params / 1e9:.2f}B parameters), batch {args.batch_size} x "
           f"{args.seq_len} tokens, {args.dtype}, LoRA rank {args.rank} on all linear layers, "
-          f"remat {not args.no_remat}; compiled for {jax.default_backend()}\n")
+          f"remat {not args.no_remat}, loss chunk {args.loss_chunk or 'off'}; compiled for {jax.default_backend()}\n")
     rows = [step_memory(config, method, rank=args.rank, alpha=args.alpha, batch_size=args.batch_size,
-                        seq_len=args.seq_len, dtype=np.dtype(args.dtype), remat=not args.no_remat)
+                        seq_len=args.seq_len, dtype=np.dtype(args.dtype), remat=not args.no_remat,
+                        loss_chunk=args.loss_chunk or None)
             for method in tqdm(args.methods, desc="compiling", unit="step")]
     print(memory_table(rows))
     print("\nformula: full = (2 + 2 + 4) bytes/param (16-bit weights, gradients, AdamW moments); "
