@@ -268,3 +268,18 @@ def test_compiled_step_never_holds_the_full_logits():
     cfg = model.config
     rows = [step_memory(cfg, "qlora", rank=4, seq_len=seq, loss_chunk=c) for c in (64, None)]
     assert rows[0].temp_bytes < logits_bytes < rows[1].temp_bytes, [r.temp_bytes for r in rows]
+
+
+def test_checkpoint_without_loss_chunk_resumes(tmp_path):
+    """A checkpoint whose stored TrainConfig predates `loss_chunk` restores under today's config (the new field
+    is not compared), and a real difference is still refused."""
+    from qlora_jax._src import checkpoint
+
+    head = _lora_head()
+    config = qj.train.TrainConfig(total_steps=10)
+    optimizer = nnx.Optimizer(head, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
+    old = {k: v for k, v in config.to_dict().items() if k != "loss_chunk"}
+    checkpoint.save(tmp_path, head, optimizer, 3, {"data": {"row": 7}, "train_config": old})
+    assert qj.train.restore(tmp_path, head, optimizer, config=config) == (3, {"row": 7})
+    with pytest.raises(ValueError, match=r"different TrainConfig.*'lr'"):
+        qj.train.restore(tmp_path, head, optimizer, config=qj.train.TrainConfig(total_steps=10, lr=1e-3))
