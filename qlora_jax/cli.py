@@ -162,6 +162,14 @@ def _build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--block-size", type=int, default=f.block_size)
     finetune.add_argument("--no-double-quant", action="store_true")
     finetune.add_argument("--remat", action="store_true", help="rematerialize layers in the backward pass")
+    finetune.add_argument("--no-fit", action="store_true",
+                          help="do not plan the memory: by default, before any weight is read, the step is compiled "
+                               "abstractly and, where the batch does not fit, rematerialization and then smaller "
+                               "micro-batches with gradient accumulation (the same rows per step) are used; a run "
+                               "that cannot fit is refused (exit 2)")
+    finetune.add_argument("--available-gib", type=float, default=None,
+                          help="memory the plan fits in (default: the device's free memory; the host's MemAvailable "
+                               "on CPU)")
     finetune.add_argument("--no-pack", action="store_true", help="pad each example instead of packing")
     finetune.add_argument("--mesh", default=None, help="device mesh, e.g. data=2,fsdp=4 or data=2,tensor=4 (axes "
                           "data, fsdp, tensor; sizes multiply to the number of devices of all processes)")
@@ -241,7 +249,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
         save_every=args.save_every, resume=args.resume, overwrite=args.overwrite, seed=args.seed, dtype=args.dtype,
         format=None if args.format == "none" else args.format, block_size=args.block_size,
         double_quant=not args.no_double_quant, remat=args.remat, pack=not args.no_pack, mesh=args.mesh,
-        strategy=args.strategy)
+        strategy=args.strategy, fit=not args.no_fit,
+        available_bytes=None if args.available_gib is None else int(args.available_gib * 2**30))
     configure_cpu_for_command()  # before JAX starts: training steps on the CPU reuse their memory
     try:
         if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:

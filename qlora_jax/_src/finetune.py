@@ -1,7 +1,12 @@
 """A fine-tuning run from files: checkpoint + JSONL in, adapter + checkpoints + metrics out.
 
 What `qlora-jax finetune` runs; usable from Python as `run_finetune(FinetuneArgs(...))`.
-The output directory holds `run_config.json` (the resolved settings),
+Before any weight is read, the step is planned to fit the memory available
+(`plan_fit`: rematerialization, then micro-batches with gradient
+accumulation that keep the rows per step), or the run is refused with what
+it needs, before anything is written.
+The output directory holds `run_config.json` (the settings as given, and the
+memory plan applied),
 `checkpoints/` (Orbax: adapters, optimizer, RNG and data position),
 `metrics.jsonl` (one line per step and per evaluation), `loss.png`, and the
 final PEFT adapter in `adapter/`.
@@ -28,8 +33,10 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from qlora_jax._src.data import Batcher, load_examples
+from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.loading import from_pretrained, load_config, load_tokenizer
 from qlora_jax._src.models.peft_io import save_peft_adapter
+from qlora_jax._src.plan import DoesNotFit, Plan, plan_fit
 from qlora_jax._src.plot import plot_curves
 from qlora_jax._src.sharding import make_mesh, shard_batch, shard_model
 from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
@@ -80,6 +87,8 @@ class FinetuneArgs:
     pack: bool = True
     mesh: str | None = None  # e.g. "data=2,fsdp=4" (see qj.make_mesh); None: one device
     strategy: str = "fsdp"  # how the model is sharded over the mesh (see qj.shard_model)
+    fit: bool = True  # plan remat and micro-batches to fit the memory before loading (one device, one process)
+    available_bytes: int | None = None  # memory the plan fits in; None: the device's free memory (host: MemAvailable)
 
 
 def _check_output(args: FinetuneArgs) -> Path:
@@ -105,6 +114,8 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
             above the model's maximum, an output directory that holds another
             run (unless `resume` or `overwrite`), or a run whose settings
             differ from the one being resumed.
+        DoesNotFit: (a ValueError) with `fit`, no setting of the step fits the
+            memory available; raised before anything is written.
 
     Example:
         >>> from qlora_jax._src.finetune import FinetuneArgs, run_finetune
@@ -120,6 +131,12 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     if args.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len: {args.seq_len} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
+    requested = args  # the settings as given: recorded, and compared on --resume
+    plan = _memory_plan(args, config, out) if args.fit and mesh is None and jax.process_count() == 1 else None
+    if plan is not None:
+        if main_process:
+            print(f"memory plan: {plan.describe()}")
+        args = dataclasses.replace(args, remat=plan.remat, batch_size=plan.micro_batch, grad_accum=plan.grad_accum)
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise ValueError(f"--model: {args.model} has no tokenizer files; the data cannot be tokenized")
@@ -134,11 +151,14 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     def eval_batches() -> Batcher:
         return Batcher.for_eval(eval_examples, args.batch_size, args.seq_len, pack=args.pack)
 
-    resolved = {**dataclasses.asdict(args), "steps": steps, "data_stats": dataclasses.asdict(stats)}
+    resolved = {**dataclasses.asdict(requested), "steps": steps, "data_stats": dataclasses.asdict(stats),
+                "memory_plan": None if plan is None else plan.to_dict()}
     if args.resume:
         previous = json.loads((out / "run_config.json").read_text())
+        # How the step is run (the plan, and what it was made for) may change between sessions; what is trained not.
         changed = {k: (previous.get(k), v) for k, v in resolved.items()
-                   if k not in ("resume", "overwrite", "output", "mesh", "strategy") and previous.get(k) != v}
+                   if k not in ("resume", "overwrite", "output", "mesh", "strategy", "fit", "available_bytes",
+                                "memory_plan") and previous.get(k) != v}
         if changed:
             raise ValueError(f"--resume: settings differ from the run in {out}: {changed}")
     _sync("checked the output directory")  # every process has looked at --output before process 0 writes
@@ -217,6 +237,42 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         save_peft_adapter(model, out / "adapter", base_model_name_or_path=str(args.model))
         _plot(out / "loss.png", history)
     return summary
+
+
+def _memory_plan(args: FinetuneArgs, config: ModelConfig, out: Path) -> Plan:
+    """The plan of the run's step (`plan_fit`), made before any weight is read.
+
+    The batch to fit is `batch_size * grad_accum` rows, in micro-batches of at
+    most `batch_size`; `remat` asks for rematerialized candidates only. On
+    `resume`, the saved run's pick is tried first, so a resumed run keeps its
+    numerics where it still fits.
+
+    Raises:
+        DoesNotFit: Nothing fits; the message names this command's flags.
+    """
+    method = "lora" if args.format is None else "qlora"
+    quant = None if args.format is None else QuantConfig(fmt=args.format, block_size=args.block_size,
+                                                         double_quant=args.double_quant)
+    settings = dict(config=config, method=method, batch_size=args.batch_size * args.grad_accum, seq_len=args.seq_len,
+                    rank=args.rank, alpha=args.alpha, dtype=jnp.dtype(args.dtype), quant=quant,
+                    available_bytes=args.available_bytes, loss_chunk=getattr(TrainConfig, "loss_chunk", None))
+    saved = json.loads((out / "run_config.json").read_text()).get("memory_plan") if args.resume else None
+    if saved and saved["micro_batch"] * saved["grad_accum"] == settings["batch_size"]:
+        try:  # the saved pick is the first candidate; where it no longer fits, a fresh plan is made
+            plan = plan_fit(**settings, remat=saved["remat"], grad_accum=saved["grad_accum"])
+            if len(plan.candidates) == 1:
+                return plan
+        except DoesNotFit:
+            pass
+    try:
+        return plan_fit(**settings, remat=True if args.remat else None, grad_accum=args.grad_accum)
+    except DoesNotFit as e:
+        raise e.spelled(_finetune_flag) from None
+
+
+def _finetune_flag(setting: str, value: Any) -> str:
+    """How `finetune` spells a suggested change."""
+    return {"method": "--format nf4", "remat": "--remat", "seq_len": f"--seq-len {value}"}[setting]
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

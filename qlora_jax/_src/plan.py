@@ -175,8 +175,8 @@ class DoesNotFit(ValueError):
             "remat" (True) or "seq_len" (the longest halving of it that fits).
         candidates: Every setting compiled, in the order tried.
 
-    `str()` names the changes as `setting=value`; `message(spell)` lets a
-    command line name its own flags.
+    `str()` names the changes as `setting=value`; `message(spell)` and
+    `spelled(spell)` let a command line name its own flags.
 
     Example:
         >>> e = DoesNotFit(need_bytes=27 * 2**30, available_bytes=23 * 2**30, suggestions={"seq_len": 1024})
@@ -187,12 +187,17 @@ class DoesNotFit(ValueError):
     """
 
     def __init__(self, *, need_bytes: int, available_bytes: int, suggestions: dict[str, Any],
-                 candidates: tuple[Candidate, ...] = ()):
+                 candidates: tuple[Candidate, ...] = (), spell: Callable[[str, Any], str] | None = None):
         self.need_bytes = need_bytes
         self.available_bytes = available_bytes
         self.suggestions = dict(suggestions)
         self.candidates = candidates
-        super().__init__(self.message())
+        super().__init__(self.message(spell))
+
+    def spelled(self, spell: Callable[[str, Any], str]) -> DoesNotFit:
+        """The same refusal, whose `str()` writes each suggestion as `spell(setting, value)`."""
+        return DoesNotFit(need_bytes=self.need_bytes, available_bytes=self.available_bytes,
+                          suggestions=self.suggestions, candidates=self.candidates, spell=spell)
 
     def message(self, spell: Callable[[str, Any], str] | None = None) -> str:
         """The one-line refusal, with each suggestion written by `spell(setting, value)`."""
@@ -258,10 +263,6 @@ def plan_fit(
         >>> plan = plan_fit(cfg, "qlora", batch_size=2, seq_len=16, rank=4, available_bytes=2**30)
         >>> plan.remat, plan.micro_batch, plan.grad_accum, len(plan.candidates)
         (False, 2, 1, 1)
-        >>> plan_fit(cfg, "qlora", batch_size=2, seq_len=16, rank=4, available_bytes=2**20)
-        Traceback (most recent call last):
-        ...
-        qlora_jax._src.plan.DoesNotFit: needs 0.50 GiB, 0.00 GiB available; no 4-bit base, ...
     """
     if method not in METHODS:
         raise ValueError(f"method: {method!r} is not one of {METHODS}")
