@@ -7,7 +7,10 @@ transposed to Flax's `[in, out]`.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -20,13 +23,13 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from qlora_jax._src.formats.blockwise import _double_quantize, quantize
+from qlora_jax._src.formats.blockwise import _double_quantize, _quantize_impl, quantize
 from qlora_jax._src.formats.bnb import from_bnb
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from qlora_jax._src.models.llama import CausalLM
-from qlora_jax._src.models.safetensors_io import SafetensorsReader
-from qlora_jax._src.runtime import returning_freed_memory, trim_heap
+from qlora_jax._src.models.safetensors_io import DTYPES, SafetensorsReader
+from qlora_jax._src.runtime import returning_freed_memory
 from qlora_jax._src.surgery.apply import apply_qlora
 from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 
@@ -184,28 +187,40 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
     quantized = {p for p in slots if quant is not None and p[0] == "layers" and p[-2].endswith("_proj")
                  and p[-1] == "kernel"}
     values: dict[tuple[str, ...], Any] = {}
-    kernels: dict[tuple[str, ...], dict[str, Any]] = {}
+    kernels: dict[tuple[str, ...], _StackedKernel] = {}
     filled: dict[tuple[str, ...], set] = {p: set() for p in slots}
     names = [n for n in reader if not _is_bnb_aux(n)]
-    for name in tqdm(names, desc=f"loading {directory.name}", unit="tensor", disable=not progress):
+    targets = {}
+    for name in names:
         target = hf_name_to_path(name, config)
         if target is None:
             continue
-        key, layer, transpose = target
-        if key not in slots:
+        if target[0] not in slots:
             raise ValueError(f"{reader.file_of(name)}: tensor {name!r} has no place in a {config.model_type} "
-                             f"model with this config (expected path {'/'.join(key)})")
-        slot = slots[key]
-        expected = tuple(slot.shape[1:] if layer is not None else slot.shape)
-        if key in quantized:
-            q = _read_quantized(reader, name, quant, bnb is not None)
-            if q.shape != expected:
-                raise ValueError(f"{reader.file_of(name)}: tensor {name!r} holds a kernel of shape {q.shape} "
-                                 f"[in, out], the model expects {expected}")
-            _put_layer(kernels.setdefault(key, {}), q, layer, config.num_layers)
-            del q
-            trim_heap()  # the full-precision rows just freed
-        else:
+                             f"model with this config (expected path {'/'.join(target[0])})")
+        targets[name] = target
+    # Decoder projections are read and quantized by worker threads (file reads and XLA release the GIL, so one
+    # tensor is read while another is quantized), at most `_IN_FLIGHT` at a time; results are placed in order.
+    pending = _Ahead((lambda n=n: _read_quantized(reader, n, quant, bnb is not None))
+                     for n in targets if targets[n][0] in quantized)
+    with pending:
+        for name in tqdm(names, desc=f"loading {directory.name}", unit="tensor", disable=not progress):
+            if name not in targets:
+                continue
+            key, layer, transpose = targets[name]
+            slot = slots[key]
+            expected = tuple(slot.shape[1:] if layer is not None else slot.shape)
+            if key in quantized:
+                q = pending.next()
+                if q.shape != expected:
+                    raise ValueError(f"{reader.file_of(name)}: tensor {name!r} holds a kernel of shape {q.shape} "
+                                     f"[in, out], the model expects {expected}")
+                if key not in kernels:
+                    kernels[key] = _StackedKernel(q, config.num_layers)
+                kernels[key].put(q, layer)
+                del q
+                filled[key].add(layer)
+                continue
             if bnb is not None and reader.dtype_name(name) == "U8":
                 raise ValueError(f"{reader.file_of(name)}: tensor {name!r} is 4-bit packed, but {'/'.join(key)} "
                                  "is not a decoder projection")
@@ -221,7 +236,7 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
                     values[key] = np.zeros(slot.shape, slot.dtype)
                 values[key][layer] = value
             del tensor, value  # one full-precision tensor at a time
-        filled[key].add(layer)
+            filled[key].add(layer)
     for key, layers in filled.items():
         expected_layers = set(range(config.num_layers)) if key[0] == "layers" else {None}
         if layers != expected_layers:
@@ -234,30 +249,84 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
     model = nnx.merge(graphdef, state)
     if quant is None and lora is None:
         return model
-    stacked = {}
-    for key in list(kernels):
-        stacked["/".join(key[:-1])] = _stacked(kernels.pop(key))
-        trim_heap()
+    stacked = {"/".join(key[:-1]): kernels.pop(key).array() for key in list(kernels)}
     model, _ = apply_qlora(model, quant=quant, lora=lora, rngs=rngs or nnx.Rngs(0), kernels=stacked)
     return model
 
 
-def _put_layer(parts: dict[str, Any], q: QuantizedArray, layer: int, num_layers: int) -> None:
-    """Keeps layer `layer`'s quantized kernel until every layer is read."""
-    template = parts.setdefault("template", q)
-    if (q.fmt, q.block_size, q.double_quant, q.shape) != (template.fmt, template.block_size, template.double_quant,
-                                                          template.shape):
-        raise ValueError(f"layer {layer}: quantized as {q} but layer 0 as {template}; stacked layers must agree")
-    parts.setdefault("layers", [None] * num_layers)[layer] = q
+class _StackedKernel:
+    """The layers' kernels of one projection, stacked `[num_layers, ...]`, filled in place layer by layer.
+
+    The stack is allocated once (zeros) and each layer is written into it by a jitted update that donates the
+    stack, so no second copy of a projection's kernels ever exists (stacking a list of layers would hold both).
+    """
+
+    def __init__(self, template: QuantizedArray, num_layers: int):
+        self.template = template
+        self.leaves = {k: jnp.zeros((num_layers, *np.shape(v)), np.asarray(v).dtype)
+                       for k, v in _leaves(template).items()}
+
+    def put(self, q: QuantizedArray, layer: int) -> None:
+        t = self.template
+        if (q.fmt, q.block_size, q.double_quant, q.shape) != (t.fmt, t.block_size, t.double_quant, t.shape):
+            raise ValueError(f"layer {layer}: quantized as {q} but the first layer read as {t}; stacked layers "
+                             "must agree")
+        self.leaves = _put_layer(self.leaves, _leaves(q), layer)
+
+    def array(self) -> QuantizedArray:
+        leaves = {k: self.leaves.get(k) for k in ("codes", "absmax", "nested_absmax", "nested_offset")}
+        self.leaves = {}
+        return dataclasses.replace(self.template, **leaves)
 
 
-def _stacked(parts: dict[str, Any]) -> QuantizedArray:
-    """The layers' kernels stacked into one `QuantizedArray` with stack dims `(L,)`."""
-    layers = parts.pop("layers")
-    leaves = {k: None if getattr(layers[0], k) is None else jnp.stack([getattr(q, k) for q in layers])
-              for k in ("codes", "absmax", "nested_absmax", "nested_offset")}
-    del layers
-    return dataclasses.replace(parts.pop("template"), **leaves)
+def _leaves(q: QuantizedArray) -> dict[str, Any]:
+    return {k: getattr(q, k) for k in ("codes", "absmax", "nested_absmax", "nested_offset")
+            if getattr(q, k) is not None}
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_layer(stack: dict[str, jax.Array], layer: dict[str, Any], index: int) -> dict[str, jax.Array]:
+    return {k: jax.lax.dynamic_update_index_in_dim(stack[k], jnp.asarray(layer[k], stack[k].dtype), index, 0)
+            for k in stack}
+
+
+class _Ahead:
+    """Runs zero-argument `tasks` on worker threads, at most `_IN_FLIGHT` ahead; `next()` returns their results
+    in order (re-raising a task's exception). Leaving the `with` block cancels what has not started and waits
+    for the rest."""
+
+    def __init__(self, tasks):
+        self._tasks = iter(tasks)
+        self._futures: collections.deque = collections.deque()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=_WORKERS, thread_name_prefix="qlora_jax-load")
+
+    def _fill(self) -> None:
+        while len(self._futures) < _IN_FLIGHT:
+            task = next(self._tasks, None)
+            if task is None:
+                return
+            self._futures.append(self._pool.submit(task))
+
+    def next(self) -> Any:
+        self._fill()
+        result = self._futures.popleft().result()
+        self._fill()
+        return result
+
+    def __enter__(self) -> _Ahead:
+        self._fill()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for future in self._futures:
+            future.cancel()
+        self._pool.shutdown(wait=True)
+
+
+# Worker threads reading and quantizing projections, and how many tensors may be in flight (each holds at most
+# one chunk of full-precision rows at a time, plus its packed result).
+_WORKERS = 2
+_IN_FLIGHT = 3
 
 
 def _read_quantized(reader: SafetensorsReader, name: str, quant: QuantConfig, from_bnb_state: bool) -> QuantizedArray:
@@ -279,29 +348,48 @@ def _read_quantized(reader: SafetensorsReader, name: str, quant: QuantConfig, fr
     else:  # rows hold whole blocks: quantize ~1M elements at a time, then double-quantize all scales
         step = max(1, _CHUNK_ELEMENTS // in_features)
         chunks = [(i, min(i + step, out_features)) for i in range(0, out_features, step)]
-    parts = []
-    try:
-        for start, stop in chunks:
-            # Quantizing the PyTorch weight [out, in] along its input axis gives the
-            # bytes of the Flax kernel [in, out] (the same storage order), no transpose.
-            rows = jnp.asarray(reader.rows(name, start, stop))
-            parts.append(quantize(rows, quant.fmt, quant.block_size, quant.double_quant and len(chunks) == 1,
-                                  contract_axes=(1,)))
-            del rows
-    except ValueError as e:  # e.g. NaN/Inf values
-        raise ValueError(f"{reader.file_of(name)}: tensor {name!r}: {e}") from None
-    if len(parts) == 1:
-        q = parts[0]
-    else:
-        codes = np.concatenate([np.asarray(p.codes) for p in parts])
-        absmax = np.concatenate([np.asarray(p.absmax) for p in parts])
-        q = dataclasses.replace(parts[0], codes=jnp.asarray(codes), absmax=jnp.asarray(absmax),
-                                shape=(out_features, in_features))
-        if quant.double_quant:
-            absmax_codes, nested_absmax, nested_offset = jax.jit(_double_quantize)(q.absmax.reshape(-1))
-            q = dataclasses.replace(q, absmax=absmax_codes.reshape(q.absmax.shape), nested_absmax=nested_absmax,
-                                    nested_offset=nested_offset)
+    if len(chunks) == 1:
+        rows = reader.rows(name, 0, out_features)
+        try:
+            q = quantize(rows, quant.fmt, quant.block_size, quant.double_quant, contract_axes=(1,))
+        except ValueError as e:  # e.g. NaN/Inf values
+            raise ValueError(f"{reader.file_of(name)}: tensor {name!r}: {e}") from None
+        return dataclasses.replace(q, shape=(in_features, out_features), contract_axes=(0,))
+    # Quantizing the PyTorch weight [out, in] along its input axis gives the bytes of the Flax kernel [in, out]
+    # (the same storage order), no transpose. Each chunk's codes and scales go into host buffers; non-finite
+    # values are counted inside the same program and reported once per tensor (with the first one's index).
+    codes = absmax = None
+    bad = []
+    for start, stop in chunks:
+        rows = reader.rows(name, start, stop)
+        c, a, n_bad = _quantize_chunk(rows, quant.fmt, quant.block_size)
+        if codes is None:
+            codes = np.empty((out_features, c.shape[1]), c.dtype)
+            absmax = np.empty((out_features, a.shape[1]), a.dtype)
+        codes[start:stop], absmax[start:stop] = c, a
+        bad.append((start, stop, n_bad))
+        del rows, c, a
+    for start, stop, n_bad in bad:
+        if int(n_bad):
+            try:
+                quantize(reader.rows(name, start, stop), quant.fmt, quant.block_size, contract_axes=(1,))
+            except ValueError as e:
+                raise ValueError(f"{reader.file_of(name)}: tensor {name!r} rows {start}:{stop}: {e}") from None
+    q = QuantizedArray(codes=jnp.asarray(codes), absmax=jnp.asarray(absmax), nested_absmax=None, nested_offset=None,
+                       fmt=quant.fmt, block_size=quant.block_size, shape=(out_features, in_features),
+                       dtype=DTYPES[reader.dtype_name(name)], contract_axes=(1,))
+    if quant.double_quant:
+        absmax_codes, nested_absmax, nested_offset = jax.jit(_double_quantize)(q.absmax.reshape(-1))
+        q = dataclasses.replace(q, absmax=absmax_codes.reshape(q.absmax.shape), nested_absmax=nested_absmax,
+                                nested_offset=nested_offset)
     return dataclasses.replace(q, shape=(in_features, out_features), contract_axes=(0,))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_chunk(rows: jax.Array, fmt: str, block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Rows `[r, in]` quantized along `in` (codes, float32 absmax) and their count of non-finite values."""
+    q = _quantize_impl(rows, fmt, block_size, False, (1,))
+    return q.codes, q.absmax, jnp.sum(~jnp.isfinite(rows), dtype=jnp.int32)
 
 
 _CHUNK_ELEMENTS = 1 << 20
