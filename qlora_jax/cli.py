@@ -367,12 +367,12 @@ def _run_memory_fit(args: argparse.Namespace, config: ModelConfig) -> int:
     """`memory --fit`: the plan's candidates and pick, or the refusal (exit 2)."""
     available = None if args.available_gib is None else int(args.available_gib * 2**30)
     print(f"qlora-jax memory --fit: {args.model} ({config.num_params / 1e9:.2f}B parameters), {args.method}, batch "
-          f"{args.batch_size} x {args.seq_len} tokens, {args.dtype}, LoRA rank {args.rank}; compiled for "
-          f"{jax.default_backend()}\n")
+          f"{args.batch_size} x {args.seq_len} tokens, {args.dtype}, LoRA rank {args.rank}, loss chunk "
+          f"{args.loss_chunk or 'off'}; compiled for {jax.default_backend()}\n")
     try:
         fit = plan_fit(config, args.method, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
                        alpha=args.alpha, dtype=np.dtype(args.dtype), available_bytes=available,
-                       remat=False if args.no_remat else None, loss_chunk=getattr(args, "loss_chunk", None))
+                       remat=False if args.no_remat else None, loss_chunk=args.loss_chunk or None)
     except DoesNotFit as e:
         print(plan_table(e.candidates) + "\n")
         print(f"qlora-jax memory: {e.message(_memory_flag)}", file=sys.stderr)

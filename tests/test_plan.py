@@ -182,7 +182,7 @@ def test_finetune_refuses_before_reading_weights_and_writes_nothing(checkpoint, 
 
 def test_finetune_runs_the_picked_micro_batch_and_resumes_with_it(checkpoint, compile_once, tmp_path, capsys):
     path, data = checkpoint
-    settings = dict(rank=4, alpha=8.0, dtype=jnp.dtype("float32"), loss_chunk=getattr(TrainConfig, "loss_chunk", None),
+    settings = dict(rank=4, alpha=8.0, dtype=jnp.dtype("float32"), loss_chunk=TrainConfig.loss_chunk,
                     quant=QuantConfig(fmt="nf4", block_size=64, double_quant=True))
     config = load_config(path)
     needs = {(micro, remat): _need(compile_once, config, "qlora", 4, micro, remat, 64, **settings)

@@ -255,7 +255,7 @@ def _memory_plan(args: FinetuneArgs, config: ModelConfig, out: Path) -> Plan:
                                                          double_quant=args.double_quant)
     settings = dict(config=config, method=method, batch_size=args.batch_size * args.grad_accum, seq_len=args.seq_len,
                     rank=args.rank, alpha=args.alpha, dtype=jnp.dtype(args.dtype), quant=quant,
-                    available_bytes=args.available_bytes, loss_chunk=getattr(TrainConfig, "loss_chunk", None))
+                    available_bytes=args.available_bytes, loss_chunk=TrainConfig.loss_chunk)
     saved = json.loads((out / "run_config.json").read_text()).get("memory_plan") if args.resume else None
     if saved and saved["micro_batch"] * saved["grad_accum"] == settings["batch_size"]:
         try:  # the saved pick is the first candidate; where it no longer fits, a fresh plan is made
