@@ -238,3 +238,21 @@ def test_chunked_streaming_quantization_is_bit_identical(tmp_path, monkeypatch, 
             got = jax.tree.map(lambda leaf, i=i: leaf[i], q)
             for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
                 np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_non_finite_value_in_a_chunked_weight_names_file_tensor_and_rows(tmp_path, monkeypatch):
+    """The chunked loader counts non-finite values inside its quantize program; the error names where they are."""
+    from qlora_jax._src.models import loading
+    from qlora_jax._src.models.safetensors_io import save_safetensors
+
+    monkeypatch.setattr(loading, "_CHUNK_ELEMENTS", 8 * 64)
+    path, _ = make_checkpoint(tmp_path, "llama-gqa-untied", intermediate_size=640)
+    reader = SafetensorsReader(path)
+    tensors = {name: reader[name] for name in reader}
+    name = "model.layers.1.mlp.up_proj.weight"  # [640, 64]: 8 rows (one chunk per call) of 64 inputs
+    tensors[name][21, 5] = np.nan
+    file = reader.file_of(name)
+    save_safetensors(file, tensors, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{file.name}: tensor '{name}' rows 16:24: x: contains 1 non-finite "
+                                         r"value\(s\).*nan at index \(5, 5\)"):
+        models.from_pretrained(path, quant=qj.QuantConfig())

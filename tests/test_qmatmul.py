@@ -6,6 +6,7 @@ kept for the backward pass."""
 import functools
 import importlib
 import logging
+import os
 import re
 
 import jax
@@ -85,6 +86,18 @@ def test_reference_is_a_float64_matmul_of_the_dequantized_kernel():
 
 # -- Pallas kernels in interpret mode --------------------------------------
 
+# `benchmarks/device_check.sh` sets QLORA_JAX_PALLAS_DEVICE=gpu (or tpu) on a machine with that accelerator: the
+# kernels then run compiled on it instead of interpreted, and the other backend's cases are skipped.
+_DEVICE = os.environ.get("QLORA_JAX_PALLAS_DEVICE")
+_INTERPRET = _DEVICE is None
+
+
+@pytest.fixture(autouse=True)
+def _only_this_device(request):
+    backend = getattr(request.node, "callspec", None) and request.node.callspec.params.get("backend")
+    if _DEVICE is not None and backend and backend != _DEVICE:
+        pytest.skip(f"QLORA_JAX_PALLAS_DEVICE={_DEVICE}: the {backend} kernels need their own hardware")
+
 # Every format with every dtype; block sizes spread over the pairs (interpret
 # mode is slow). Blocks 512 and 1024 are longer than the GPU's small-M step (256).
 _PALLAS_CASES = [(fmt, dtype, BLOCKS[(i + 2 * j) % len(BLOCKS)])
@@ -96,7 +109,7 @@ _PALLAS_CASES = [(fmt, dtype, BLOCKS[(i + 2 * j) % len(BLOCKS)])
 def test_pallas_kernels_match_reference(backend, fmt, dtype, block):
     x, q = _case(fmt, dtype, block, 1024, 256, m=(5,), double_quant=fmt != "int8")
     path = f"pallas_{backend}"
-    got = qj.qmatmul(x, q, path=path, interpret=True)
+    got = qj.qmatmul(x, q, path=path, interpret=_INTERPRET)
     assert got.shape == (5, 256) and got.dtype == dtype
     _assert_close(got, qj.qmatmul(x, q, path="reference"), dtype)
 
@@ -106,10 +119,10 @@ def test_pallas_kernels_match_reference(backend, fmt, dtype, block):
 def test_pallas_forward_has_the_recomputing_gradient(backend, dtype):
     x, q = _case("nf4", dtype, 64, 512, 256, m=(3,))
     path = f"pallas_{backend}"
-    g = jax.grad(_loss)(x, q, path, interpret=True)
+    g = jax.grad(_loss)(x, q, path, interpret=_INTERPRET)
     assert g.dtype == dtype
     _assert_close(g, jax.grad(_loss)(x, q, "reference"), dtype)
-    _, vjp = jax.vjp(lambda x, q: qj.qmatmul(x, q, path=path, interpret=True), x, q)
+    _, vjp = jax.vjp(lambda x, q: qj.qmatmul(x, q, path=path, interpret=_INTERPRET), x, q)
     _, q_bar = vjp(jnp.ones((3, 256), dtype))
     assert q_bar.codes.dtype == jax.dtypes.float0 and not np.any(np.asarray(q_bar.nested_absmax))
 
@@ -131,7 +144,7 @@ def test_pallas_tile_configs_and_ragged_shapes(backend, fmt, dtype):
     seen = set()
     for m, k, n, block in _TILE_SHAPES[backend]:
         x, q = _case(fmt, dtype, block, k, n, m=(m,), seed=m)
-        got = qj.qmatmul(x, q, path=f"pallas_{backend}", interpret=True)
+        got = qj.qmatmul(x, q, path=f"pallas_{backend}", interpret=_INTERPRET)
         _assert_close(got, qj.qmatmul(x, q, path="reference"), dtype)
         seen.add(pallas.tiles_for(backend, m, k, n, block).bm)
     small, large = (pallas.GPU_TILES if backend == "gpu" else pallas.TPU_TILES).values()

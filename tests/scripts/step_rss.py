@@ -63,8 +63,9 @@ def main(flavour: str) -> None:
         f.write("5")  # VmHWM := VmRSS
     for _ in range(4):
         jax.block_until_ready(step())
-    print(json.dumps({"flavour": flavour, "frozen": frozen, "built": built, "before": before, "peak": status_bytes("VmHWM"),
-                      "after": status_bytes("VmRSS"), "loss": float(jnp.asarray(step()))}))
+    print(json.dumps({"flavour": flavour, "frozen": frozen, "built": built, "before": before,
+                      "peak": status_bytes("VmHWM"), "after": status_bytes("VmRSS"),
+                      "loss": float(jnp.asarray(step()))}))
 
 
 if __name__ == "__main__":
