@@ -190,7 +190,10 @@ def _loss_sums(model: nnx.Module, batch: dict[str, jax.Array],
 
 def _train_step_impl(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, jax.Array],
                      config: TrainConfig) -> dict[str, jax.Array]:
-    grad_fn = nnx.value_and_grad(_loss_sums, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)
+    def loss_fn(model: nnx.Module, batch: dict[str, jax.Array]):
+        return _loss_sums(model, batch, loss_chunk=config.loss_chunk)
+
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)
     if config.grad_accum == 1:
         (_, (loss_sum, weight_sum)), grads = grad_fn(model, batch)
     else:
