@@ -15,6 +15,7 @@ float32, RoPE with rotate-half, softmax in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -391,7 +392,16 @@ class CausalLM(nnx.Module):
         `lm_head(h)`, or `embed_tokens.attend(h)` when the embeddings are
         tied. Example: see `hidden_states`.
         """
-        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        if self.lm_head is None:
+            table = self.embed_tokens.embedding[...]  # [vocab, hidden]
+            if _mixed(h, table):
+                return head_logits(h, table, 0)
+            logits = self.embed_tokens.attend(h)
+        else:
+            head = self.lm_head
+            if type(head) is nnx.Linear and head.bias is None and _mixed(h, head.kernel[...]):
+                return head_logits(h.astype(head.dtype or h.dtype), head.kernel[...], 1)
+            logits = head(h)
         return logits.astype(jnp.float32)
 
     def _decode(self, input_ids, positions, attention_mask, segment_ids, cache):
@@ -433,6 +443,96 @@ class CausalLM(nnx.Module):
                             jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(jnp.bool_),
                                                                 start, axis=1))
         return self.norm(h), cache
+
+
+def _mixed(h: jax.Array, kernel: jax.Array) -> bool:
+    """A 16-bit head kernel multiplied with float32 activations (float32 compute over a 16-bit model)."""
+    return h.dtype == jnp.float32 and kernel.dtype.itemsize == 2 and jnp.issubdtype(kernel.dtype, jnp.floating)
+
+
+# Vocabulary entries of a 16-bit head converted to float32 at a time (`head_logits`): 4096 x hidden 5120 is 80 MiB.
+HEAD_CHUNK = 4096
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def head_logits(h: jax.Array, kernel: jax.Array, vocab_axis: int) -> jax.Array:
+    """Float32 logits `h @ kernel` of a 16-bit output head, converted to float32 `HEAD_CHUNK` entries at a time.
+
+    A dot of float32 activations with a 16-bit kernel converts the whole kernel to float32 first, a temporary
+    of `4 × hidden × vocab` bytes (655 MB for Llama-2-13B's head, 2.1 GB for Llama-3-8B's) that XLA cannot
+    fuse into the dot. Here the kernel's bits are sliced (slices of a 16-bit integer view stay 16-bit and stay
+    inside the loop) and each slice is converted and multiplied on its own, forward and backward; the result
+    is the same float32 dot per vocabulary entry.
+
+    Args:
+        h: Float32 hidden states `[..., hidden]`.
+        kernel: The 16-bit head, `[hidden, vocab]` (`vocab_axis=1`, `nnx.Linear`) or `[vocab, hidden]`
+            (`vocab_axis=0`, tied embeddings).
+        vocab_axis: Which axis of `kernel` runs over the vocabulary.
+
+    Returns:
+        Logits `[..., vocab]`, float32.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from qlora_jax._src.models.llama import head_logits
+        >>> h = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8)), jnp.float32)
+        >>> w = jnp.asarray(np.random.default_rng(1).standard_normal((8, 5000)), jnp.bfloat16)
+        >>> bool(jnp.allclose(head_logits(h, w, 1), h @ w.astype(jnp.float32), rtol=1e-6, atol=1e-5))
+        True
+    """
+    return _head_forward(h, kernel, vocab_axis)
+
+
+def _chunk(kernel: jax.Array, vocab_axis: int, start: int, stop: int, after: jax.Array) -> jax.Array:
+    """Entries `start:stop` of the 16-bit head as float32 `[hidden, stop - start]`, converted after `after`.
+
+    Static slices, each converted on its own (in a loop over dynamic slices XLA converts the whole,
+    loop-invariant kernel before the loop instead). Adding `0 * after` (a float multiply XLA keeps, for NaN's
+    sake) makes the conversion wait for the previous chunk's product, so one converted chunk is alive at a
+    time instead of all of them, converted up front.
+    """
+    w = jax.lax.slice_in_dim(kernel, start, stop, axis=vocab_axis).astype(jnp.float32)
+    w = w + after.reshape(-1)[0] * np.float32(0)
+    return w if vocab_axis == 1 else w.T
+
+
+def _head_forward(h, kernel, vocab_axis):
+    vocab, parts = kernel.shape[vocab_axis], []
+    after = jnp.zeros((1,), jnp.float32)
+    for start in range(0, vocab, HEAD_CHUNK):
+        parts.append(h @ _chunk(kernel, vocab_axis, start, min(start + HEAD_CHUNK, vocab), after))
+        after = parts[-1]
+    return jnp.concatenate(parts, axis=-1)  # [..., vocab]
+
+
+def _head_fwd(h, kernel, vocab_axis):
+    # `symbolic_zeros`: the arguments come as `CustomVJPPrimal`s saying whether they are differentiated. The head
+    # of a QLoRA model is frozen: then no kernel gradient is computed. The flag travels as the residuals' structure.
+    res = (h.value, kernel.value) if kernel.perturbed else (h.value, kernel.value, ())
+    return _head_forward(h.value, kernel.value, vocab_axis), res
+
+
+def _head_bwd(vocab_axis, res, g):
+    h, kernel = res[:2]
+    want_dw = len(res) == 2
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return jnp.zeros_like(h), jnp.zeros_like(kernel) if want_dw else None
+    h2, g2 = h.reshape(-1, h.shape[-1]), g.reshape(-1, g.shape[-1])  # [tokens, hidden], [tokens, vocab]
+    dh = jnp.zeros(h2.shape, jnp.float32)
+    dws = []
+    vocab = kernel.shape[vocab_axis]
+    for start in range(0, vocab, HEAD_CHUNK):
+        stop = min(start + HEAD_CHUNK, vocab)
+        gi = g2[:, start:stop]
+        dh = dh + gi @ _chunk(kernel, vocab_axis, start, stop, dh).T
+        if want_dw:
+            dw = (h2.T @ gi).astype(kernel.dtype)  # [hidden, chunk]
+            dws.append(dw if vocab_axis == 1 else dw.T)
+    return dh.reshape(h.shape).astype(h.dtype), jnp.concatenate(dws, axis=vocab_axis) if want_dw else None
+
+
+head_logits.defvjp(_head_fwd, _head_bwd, symbolic_zeros=True)
 
 
 def causal_mask(
