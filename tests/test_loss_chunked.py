@@ -198,7 +198,8 @@ def _causal_lm(tied, vocab=256, hidden=64, dropout=0.0):
 @pytest.mark.parametrize("tied", [False, True])
 def test_causal_lm_train_step_loss_and_gradients_do_not_depend_on_loss_chunk(tied):
     """`_loss_sums` (the train step's loss) of a QLoRA `CausalLM` (LoRA on `lm_head` when untied), packed
-    segments: the loss and every adapter gradient are the same with `loss_chunk` 7 and 64 as with None."""
+    segments: the loss and every adapter gradient are the same with `loss_chunk=7` (6 chunks, the last padded)
+    as with None."""
     model = _causal_lm(tied)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 256, (2, 20)).astype(np.int32)
@@ -212,14 +213,13 @@ def test_causal_lm_train_step_loss_and_gradients_do_not_depend_on_loss_chunk(tie
     (_, (ref_loss, ref_tokens)), ref = grad_fn(model, batch, loss_chunk=None)
     ref = nnx.to_flat_state(ref)
     assert any(path[0] == "lm_head" for path, _ in ref) != tied
-    for chunk in (7, 64):
-        (_, (loss, tokens)), grads = grad_fn(model, batch, loss_chunk=chunk)
-        assert float(tokens) == float(ref_tokens)
-        _assert_close(loss, ref_loss)
-        for (path, g), (ref_path, r) in zip(nnx.to_flat_state(grads), ref, strict=True):
-            assert path == ref_path
-            assert np.abs(np.asarray(r[...])).max() > 0, path
-            _assert_close(g[...], r[...], rtol=2e-6)
+    (_, (loss, tokens)), grads = grad_fn(model, batch, loss_chunk=7)
+    assert float(tokens) == float(ref_tokens)
+    _assert_close(loss, ref_loss)
+    for (path, g), (ref_path, r) in zip(nnx.to_flat_state(grads), ref, strict=True):
+        assert path == ref_path
+        assert np.abs(np.asarray(r[...])).max() > 0, path
+        _assert_close(g[...], r[...])
 
 
 def test_model_without_the_hidden_state_api_keeps_the_plain_loss():
