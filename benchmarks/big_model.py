@@ -305,7 +305,6 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     from flax import nnx
 
     import qlora_jax as qj
-    from qlora_jax._src.memory import step_memory
 
     directory = Path(args.dir)
     files = sorted(directory.glob("*.safetensors"))
@@ -372,20 +371,29 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
               f"RSS {_status_kib('VmRSS') / 2**20:.2f} GiB", file=sys.stderr, flush=True)
     steps_peak = _status_kib("VmHWM") * 1024
     steps_rss = _status_kib("VmRSS") * 1024
+    # The compiled step's own accounting (after the steps, so that its compilation is not in their peak).
+    if args.step == "trainer":
+        from qlora_jax._src.train.step import _bound_train_step
+
+        lowered = _bound_train_step(trainer.model, trainer.optimizer).lower(batch, config=trainer.config)
+    else:
+        lowered = user_step.lower(model, optimizer, batch)
+    analysis = lowered.compile().memory_analysis()
+    temp = int(analysis.temp_size_in_bytes)
+
     adapter_dir = Path(args.adapter_dir)
     start = time.perf_counter()
     qj.models.save_peft_adapter(model, adapter_dir)
     save_s = time.perf_counter() - start
 
-    # The compiled step's activations and dequantization tiles, for the formula's last term.
-    temp = step_memory(config, "qlora", rank=args.rank, alpha=2.0 * args.rank, batch_size=args.batch_size,
-                       seq_len=args.seq_len, dtype=jnp.float32, remat=args.remat).temp_bytes
     formula = int(0.5 * linear_params) + 16 * m + other + temp
     return {
         "shape": args.shape, "checkpoint": args.checkpoint, "step": args.step, "remat": args.remat,
         "batch_size": args.batch_size, "seq_len": args.seq_len, "rank": args.rank,
         "params": int(config.num_params), "linear_params": linear_params, "adapter_params": m,
-        "base_bytes": base, "other_bytes": other, "step_temp_bytes": int(temp), "formula_bytes": formula,
+        "base_bytes": base, "other_bytes": other, "step_temp_bytes": temp, "formula_bytes": formula,
+        "step_argument_bytes": int(analysis.argument_size_in_bytes),
+        "step_output_bytes": int(analysis.output_size_in_bytes),
         "read_bytes": read_bytes, "read_s": read_s, "load_s": load_s,
         "load_peak_bytes": load_peak, "load_rss_bytes": load_rss, "steps_peak_bytes": steps_peak,
         "steps_rss_bytes": steps_rss, "step_s": times, "losses": losses, "save_s": save_s,
