@@ -101,6 +101,7 @@ def chunked_cross_entropy(
     Raises:
         ValueError: `targets` or `weights` not of shape `hidden.shape[:-1]`,
             or `chunk_size` not a positive integer.
+        TypeError: `head` is not callable.
 
     Example:
         >>> import jax.numpy as jnp
@@ -137,10 +138,7 @@ def chunked_cross_entropy(
 
     @jax.checkpoint  # the backward pass recomputes the chunk's logits instead of keeping them
     def chunk_loss(rng_state, h, t, w):
-        # Tie the head's variables to this chunk, so that XLA does not hoist work on them out of the loop: on CPU
-        # it would convert a bfloat16 head to float32 once, a copy of the whole head alive through both loops.
-        h, variables = jax.lax.optimization_barrier((h, rest))
-        m = None if module is None else nnx.merge(graphdef, rng_state, variables)
+        m = None if module is None else nnx.merge(graphdef, rng_state, rest)
         logits = call(m, h).astype(jnp.float32)  # [1, chunk, vocab]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, t)  # [1, chunk]
         return jnp.sum(w * ce), (None if m is None else nnx.state(m, nnx.RngState))
