@@ -25,11 +25,22 @@ Part 2, real: the peak resident set size (VmHWM, reset after compilation via
 /proc/self/clear_refs) of a few real train steps of a small model, each
 method in its own fresh process.
 
+Part 3, long context (skipped by --quick; --long-context-only runs it alone):
+Llama-3-8B (vocabulary 128256) QLoRA (NF4 + DQ) with remat, batch 1, compiled
+abstractly with the loss over the whole `[batch, seq, vocab]` logits and with
+`chunked_cross_entropy` (`--loss-chunk` tokens at a time): the step's memory at
+`--long-seq-len` tokens, and the longest sequence (a multiple of 256) whose
+compiled step fits in 24 GiB and in 16 GiB, found by doubling then bisecting
+the length. A third row compiles the same model with a 1024-token vocabulary,
+whose logits are negligible: what the rest of the step needs. Default XLA and
+LICM off, each search in its own fresh process; JSON to
+benchmarks/results/memory_long_context.json.
+
 Usage:
     python benchmarks/memory.py [--configs tiny small llama-2-7b llama-2-70b] [--methods ...]
         [--batch-size 1] [--seq-len 512] [--rank 16] [--no-remat] [--no-licm-off]
         [--rss-config small] [--rss-methods qlora-dq lora16] [--rss-steps 3] [--jobs 2] [--fast-compile] [--quick]
-        [--json PATH]
+        [--json PATH] [--long-context-only] [--long-seq-len 8192] [--loss-chunk 1024] [--long-context-json PATH]
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ from _common import NA, machine_info, markdown_table, write_json
 from tqdm import tqdm
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "memory.json"
+DEFAULT_LONG_JSON = Path(__file__).resolve().parent / "results" / "memory_long_context.json"
 RESULT_MARK = "@@RESULT@@ "
 # Keeps XLA:CPU from hoisting the bfloat16 -> float32 conversion of whole stacked kernels out of the layer loop.
 LICM_OFF_FLAG = "--xla_disable_hlo_passes=while-loop-invariant-code-motion"
@@ -82,6 +94,14 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
                   num_kv_heads=16),
 }
 DEFAULT_CONFIGS = ("tiny", "small", "llama-2-7b", "llama-2-70b")
+# Part 3: the model, the memory budgets searched (GiB), the search's granularity and ceiling (tokens), the goals.
+LONG_CONFIG = "llama-3-8b"
+LONG_BUDGETS_GIB = (24, 16)
+LONG_STEP = 256
+LONG_MAX_SEQ = 131072
+LONG_SMALL_VOCAB = 1024
+LONG_MAX_TEMP_GIB = 6.0
+LONG_MIN_RATIO = 4.0
 
 
 def model_config(name: str) -> Any:
@@ -138,6 +158,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "--fast-compile")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help="where to write the results (default benchmarks/results/memory.json)")
+    parser.add_argument("--long-context-only", action="store_true",
+                        help=f"run only part 3, the long-context comparison ({LONG_CONFIG}, loss chunked or not)")
+    parser.add_argument("--long-seq-len", type=int, default=8192, help="part 3's fixed sequence length (default 8192)")
+    parser.add_argument("--loss-chunk", type=int, default=1024, help="part 3's loss chunk, tokens (default 1024)")
+    parser.add_argument("--long-context-json", type=Path, default=DEFAULT_LONG_JSON,
+                        help="where part 3 writes (default benchmarks/results/memory_long_context.json)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: a JSON job spec
     args = parser.parse_args(argv)
     if args.worker is None:
@@ -154,7 +180,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         unknown = sorted(set(args.configs + [args.rss_config]) - set(config_names()))
         if unknown:
             parser.error(f"unknown configuration(s) {unknown}; expected some of {config_names()}")
-        for name in ("batch_size", "seq_len", "rank", "rss_seq_len", "rss_steps", "jobs"):
+        for name in ("batch_size", "seq_len", "rank", "rss_seq_len", "rss_steps", "jobs", "long_seq_len", "loss_chunk"):
             if getattr(args, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
@@ -350,10 +376,75 @@ def rss_worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def longest_fitting(fits: Any, step: int, max_len: int, start: int | None = None) -> int | None:
+    """The largest multiple of `step` up to `max_len` for which `fits(n)` holds, or None if `step` does not fit.
+
+    Assumes that what fits grows no longer once a length does not fit. Doubles
+    from `start` (default `step`) until a length does not fit, then bisects.
+
+    Example:
+        >>> longest_fitting(lambda n: n <= 1000, 256, 4096), longest_fitting(lambda n: False, 256, 4096)
+        (768, None)
+    """
+    lo, hi, n = 0, None, max(step, (start or step) // step * step)
+    while hi is None:
+        if not fits(n):
+            hi = n
+        elif n >= max_len:
+            return n
+        else:
+            lo, n = n, min(2 * n, max_len // step * step)
+    while hi - lo > step:
+        mid = (lo + hi) // 2 // step * step
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo or None
+
+
+def long_context_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Part 3 for one loss: the QLoRA (NF4 + DQ) step at `seq_len`, and the longest that fits in each budget.
+
+    Example:
+        >>> long_context_worker({"config": "tiny", "loss_chunk": 8, "seq_len": 16, "rank": 4, "budgets_gib": [],
+        ...                      "vocab_size": None})["fixed"]["seq_len"]
+        16
+    """
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from qlora_jax._src.memory import step_memory
+
+    config = model_config(spec["config"])
+    if spec["vocab_size"]:
+        config = dataclasses.replace(config, vocab_size=spec["vocab_size"])
+    points: dict[int, dict[str, Any]] = {}
+
+    def measure(seq_len: int) -> dict[str, Any]:
+        if seq_len not in points:
+            start = time.perf_counter()
+            mem = step_memory(config, "qlora", rank=spec["rank"], alpha=2.0 * spec["rank"], batch_size=1,
+                              seq_len=seq_len, dtype=jnp.bfloat16, quant=_quant_config("qlora-dq"), remat=True,
+                              loss_chunk=spec["loss_chunk"])
+            points[seq_len] = {"seq_len": seq_len, "argument_bytes": mem.argument_bytes, "temp_bytes": mem.temp_bytes,
+                               "output_bytes": mem.output_bytes, "alias_bytes": mem.alias_bytes,
+                               "compiled_total": mem.compiled_total, "compile_s": time.perf_counter() - start}
+            jax.clear_caches()  # each compilation is used once
+        return points[seq_len]
+
+    fixed = measure(spec["seq_len"])
+    longest = {str(gib): longest_fitting(lambda n, gib=gib: measure(n)["compiled_total"] <= gib * 2**30, LONG_STEP,
+                                         LONG_MAX_SEQ, start=spec["seq_len"])
+               for gib in spec["budgets_gib"]}
+    return {"config": spec["config"], "vocab_size": config.vocab_size, "loss_chunk": spec["loss_chunk"],
+            "fixed": fixed, "longest": longest, "points": [points[n] for n in sorted(points)]}
+
+
 def run_worker(spec_text: str) -> int:
     """Runs one worker job and prints its result after `RESULT_MARK`."""
     spec = json.loads(spec_text)
-    result = compile_worker(spec) if spec["kind"] == "compile" else rss_worker(spec)
+    workers = {"compile": compile_worker, "rss": rss_worker, "long": long_context_worker}
+    result = workers[spec["kind"]](spec)
     print(RESULT_MARK + json.dumps(result), flush=True)
     return 0
 
@@ -566,6 +657,98 @@ def acceptance_table(checks: Sequence[dict[str, Any]]) -> str:
     return markdown_table(["check", "measured", "holds"], [[c["check"], c["value"], verdict(c["ok"])] for c in checks])
 
 
+def long_context_label(row: dict[str, Any]) -> str:
+    """How part 3's row computes its loss.
+
+    Example:
+        >>> long_context_label({"loss_chunk": None, "vocab_size": 128256})
+        'whole logits'
+    """
+    label = "whole logits" if row["loss_chunk"] is None else f"chunks of {row['loss_chunk']} tokens"
+    return label if row["vocab_size"] != LONG_SMALL_VOCAB else f"vocabulary {LONG_SMALL_VOCAB} (no logits to speak of)"
+
+
+def long_context_table(rows: Sequence[dict[str, Any]], seq_len: int) -> str:
+    """Part 3: the step at `seq_len` tokens and the longest sequence per budget, per loss and XLA setting.
+
+    Example:
+        >>> long_context_table([], 8192).splitlines()[0].startswith("| loss | XLA | arguments at 8192 |")
+        True
+    """
+    headers = ["loss", "XLA", f"arguments at {seq_len}", f"temporaries at {seq_len}", f"step total at {seq_len}",
+               *(f"longest seq in {gib} GiB" for gib in LONG_BUDGETS_GIB), "compilations", "compile s"]
+    out = []
+    for r in rows:
+        f = r["fixed"]
+        out.append([long_context_label(r), "LICM off" if r["licm_off"] else "default", human_bytes(f["argument_bytes"]),
+                    human_bytes(f["temp_bytes"]), human_bytes(f["compiled_total"]),
+                    *(NA if r["longest"].get(str(g)) is None else f"{r['longest'][str(g)]:,}"
+                      for g in LONG_BUDGETS_GIB),
+                    len(r["points"]), f"{sum(p['compile_s'] for p in r['points']):.0f}"])
+    return markdown_table(headers, out)
+
+
+def long_context_checks(rows: Sequence[dict[str, Any]], seq_len: int) -> list[dict[str, Any]]:
+    """Part 3's goals: the chunked step's temporaries at `seq_len`, and how much longer a sequence fits.
+
+    Example:
+        >>> long_context_checks([], 8192)
+        []
+    """
+    checks = []
+    for licm_off in (False, True):
+        xla = "LICM off" if licm_off else "default XLA"
+        by_loss = {r["loss_chunk"]: r for r in rows
+                   if r["licm_off"] == licm_off and r["vocab_size"] != LONG_SMALL_VOCAB}
+        chunked = next((r for c, r in by_loss.items() if c is not None), None)
+        whole = by_loss.get(None)
+        if chunked is None:
+            continue
+        temp = chunked["fixed"]["temp_bytes"] / 2**30
+        checks.append({"check": f"{LONG_CONFIG} QLoRA, {seq_len} tokens, {long_context_label(chunked)}, {xla}: "
+                                f"temporaries <= {LONG_MAX_TEMP_GIB:g} GiB",
+                       "value": f"{temp:.2f} GiB", "ok": temp <= LONG_MAX_TEMP_GIB})
+        if whole is None:
+            continue
+        for gib in LONG_BUDGETS_GIB:
+            a, b = chunked["longest"].get(str(gib)), whole["longest"].get(str(gib))
+            ratio = None if not a or not b else a / b
+            checks.append({"check": f"{LONG_CONFIG} QLoRA, longest sequence in {gib} GiB, {xla}: chunked / whole "
+                                    f"logits >= {LONG_MIN_RATIO:g}",
+                           "value": f"{a} / {b}" + ("" if ratio is None else f" = {ratio:.2f}"),
+                           "ok": ratio is not None and ratio >= LONG_MIN_RATIO})
+    return checks
+
+
+def run_long_context(args: argparse.Namespace, machine: dict[str, Any]) -> None:
+    """Part 3: runs its searches in fresh processes, prints its table and checks, writes its JSON."""
+    t0 = time.perf_counter()
+    base = {"kind": "long", "config": LONG_CONFIG, "seq_len": args.long_seq_len, "rank": args.rank,
+            "budgets_gib": list(LONG_BUDGETS_GIB), "fast_compile": args.fast_compile}
+    losses = [(None, None), (args.loss_chunk, None), (None, LONG_SMALL_VOCAB)]
+    jobs = [({**base, "loss_chunk": chunk, "vocab_size": vocab}, licm_off)
+            for licm_off in (False, True) for chunk, vocab in losses]
+    rows = run_jobs(jobs, args.jobs)
+    checks = long_context_checks(rows, args.long_seq_len)
+    print(f"## Long context: {LONG_CONFIG} QLoRA (NF4 + DQ), remat on, batch 1, LoRA rank {args.rank} on every "
+          "linear layer but the head, bfloat16, compiled abstractly\n")
+    print(f"\"whole logits\": the loss from `[batch, seq, vocab]` float32 logits; \"chunks\": "
+          f"`chunked_cross_entropy` (the head and loss over {args.loss_chunk} tokens at a time, recomputed in the "
+          f"backward pass). Longest: the largest multiple of {LONG_STEP} tokens whose compiled step total (arguments "
+          "+ temporaries + outputs - aliased) fits, by doubling from the fixed length then bisecting. LICM off as in "
+          "part 1 (on CPU, the float32 copy of the bfloat16 head is otherwise hoisted out of the chunk loop).\n")
+    print(long_context_table(rows, args.long_seq_len) + "\n")
+    print(acceptance_table(checks) + "\n")
+    seconds = time.perf_counter() - t0
+    settings = {"config": LONG_CONFIG, "method": "qlora-dq", "batch_size": 1, "seq_len": args.long_seq_len,
+                "loss_chunk": args.loss_chunk, "rank": args.rank, "remat": True, "dtype": "bfloat16",
+                "budgets_gib": list(LONG_BUDGETS_GIB), "search_step": LONG_STEP, "search_max": LONG_MAX_SEQ,
+                "licm_off_flag": LICM_OFF_FLAG, "fast_compile_flag": FAST_COMPILE_FLAG if args.fast_compile else None}
+    write_json(args.long_context_json, {"machine": machine, "settings": settings, "rows": rows, "checks": checks,
+                                        "seconds": seconds})
+    print(f"long-context results written to {args.long_context_json} ({seconds:.0f} s)")
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -594,6 +777,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     remat = not args.no_remat
     print(f"# qlora_jax fine-tuning memory benchmark\n\nmachine: {machine['processor']} | jax device: "
           f"{machine['device_kind']} | cpus: {machine['cpu_count']} | jax {machine['jax']}\n")
+    if args.long_context_only:
+        run_long_context(args, machine)
+        return 0
     jobs: list[tuple[dict[str, Any], bool]] = []
     for config in args.configs:
         spec = {"kind": "compile", "config": config, "methods": args.methods, "batch_size": args.batch_size,
@@ -674,6 +860,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_json(args.json, {"machine": machine, "settings": settings, "configs": configs, "rows": rows,
                            "rss": rss_rows, "acceptance": checks, "seconds": seconds})
     print(f"results written to {args.json} ({seconds:.0f} s)")
+    if not args.quick:
+        run_long_context(args, machine)
     return 0
 
 
