@@ -111,3 +111,51 @@ def test_train_step_benchmark_runs(tmp_path):
             continue
         assert rows[torch_case]["ms"] > 0
         assert abs(rows[torch_case]["loss0"] - ours_case["loss0"]) < 1e-3
+
+
+def test_big_model_benchmark_runs_on_a_small_shape(tmp_path):
+    """`big_model.py` end to end on the `tiny` shape: a sharded bf16 checkpoint and a bitsandbytes-4bit one are
+    written, loaded in fresh processes, trained (each step flavour once) and their adapters saved; the bf16
+    checkpoint is reused by a second run and removed with --remove."""
+    script = str(ROOT / "benchmarks" / "big_model.py")
+    runs = [("bf16", "nnx-jit"), ("bf16", "trainer"), ("bnb4", "trainer")]
+    stamp = None
+    for checkpoint, step in runs:
+        directory, out = tmp_path / checkpoint, tmp_path / f"{checkpoint}-{step}.json"
+        command = [sys.executable, script, "--shape", "tiny", "--checkpoint", checkpoint, "--step", step,
+                   "--steps", "2", "--seq-len", "16", "--dir", str(directory), "--json", str(out)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "| model | checkpoint | step | load (s) |" in result.stdout
+        (row,) = json.loads(out.read_text())["rows"]
+        assert row["step"] == step and row["checkpoint"] == checkpoint
+        assert len(row["losses"]) == 2 and row["losses"][1] < row["losses"][0]  # the adapters learn
+        assert row["adapter_bytes"] > 0 and row["read_bytes"] > 0 and row["steps_peak_bytes"] > 0
+        assert row["base_bytes"] / row["linear_params"] < 0.52  # NF4 + double quant, packed
+        config = json.loads((directory / "config.json").read_text())
+        assert (config.get("quantization_config", {}).get("load_in_4bit") is True) == (checkpoint == "bnb4")
+        index = directory / "model.safetensors.index.json"
+        if checkpoint == "bf16":
+            if stamp is not None:
+                assert index.stat().st_mtime_ns == stamp  # reused, not written again
+            stamp = index.stat().st_mtime_ns
+    result = subprocess.run([sys.executable, script, "--shape", "tiny", "--dir", str(tmp_path / "bf16"), "--remove"],
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0 and not (tmp_path / "bf16").exists()
+
+
+def test_big_model_refuses_a_checkpoint_the_disk_cannot_hold(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import big_model
+    finally:
+        sys.path.pop(0)
+    import shutil
+
+    import pytest
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**9, 10**9))
+    with pytest.raises(SystemExit, match=r"the llama-2-13b bf16 checkpoint needs 26\.0 GB in .*, and only 1\.0 GB "
+                                         r"are free there"):
+        big_model.ensure_checkpoint(tmp_path / "ckpt", "llama-2-13b", "bf16")
+    assert not list((tmp_path / "ckpt").glob("*.safetensors*"))
