@@ -232,9 +232,15 @@ def _bound_train_step(model: nnx.Module, optimizer: nnx.Optimizer) -> Callable[.
     fixed when this is called: variables keep being read and updated in
     place, but later changes to the modules themselves (`model.eval()`, new
     submodules) are not seen; call it again after them. `Trainer` does.
+
+    The model's and optimizer's arrays are donated: XLA writes the new
+    adapters, moments and RNG counts into the old buffers and hands the
+    frozen arrays back as they are (aliased), so a step allocates no second
+    copy of what it changes. Arrays taken from the model before a step are
+    invalid after it (a NumPy view keeps its buffer from being donated).
     """
     return nnx.jit_partial(_train_step_impl, model, optimizer, static_argnames="config", graph=True,
-                           graph_updates=False)
+                           graph_updates=False, donate_argnums=(0,))
 
 
 @nnx.jit(graph_updates=False)
