@@ -6,7 +6,7 @@ stacked over N), so LoRA targets read as in PEFT ("q_proj", "down_proj").
 The decoder layers are created with `nnx.vmap` (every variable gets a leading
 layer axis) and run with `nnx.scan` under `nnx.remat`: with `remat=True` a
 layer keeps only its input for the backward pass, otherwise its products'
-outputs, attention probabilities and residual stream (`_KEEP`); linear
+outputs, attention softmax statistics and residual stream (`_KEEP`); linear
 layers are plain `nnx.Linear` until `apply_qlora` (or the loader) replaces
 them. Numerics follow `transformers`' eager implementation: RMSNorm in
 float32, RoPE with rotate-half, softmax in float32.
@@ -92,33 +92,46 @@ class Attention(nnx.Module):
 
 # What a decoder layer keeps for its backward pass when the model is not rematerialized: the products'
 # outputs that the backward pass reads (q/k/v after RoPE, and before it where Qwen3's q/k norms need them),
-# the attention probabilities and output, the residual stream after attention (the layer's input is the
-# scan's carry), the MLP's gate and up products and the adapters' dropout masks (drawing the random bits again
-# costs more than keeping one byte per input). The RMSNorm outputs (the projections' inputs) and the
-# SwiGLU product (down_proj's input) are recomputed from these in the backward pass: elementwise passes,
-# where keeping them costs a copy into the scan's stacked residuals and one out of it.
-_KEPT = ("proj_q", "proj_k", "attn_q", "attn_k", "attn_v", "attn_probs", "attn_out", "h_mid", "mlp_gate", "mlp_up",
+# the softmax's row statistics (attention's backward pass recomputes the probabilities from them, one block
+# of queries at a time: keeping the float32 probabilities would cost heads x seq x seq x 4 bytes a layer) and
+# the attention output, the residual stream after attention (the layer's input is the scan's carry), the
+# MLP's gate and up products and the adapters' dropout masks (drawing the random bits again costs more than
+# keeping one byte per input). The RMSNorm outputs (the projections' inputs) and the SwiGLU product
+# (down_proj's input) are recomputed from these in the backward pass: elementwise passes, where keeping them
+# costs a copy into the scan's stacked residuals and one out of it.
+_KEPT = ("proj_q", "proj_k", "attn_q", "attn_k", "attn_v", "attn_stats", "attn_out", "h_mid", "mlp_gate", "mlp_up",
          "lora_dropout_mask")
 _KEEP = jax.checkpoint_policies.save_only_these_names(*_KEPT)
 
 
-# Queries per block of causal self-attention (see `attention`), and the most blocks.
+# Queries per block of attention (see `attention`): causal self-attention is cut into at least
+# `_MAX_QUERY_BLOCKS` blocks of at least `_QUERY_BLOCK` queries where the sequence allows, and every
+# attention into blocks of at most `_LARGEST_QUERY_BLOCK` queries, which bounds one block's scores.
 _QUERY_BLOCK = 64
 _MAX_QUERY_BLOCKS = 8
+_LARGEST_QUERY_BLOCK = 512
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, causal: bool = False) -> jax.Array:
-    """Grouped-query softmax attention, scores and softmax in float32.
+    """Grouped-query softmax attention, scores and softmax in float32, memory-efficient backward pass.
 
     The heads are moved in front of the sequence once (`[b, kv, groups, s,
     d]`), so that every product is a batched matmul over contiguous blocks
-    and no score-sized tensor is transposed, forward or backward. With
-    `causal` (self-attention whose mask lets no query see a later key, as
-    `causal_mask` always does) the queries are cut into blocks of
-    `_QUERY_BLOCK` (at most `_MAX_QUERY_BLOCKS` blocks) and each block
-    attends only to the keys up to its last query: the skipped scores are
-    masked anyway, so the result is the same for about (n + 1) / 2n of the
-    work with n blocks.
+    and no score-sized tensor is transposed, forward or backward. The
+    queries are cut into blocks of at most `_LARGEST_QUERY_BLOCK`, one after
+    the other, so that only one block's `[.., queries, keys]` float32 scores
+    exist at a time. With `causal` (self-attention whose mask lets no query
+    see a later key, as `causal_mask` always does) there are at least
+    `_MAX_QUERY_BLOCKS` blocks of at least `_QUERY_BLOCK` queries, and each
+    block attends only to the keys up to its last query: the skipped scores
+    are masked anyway, so the result is the same for about (n + 1) / 2n of
+    the work with n blocks.
+
+    As in FlashAttention (Dao et al., 2022, https://arxiv.org/abs/2205.14135),
+    the backward pass keeps no probabilities: the forward pass saves each
+    query's softmax maximum and normalizer (`[b, kv, groups, s]`), and the
+    backward pass recomputes one block's probabilities from the queries,
+    keys and these, then its gradients, block after block.
 
     Args:
         q: Queries `[b, sq, heads, d]` (after RoPE).
@@ -143,50 +156,98 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, caus
     q = q * np.float32(d**-0.5).astype(q.dtype)
     q = q.reshape(b, sq, kv_heads, heads // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, sq, d]
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, sk, d]
-    n_blocks = min(_MAX_QUERY_BLOCKS, -(-sq // _QUERY_BLOCK)) if causal else 1
-    bounds = np.linspace(0, sq, n_blocks + 1).round().astype(int)
-    outs = []
-    for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-        end = stop if causal else k.shape[2]  # keys this block can see
-        outs.append(_attend(q[:, :, :, start:stop], k[:, :, :end], v[:, :, :end], mask[:, start:stop, :end]))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [b, kv, g, sq, d]
+    out = _attend(q, k, v, mask, _query_blocks(sq, k.shape[2], causal))  # [b, kv, g, sq, d]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, heads * d)
 
 
-def _probs(q, k, mask):
-    """Softmax of the scores in float32: `[b, kv, g, m, n]`."""
+def _query_blocks(sq: int, sk: int, causal: bool) -> tuple[tuple[int, int, int], ...]:
+    """`(start, stop, keys)` of each block of queries: queries `start:stop` attend to keys `:keys`."""
+    n_blocks = -(-sq // _LARGEST_QUERY_BLOCK)
+    if causal:
+        n_blocks = max(n_blocks, min(_MAX_QUERY_BLOCKS, -(-sq // _QUERY_BLOCK)))
+    bounds = np.linspace(0, sq, n_blocks + 1).round().astype(int).tolist()
+    return tuple((start, stop, stop if causal else sk) for start, stop in zip(bounds[:-1], bounds[1:], strict=True))
+
+
+def _scores(q, k, mask):
+    """Scores `[b, kv, g, m, n]` in float32, `finfo.min` where masked (as `transformers`' eager attention)."""
     scores = jnp.einsum("bkgqd,bksd->bkgqs", q, k).astype(jnp.float32)
-    return jax.nn.softmax(jnp.where(mask[:, None, None], scores, np.finfo(np.float32).min), axis=-1)
+    return jnp.where(mask[:, None, None], scores, np.finfo(np.float32).min)
 
 
-@jax.custom_vjp
-def _attend(q, k, v, mask):
-    """One block of queries `q [b, kv, g, m, d]` (scaled) over keys and values `[b, kv, n, d]`; mask `[b, m, n]`."""
-    return jnp.einsum("bkgqs,bksd->bkgqd", _probs(q, k, mask).astype(v.dtype), v)
+def _probs(q, k, mask, row_max, row_sum):
+    """Softmax probabilities `[b, kv, g, m, n]` in float32 from the scores and each row's max and sum."""
+    return jnp.exp(_scores(q, k, mask) - row_max) / row_sum
 
 
-def _attend_fwd(q, k, v, mask):
-    probs = checkpoint_name(_probs(q, k, mask), "attn_probs")
-    return jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(v.dtype), v), (q, k, v, mask, probs)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attend(q, k, v, mask, blocks):
+    """Queries `q [b, kv, g, sq, d]` (scaled) over keys and values `[b, kv, sk, d]`; mask `[b, sq, sk]`."""
+    return _attend_fwd(q, k, v, mask, blocks)[0]
 
 
-def _attend_bwd(res, grad_out):
-    # Autodiff's products, with the key and value gradients computed transposed
-    # (`[b, kv, d, n]`, contracting the score-sized operand over its rows in
-    # place), so that no score-sized array is transposed.
-    q, k, v, mask, probs = res
-    b, kv, g, m, d = q.shape
-    grad_probs = jnp.einsum("bkgqd,bksd->bkgqs", grad_out, v).astype(jnp.float32)
-    grad_scores = probs * (grad_probs - jnp.sum(grad_probs * probs, axis=-1, keepdims=True))
-    grad_scores = jnp.where(mask[:, None, None], grad_scores, 0.0).astype(q.dtype)  # [b, kv, g, m, n]
-    grad_q = jnp.einsum("bkgqs,bksd->bkgqd", grad_scores, k)
-    rows = (b, kv, g * m, -1)
-    grad_k = jnp.einsum("bkmd,bkms->bkds", q.reshape(rows), grad_scores.reshape(rows))
-    grad_v = jnp.einsum("bkmd,bkms->bkds", grad_out.reshape(rows), probs.astype(v.dtype).reshape(rows))
-    return grad_q, grad_k.swapaxes(2, 3), grad_v.swapaxes(2, 3), None
+def _attend_fwd(q, k, v, mask, blocks):
+    outs, row_maxes, row_sums = [], [], []
+    for start, stop, end in blocks:
+        # One block after the other (`_after`), each slicing its keys and values when it starts.
+        q_block, k_block, v_block = _after((q[:, :, :, start:stop], k[:, :, :end], v[:, :, :end]), *outs[-1:])
+        scores = _scores(q_block, k_block, mask[:, start:stop, :end])  # [b, kv, g, m, n]
+        row_max = jnp.max(scores, axis=-1, keepdims=True)  # [b, kv, g, m, 1]
+        unnormalized = jnp.exp(scores - row_max)
+        row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
+        outs.append(jnp.einsum("bkgqs,bksd->bkgqd", (unnormalized / row_sum).astype(v.dtype), v_block))
+        row_maxes.append(row_max)
+        row_sums.append(row_sum)
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [b, kv, g, sq, d]
+    row_max = checkpoint_name(jnp.concatenate(row_maxes, axis=3), "attn_stats")  # [b, kv, g, sq, 1]
+    row_sum = checkpoint_name(jnp.concatenate(row_sums, axis=3), "attn_stats")
+    return out, (q, k, v, mask, row_max, row_sum)
+
+
+def _attend_bwd(blocks, res, grad_out):
+    # Per block, autodiff's products with the probabilities recomputed, and the key and value gradients
+    # computed transposed (`[b, kv, d, n]`, contracting the score-sized operand over its rows in place), so
+    # that no score-sized array is transposed. The key and value gradients add up over blocks in float32.
+    q, k, v, mask, row_max, row_sum = res
+    b, kv, g, sq, d = q.shape
+    sk = k.shape[2]
+    grad_q = []
+    grad_k = grad_v = jnp.zeros((b, kv, d, sk), jnp.float32)
+    for start, stop, end in blocks:
+        # The first block's scores come after the output's gradient (else XLA merges them with the forward
+        # pass's, and every block's scores live from the forward pass on), each next block after the last,
+        # and each block slices its keys and values when it starts (else XLA makes every block's copies first).
+        q_block, k_block, v_block = _after((q[:, :, :, start:stop], k[:, :, :end], v[:, :, :end]),
+                                           *((grad_k, grad_v) if grad_q else (grad_out,)))  # [b, kv, g, m, d]
+        grad_out_block, mask_block = grad_out[:, :, :, start:stop], mask[:, start:stop, :end]
+        probs = _probs(q_block, k_block, mask_block, row_max[:, :, :, start:stop], row_sum[:, :, :, start:stop])
+        grad_probs = jnp.einsum("bkgqd,bksd->bkgqs", grad_out_block, v_block).astype(jnp.float32)
+        grad_scores = probs * (grad_probs - jnp.sum(grad_probs * probs, axis=-1, keepdims=True))
+        grad_scores = jnp.where(mask_block[:, None, None], grad_scores, 0.0).astype(q.dtype)  # [b, kv, g, m, n]
+        grad_q.append(jnp.einsum("bkgqs,bksd->bkgqd", grad_scores, k_block))
+        rows = (b, kv, g * (stop - start), -1)
+        pad = ((0, 0), (0, 0), (0, 0), (0, sk - end))
+        grad_k += jnp.pad(jnp.einsum("bkmd,bkms->bkds", q_block.reshape(rows), grad_scores.reshape(rows),
+                                     preferred_element_type=jnp.float32), pad)
+        grad_v += jnp.pad(jnp.einsum("bkmd,bkms->bkds", grad_out_block.reshape(rows),
+                                     probs.astype(v.dtype).reshape(rows), preferred_element_type=jnp.float32), pad)
+    grad_q = grad_q[0] if len(grad_q) == 1 else jnp.concatenate(grad_q, axis=3)
+    return grad_q, grad_k.swapaxes(2, 3).astype(k.dtype), grad_v.swapaxes(2, 3).astype(v.dtype), None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _after(xs, *deps):
+    """The arrays `xs`, computed after `deps`: `x + 0 * dep[0, ..., 0]` (summed over `deps`).
+
+    XLA does not fold a float `y * 0` to 0 (it is NaN for y = ±inf or NaN), so this data dependency
+    orders the blocks of `_attend`, where XLA:CPU drops optimization barriers before scheduling.
+    """
+    if not deps:
+        return xs
+    zero = sum(dep[(0,) * dep.ndim].astype(jnp.float32) * 0 for dep in deps)
+    return tuple(x + zero.astype(x.dtype) for x in xs)
 
 
 
