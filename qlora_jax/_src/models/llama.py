@@ -190,7 +190,8 @@ def _attend_fwd(q, k, v, mask, blocks):
     outs, row_maxes, row_sums = [], [], []
     for start, stop, end in blocks:
         # One block after the other (`_after`), each slicing its keys and values when it starts.
-        q_block, k_block, v_block = _after((q[:, :, :, start:stop], k[:, :, :end], v[:, :, :end]), *outs[-1:])
+        q_block, k_block, v_block = _after((q, k, v), *outs[-1:])
+        q_block, k_block, v_block = q_block[:, :, :, start:stop], k_block[:, :, :end], v_block[:, :, :end]
         scores = _scores(q_block, k_block, mask[:, start:stop, :end])  # [b, kv, g, m, n]
         row_max = jnp.max(scores, axis=-1, keepdims=True)  # [b, kv, g, m, 1]
         unnormalized = jnp.exp(scores - row_max)
@@ -214,13 +215,15 @@ def _attend_bwd(blocks, res, grad_out):
     grad_q = []
     grad_k = grad_v = jnp.zeros((b, kv, d, sk), jnp.float32)
     for start, stop, end in blocks:
-        # The first block's scores come after the output's gradient (else XLA merges them with the forward
-        # pass's, and every block's scores live from the forward pass on), each next block after the last,
-        # and each block slices its keys and values when it starts (else XLA makes every block's copies first).
-        q_block, k_block, v_block = _after((q[:, :, :, start:stop], k[:, :, :end], v[:, :, :end]),
-                                           *((grad_k, grad_v) if grad_q else (grad_out,)))  # [b, kv, g, m, d]
+        # The first block's scores come after the output's gradient (else XLA merges them, and the row
+        # statistics broadcast to their shape, with the forward pass's: every block's would live from the
+        # forward pass on), each next block after the last, and each block slices its keys and values when it
+        # starts (else XLA makes every block's copies first).
+        after = _after((q, k, v, row_max, row_sum), *((grad_k, grad_v) if grad_q else (grad_out,)))
+        q_block, block_max, block_sum = (x[:, :, :, start:stop] for x in (after[0], *after[3:]))  # [b, kv, g, m, .]
+        k_block, v_block = after[1][:, :, :end], after[2][:, :, :end]  # [b, kv, n, d]
         grad_out_block, mask_block = grad_out[:, :, :, start:stop], mask[:, start:stop, :end]
-        probs = _probs(q_block, k_block, mask_block, row_max[:, :, :, start:stop], row_sum[:, :, :, start:stop])
+        probs = _probs(q_block, k_block, mask_block, block_max, block_sum)
         grad_probs = jnp.einsum("bkgqd,bksd->bkgqs", grad_out_block, v_block).astype(jnp.float32)
         grad_scores = probs * (grad_probs - jnp.sum(grad_probs * probs, axis=-1, keepdims=True))
         grad_scores = jnp.where(mask_block[:, None, None], grad_scores, 0.0).astype(q.dtype)  # [b, kv, g, m, n]
