@@ -333,6 +333,11 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     linear_params = int(sum(math.prod(q.shape) * (math.prod(q.stack_shape) or 1)
                             for q in jax.tree.leaves(nnx.state(model, qj.nnx.QuantizedWeight),
                                                      is_leaf=lambda x: isinstance(x, qj.QuantizedArray))))
+    if args.load_only:
+        return {"shape": args.shape, "checkpoint": args.checkpoint, "step": "load only",
+                "params": int(config.num_params), "linear_params": linear_params, "base_bytes": base,
+                "other_bytes": other, "read_bytes": read_bytes, "read_s": read_s, "load_s": load_s,
+                "load_peak_bytes": load_peak, "load_rss_bytes": load_rss}
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (args.batch_size, args.seq_len + 1), dtype=np.int32)
     batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:],
@@ -415,6 +420,9 @@ def results_table(rows: Sequence[dict[str, Any]]) -> str:
               "peak RSS load (GiB)", "peak RSS steps (GiB)", "formula (GiB)", "step (s)", "tokens/s"]
     body = []
     for r in rows:
+        if "step_s" not in r:  # --load-only
+            r = {**r, "step_s": [float("nan")], "steps_peak_bytes": float("nan"), "formula_bytes": float("nan"),
+                 "batch_size": 0, "seq_len": 0}
         later = r["step_s"][1:] or r["step_s"]
         step = sorted(later)[len(later) // 2]
         read_speed_ = r["read_bytes"] / r["read_s"]
@@ -440,6 +448,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--no-remat", dest="remat", action="store_false",
                         help="keep the layers' activations instead of recomputing each layer in the backward pass")
+    parser.add_argument("--load-only", action="store_true", help="read and load only (no steps, one process)")
     parser.add_argument("--dir", type=Path, default=None, help="checkpoint directory (reused between runs)")
     parser.add_argument("--remove", action="store_true", help="delete the checkpoint directory and exit")
     parser.add_argument("--json", type=Path, default=None, help="results JSON (default results/big_model-*.json)")
@@ -464,12 +473,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     ensure_checkpoint(args.dir, args.shape, args.checkpoint)
     rows = []
-    for step in args.step:
+    for step in args.step[:1] if args.load_only else args.step:
         adapter = args.dir.parent / f"{args.dir.name}-adapter-{step}"
         command = [sys.executable, __file__, "--child", "--shape", args.shape, "--checkpoint", args.checkpoint,
                    "--step", step, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                    "--seq-len", str(args.seq_len), "--rank", str(args.rank), "--dir", str(args.dir),
-                   "--adapter-dir", str(adapter)] + ([] if args.remat else ["--no-remat"])
+                   "--adapter-dir", str(adapter)] + ([] if args.remat else ["--no-remat"]) + \
+                  (["--load-only"] if args.load_only else [])
         print(f"running {step} in a fresh process: {' '.join(command[1:])}", file=sys.stderr, flush=True)
         proc = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
         if proc.returncode != 0:

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from qlora_jax._src.formats.blockwise import _double_quantize, _quantize_impl, quantize
+from qlora_jax._src.formats.blockwise import _double_quantize, _quantize_rows, quantize
 from qlora_jax._src.formats.bnb import from_bnb
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
@@ -360,15 +360,18 @@ def _read_quantized(reader: SafetensorsReader, name: str, quant: QuantConfig, fr
     # values are counted inside the same program and reported once per tensor (with the first one's index).
     codes = absmax = None
     bad = []
-    for start, stop in chunks:
-        rows = reader.rows(name, start, stop)
-        c, a, n_bad = _quantize_chunk(rows, quant.fmt, quant.block_size)
-        if codes is None:
-            codes = np.empty((out_features, c.shape[1]), c.dtype)
-            absmax = np.empty((out_features, a.shape[1]), a.dtype)
-        codes[start:stop], absmax[start:stop] = c, a
-        bad.append((start, stop, n_bad))
-        del rows, c, a
+    pending = None  # the previous chunk, quantizing (dispatched asynchronously) while the next one is read
+    for chunk in [*chunks, None]:
+        rows = None if chunk is None else reader.rows(name, *chunk)
+        if pending is not None:
+            (p_start, p_stop), (c, a, n_bad) = pending
+            if codes is None:
+                codes = np.empty((out_features, c.shape[1]), c.dtype)
+                absmax = np.empty((out_features, a.shape[1]), a.dtype)
+            codes[p_start:p_stop], absmax[p_start:p_stop] = c, a
+            bad.append((p_start, p_stop, n_bad))
+        pending = None if rows is None else (chunk, _quantize_chunk(rows, quant.fmt, quant.block_size))
+        del rows
     for start, stop, n_bad in bad:
         if int(n_bad):
             try:
@@ -387,9 +390,13 @@ def _read_quantized(reader: SafetensorsReader, name: str, quant: QuantConfig, fr
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _quantize_chunk(rows: jax.Array, fmt: str, block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Rows `[r, in]` quantized along `in` (codes, float32 absmax) and their count of non-finite values."""
-    q = _quantize_impl(rows, fmt, block_size, False, (1,))
-    return q.codes, q.absmax, jnp.sum(~jnp.isfinite(rows), dtype=jnp.int32)
+    """Rows `[r, in]` quantized along `in` (codes, float32 absmax) and their count of non-finite values.
+
+    The rows are already in storage order (`in` a multiple of the block size), so `quantize`'s own layout
+    handling is not needed: its row kernel runs on them directly.
+    """
+    codes, absmax = _quantize_rows(rows.astype(jnp.float32), fmt=fmt, block_size=block_size)
+    return codes, absmax, jnp.sum(~jnp.isfinite(rows), dtype=jnp.int32)
 
 
 _CHUNK_ELEMENTS = 1 << 20
