@@ -514,7 +514,7 @@ def _mixed(h: jax.Array, kernel: jax.Array) -> bool:
     return h.dtype == jnp.float32 and kernel.dtype.itemsize == 2 and jnp.issubdtype(kernel.dtype, jnp.floating)
 
 
-# Vocabulary entries of a 16-bit head converted to float32 at a time (`head_logits`): 4096 x hidden 5120 is 80 MiB.
+# Vocabulary entries of a 16-bit head converted to float32 at a time (`head_logits`).
 HEAD_CHUNK = 4096
 
 
@@ -523,10 +523,10 @@ def head_logits(h: jax.Array, kernel: jax.Array, vocab_axis: int) -> jax.Array:
     """Float32 logits `h @ kernel` of a 16-bit output head, converted to float32 `HEAD_CHUNK` entries at a time.
 
     A dot of float32 activations with a 16-bit kernel converts the whole kernel to float32 first, a temporary
-    of `4 × hidden × vocab` bytes (655 MB for Llama-2-13B's head, 2.1 GB for Llama-3-8B's) that XLA cannot
-    fuse into the dot. Here the kernel's bits are sliced (slices of a 16-bit integer view stay 16-bit and stay
-    inside the loop) and each slice is converted and multiplied on its own, forward and backward; the result
-    is the same float32 dot per vocabulary entry.
+    of `4 × hidden × vocab` bytes that XLA cannot fuse into the dot. Here the kernel is cut into static slices
+    of the vocabulary, each converted and multiplied only after the previous slice's product (`_after`), in the
+    forward and the backward pass, so one converted slice exists at a time; the result is the same float32 dot
+    per vocabulary entry. The kernel's gradient is computed only when the kernel is differentiated.
 
     Args:
         h: Float32 hidden states `[..., hidden]`.
@@ -552,12 +552,10 @@ def _chunk(kernel: jax.Array, vocab_axis: int, start: int, stop: int, after: jax
     """Entries `start:stop` of the 16-bit head as float32 `[hidden, stop - start]`, converted after `after`.
 
     Static slices, each converted on its own (in a loop over dynamic slices XLA converts the whole,
-    loop-invariant kernel before the loop instead). Adding `0 * after` (a float multiply XLA keeps, for NaN's
-    sake) makes the conversion wait for the previous chunk's product, so one converted chunk is alive at a
-    time instead of all of them, converted up front.
+    loop-invariant kernel before the loop instead); `_after` makes the conversion wait for the previous
+    chunk's product, so one converted chunk is alive at a time instead of all of them, converted up front.
     """
-    w = jax.lax.slice_in_dim(kernel, start, stop, axis=vocab_axis).astype(jnp.float32)
-    w = w + after.reshape(-1)[0] * np.float32(0)
+    (w,) = _after((jax.lax.slice_in_dim(kernel, start, stop, axis=vocab_axis).astype(jnp.float32),), after)
     return w if vocab_axis == 1 else w.T
 
 

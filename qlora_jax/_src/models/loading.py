@@ -261,10 +261,10 @@ class _StackedKernel:
     stack, so no second copy of a projection's kernels ever exists (stacking a list of layers would hold both).
     """
 
-    def __init__(self, template: QuantizedArray, num_layers: int):
-        self.template = template
-        self.leaves = {k: jnp.zeros((num_layers, *np.shape(v)), np.asarray(v).dtype)
-                       for k, v in _leaves(template).items()}
+    def __init__(self, first: QuantizedArray, num_layers: int):
+        # The first layer's format and shapes, not its arrays (which would stay alive until the end).
+        self.template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), first)
+        self.leaves = {k: jnp.zeros((num_layers, *v.shape), v.dtype) for k, v in _leaves(self.template).items()}
 
     def put(self, q: QuantizedArray, layer: int) -> None:
         t = self.template
@@ -274,14 +274,16 @@ class _StackedKernel:
         self.leaves = _put_layer(self.leaves, _leaves(q), layer)
 
     def array(self) -> QuantizedArray:
-        leaves = {k: self.leaves.get(k) for k in ("codes", "absmax", "nested_absmax", "nested_offset")}
+        leaves = {k: self.leaves.get(k) for k in _LEAF_NAMES}
         self.leaves = {}
         return dataclasses.replace(self.template, **leaves)
 
 
+_LEAF_NAMES = ("codes", "absmax", "nested_absmax", "nested_offset")
+
+
 def _leaves(q: QuantizedArray) -> dict[str, Any]:
-    return {k: getattr(q, k) for k in ("codes", "absmax", "nested_absmax", "nested_offset")
-            if getattr(q, k) is not None}
+    return {k: getattr(q, k) for k in _LEAF_NAMES if getattr(q, k) is not None}
 
 
 @functools.partial(jax.jit, donate_argnums=0)
