@@ -352,9 +352,14 @@ def _bits_to_float32(bits: jax.Array, dtype: np.dtype) -> jax.Array:
     return x.astype(jnp.float32)
 
 
+def _bits_as(bits: jax.Array, dtype: np.dtype) -> jax.Array:
+    """`_as_bits` undone: the 16-bit floats of `bits` (a bitcast, no conversion)."""
+    return lax.bitcast_convert_type(bits, dtype) if bits.dtype == jnp.uint16 else bits
+
+
 def _columns_as_rows(bits: jax.Array, dtype: np.dtype, start, size: int) -> jax.Array:
-    """Columns `start:start+size` of `bits [in, out]` (see `_as_bits`) as float32 rows `[size, in]`."""
-    return _bits_to_float32(lax.dynamic_slice_in_dim(bits, start, size, axis=1).T, dtype)
+    """Columns `start:start+size` of `bits [in, out]` (see `_as_bits`) as rows `[size, in]` of `dtype`."""
+    return _bits_as(lax.dynamic_slice_in_dim(bits, start, size, axis=1).T, dtype)
 
 
 def _map_rows(rows, n_rows: int, row_len: int, fn):
@@ -379,31 +384,87 @@ def _map_rows(rows, n_rows: int, row_len: int, fn):
 
 
 def _quantize_rows(rows: jax.Array, *, fmt: str, block_size: int) -> tuple[jax.Array, jax.Array]:
-    """Quantizes float32 `rows [r, L]` (L a multiple of the block size).
+    """Quantizes `rows [r, L]` (float32, bfloat16 or float16; L a multiple of the block size).
 
     Returns codes `[r, L // 2]` (4-bit, packed) or `[r, L]` (int8) and float32
     absmax `[r, L // block_size]`.
+
+    The 4-bit codes of the even and odd elements (a byte's high and low
+    nibble) are computed from two separate `[r, L // bs, bs // 2]` arrays, so
+    that the whole kernel is one elementwise loop over contiguous memory, which
+    XLA vectorizes and splits across threads; a packing step reading elements
+    `2i` and `2i + 1` of one array does not vectorize. The common case (no
+    absmax above `_RECIPROCAL_LIMIT`) runs without the division path.
     """
     r, length = rows.shape
-    blocks = rows.reshape(r, length // block_size, block_size)
-    absmax = jnp.max(jnp.abs(blocks), axis=-1)  # [r, L // bs]
-    scaled = _scale_full_blocks(blocks, absmax[..., None])
-    return _encode(scaled.reshape(r, length), fmt), absmax
+    n_blocks = length // block_size
+    if fmt == "int8":
+        x = rows.astype(jnp.float32).reshape(r, n_blocks, block_size)
+        absmax = _block_absmax(x)
+        codes = lax.cond(jnp.any(absmax > _RECIPROCAL_LIMIT), lambda: _scale(x, absmax, fmt, divide=True),
+                         lambda: _scale(x, absmax, fmt, divide=False))
+        return jnp.round(codes * np.float32(127)).astype(jnp.int8).reshape(r, length), absmax
+    even, odd = _even_odd(rows, block_size)  # [r, L // bs, bs // 2] each, float32
+    absmax = _block_absmax(even, odd)  # [r, L // bs]
+
+    def encode(divide: bool) -> jax.Array:
+        high, low = (_nibbles(_scale(v, absmax, fmt, divide=divide), fmt) for v in (even, odd))
+        return ((high << 4) | low).reshape(r, length // 2)
+
+    codes = lax.cond(jnp.any(absmax > _RECIPROCAL_LIMIT), lambda: encode(True), lambda: encode(False))
+    return codes, absmax
 
 
-def _scale_full_blocks(x: jax.Array, absmax: jax.Array) -> jax.Array:
-    """bitsandbytes' `clamp(x * (1 / max(absmax, 1e-38)), -1, 1)` under flush-to-zero.
+def _even_odd(rows: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
+    """The even and odd elements of `rows [r, L]` per block, each float32 `[r, L // bs, bs // 2]`.
+
+    16-bit rows are read as 32-bit words (one even and one odd element each,
+    the even one in the low half), so both halves come from contiguous loads.
+    """
+    r, length = rows.shape
+    shape = (r, length // block_size, block_size // 2)
+    if rows.dtype.itemsize == 2:
+        words = lax.bitcast_convert_type(rows.reshape(r, length // 2, 2), jnp.uint32).reshape(shape)
+        if rows.dtype == jnp.bfloat16:  # bfloat16 -> float32 is a 16-bit shift of the bits
+            return (lax.bitcast_convert_type(words << 16, jnp.float32),
+                    lax.bitcast_convert_type(words & np.uint32(0xFFFF0000), jnp.float32))
+        halves = ((words & np.uint32(0xFFFF)).astype(jnp.uint16), (words >> 16).astype(jnp.uint16))
+        return tuple(lax.bitcast_convert_type(h, rows.dtype).astype(jnp.float32) for h in halves)
+    pairs = rows.astype(jnp.float32).reshape(*shape, 2)
+    return pairs[..., 0], pairs[..., 1]
+
+
+def _block_absmax(*parts: jax.Array) -> jax.Array:
+    """`max |x|` over the last axis of `parts` (together), float32 `[..., n_blocks]`.
+
+    Taken over the bits: for non-negative floats the integer order of the bits
+    is the float order, and an integer maximum vectorizes where a float one
+    (which must propagate NaN) does not. A NaN anywhere gives a NaN (its bits
+    exceed Inf's); a subnormal maximum reads as 0, as XLA's float operations
+    on CPU (flush to zero) see it.
+    """
+    bits = [lax.bitcast_convert_type(p, jnp.int32) & np.int32(0x7FFFFFFF) for p in parts]
+    top = jnp.max(functools.reduce(jnp.maximum, bits), axis=-1)
+    top = jnp.where(top < np.int32(0x00800000), np.int32(0), top)
+    return lax.bitcast_convert_type(top, jnp.float32)
+
+
+def _scale(x: jax.Array, absmax: jax.Array, fmt: str, *, divide: bool) -> jax.Array:
+    """bitsandbytes' `x * (1 / max(absmax, 1e-38))` per block under flush-to-zero, `x [..., nb, k]`.
 
     A zero or subnormal absmax means the block reads as zeros (its values are
     flushed too): scaled 0. Above 2**126 the reciprocal would be subnormal and
-    flush to zero, so those blocks divide.
+    flush to zero, so with `divide` those blocks divide. Clipped to [-1, 1]
+    where the codes are rounded ("int4", "int8"); the 4-bit codebook formats
+    compare with bounds inside (-1, 1), where clipping changes nothing.
     """
-    normal = absmax >= codebooks.FLOAT32_TINY
-    inv = np.float32(1) / jnp.where(normal, absmax, np.float32(1))
+    normal = (absmax >= codebooks.FLOAT32_TINY)[..., None]
+    inv = (np.float32(1) / jnp.where(absmax >= codebooks.FLOAT32_TINY, absmax, np.float32(1)))[..., None]
     scaled = jnp.where(normal, x * inv, np.float32(0))
-    big = absmax > _RECIPROCAL_LIMIT
-    scaled = lax.cond(jnp.any(big), lambda: jnp.where(big, _divide(x, absmax), scaled), lambda: scaled)
-    return jnp.clip(scaled, -1, 1)
+    if divide:
+        big = (absmax > _RECIPROCAL_LIMIT)[..., None]
+        scaled = jnp.where(big, _divide(x, absmax[..., None]), scaled)
+    return jnp.clip(scaled, -1, 1) if fmt in ("int4", "int8") else scaled
 
 
 def _divide(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -415,20 +476,35 @@ def _divide(a: jax.Array, b: jax.Array) -> jax.Array:
     return a / lax.optimization_barrier(jnp.broadcast_to(b, a.shape))
 
 
+def _nibbles(scaled: jax.Array, fmt: str) -> jax.Array:
+    """4-bit codes (uint8, one per element) of `scaled` in [-1, 1] ("nf4", "fp4", "int4")."""
+    if fmt == "int4":
+        return (jnp.round(jnp.clip(scaled, -1, 1) * np.float32(7)) + 8).astype(jnp.uint8)
+    # torch.bucketize(scaled, bounds): the number of the 15 sorted bounds strictly below, found by a binary
+    # search of four compares against selected bounds (fewer operations than 15 compares, all elementwise).
+    bounds = [np.float32(b) for b in codebooks.sorted_bounds(fmt)]
+    above = []  # the search's answers, most significant first
+    for step in (8, 4, 2, 1):
+        above.append(scaled > _pick(above[:], [bounds[base + step - 1] for base in range(0, 16, 2 * step)]))
+    codes = functools.reduce(lambda acc, bit: (acc << 1) | bit.astype(jnp.uint8), above, jnp.uint8(0))
+    if fmt == "fp4":
+        codes = jnp.asarray(codebooks.FP4_SORT_ORDER)[codes.astype(jnp.int32)]
+    return codes
+
+
+def _pick(bits: list[jax.Array], values: list) -> jax.Array:
+    """`values[n]` where `n` is the binary number `bits` (most significant first) form, by nested selects."""
+    if not bits:
+        return values[0]
+    half = len(values) // 2
+    return jnp.where(bits[0], _pick(bits[1:], values[half:]), _pick(bits[1:], values[:half]))
+
+
 def _encode(scaled: jax.Array, fmt: str) -> jax.Array:
     """Codes of `scaled [..., L]` in [-1, 1]; 4-bit codes packed two per byte."""
     if fmt == "int8":
-        return jnp.round(scaled * np.float32(127)).astype(jnp.int8)
-    if fmt == "int4":
-        codes = (jnp.round(scaled * np.float32(7)) + 8).astype(jnp.uint8)
-    else:
-        # torch.bucketize(scaled, bounds): the number of bounds strictly below.
-        # Unrolled compares fuse into one elementwise loop.
-        codes = jnp.zeros(scaled.shape, jnp.uint8)
-        for bound in codebooks.sorted_bounds(fmt):
-            codes = codes + (scaled > bound).astype(jnp.uint8)
-        if fmt == "fp4":
-            codes = jnp.asarray(codebooks.FP4_SORT_ORDER)[codes.astype(jnp.int32)]
+        return jnp.round(jnp.clip(scaled, -1, 1) * np.float32(127)).astype(jnp.int8)
+    codes = _nibbles(scaled, fmt)
     pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
     return (pairs[..., 0] << 4) | pairs[..., 1]
 
@@ -443,7 +519,7 @@ def _quantize_flat(bits: jax.Array, dtype: np.dtype, fmt: str, block_size: int) 
     n_full = n // block_size
     codes, absmax = [], []
     if n_full:
-        rows = lambda start, size: _bits_to_float32(lax.dynamic_slice_in_dim(  # noqa: E731
+        rows = lambda start, size: _bits_as(lax.dynamic_slice_in_dim(  # noqa: E731
             bits, start * block_size, size * block_size).reshape(size, block_size), dtype)
         c, a = _map_rows(rows, n_full, block_size, functools.partial(_quantize_rows, fmt=fmt, block_size=block_size))
         codes.append(c.reshape(-1))
