@@ -225,9 +225,9 @@ def test_merged_checkpoint_loads_in_transformers(tmp_path):
 def test_chunked_streaming_quantization_is_bit_identical(tmp_path, monkeypatch, double_quant):
     """The loader quantizes big weights a few rows at a time and double-quantizes all
     scales at the end; forced here onto a tiny checkpoint (8 rows per chunk)."""
-    from qlora_jax._src.models import loading
+    from qlora_jax._src.formats import blockwise
 
-    monkeypatch.setattr(loading, "_CHUNK_ELEMENTS", 8 * 192)
+    monkeypatch.setattr(blockwise, "_STREAM_CHUNK_ELEMENTS", 8 * 192)
     path, hf = make_checkpoint(tmp_path, "llama-gqa-untied", intermediate_size=640)  # 640 / 8: 80 chunks
     model = models.from_pretrained(path, quant=qj.QuantConfig(double_quant=double_quant))
     for name in ("down_proj", "up_proj"):
@@ -241,11 +241,11 @@ def test_chunked_streaming_quantization_is_bit_identical(tmp_path, monkeypatch, 
 
 
 def test_non_finite_value_in_a_chunked_weight_names_file_tensor_and_rows(tmp_path, monkeypatch):
-    """The chunked loader counts non-finite values inside its quantize program; the error names where they are."""
-    from qlora_jax._src.models import loading
+    """The chunked loader flags non-finite values inside its quantize program; the error names where they are."""
+    from qlora_jax._src.formats import blockwise
     from qlora_jax._src.models.safetensors_io import save_safetensors
 
-    monkeypatch.setattr(loading, "_CHUNK_ELEMENTS", 8 * 64)
+    monkeypatch.setattr(blockwise, "_STREAM_CHUNK_ELEMENTS", 8 * 64)
     path, _ = make_checkpoint(tmp_path, "llama-gqa-untied", intermediate_size=640)
     reader = SafetensorsReader(path)
     tensors = {name: reader[name] for name in reader}
@@ -253,6 +253,6 @@ def test_non_finite_value_in_a_chunked_weight_names_file_tensor_and_rows(tmp_pat
     tensors[name][21, 5] = np.nan
     file = reader.file_of(name)
     save_safetensors(file, tensors, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=rf"{file.name}: tensor '{name}' rows 16:24: x: contains 1 non-finite "
+    with pytest.raises(ValueError, match=rf"{file.name}: tensor '{name}': rows 16:24: x: contains 1 non-finite "
                                          r"value\(s\).*nan at index \(5, 5\)"):
         models.from_pretrained(path, quant=qj.QuantConfig())

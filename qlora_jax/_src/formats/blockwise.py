@@ -14,9 +14,11 @@ fraction of the kernel's size.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +28,14 @@ from jax import lax
 from qlora_jax._src.formats import codebooks
 from qlora_jax._src.formats.qarray import BLOCK_SIZES, FORMATS, NESTED_BLOCK_SIZE, QuantizedArray
 
-__all__ = ["quantize", "dequantize", "dequantize_absmax"]
+__all__ = ["quantize", "quantize_streaming", "dequantize", "dequantize_absmax"]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 # Rows are quantized in chunks of about this many elements (16 MiB of float32).
 _CHUNK_ELEMENTS = 1 << 20
+# `quantize_streaming` reads and quantizes rows in chunks of about this many elements (8 MiB of bfloat16): one
+# chunk's input and codes stay in a core's cache, and a call does enough work to hide its dispatch.
+_STREAM_CHUNK_ELEMENTS = 1 << 22
 # Above 2**126 the float32 reciprocal 1/absmax is subnormal, which XLA on CPU
 # flushes to zero; such blocks divide instead of multiplying by the reciprocal.
 _RECIPROCAL_LIMIT = np.float32(2.0**126)
@@ -105,6 +110,125 @@ def quantize(
     if not isinstance(x, jax.core.Tracer):
         _check_finite(x)
     return _quantize_jit(x, fmt, block_size, bool(double_quant), axes)
+
+
+def quantize_streaming(
+    rows: Any,
+    fmt: str,
+    block_size: int = 64,
+    double_quant: bool = False,
+    *,
+    as_kernel: bool = False,
+    chunk_elements: int | None = None,
+) -> QuantizedArray:
+    """Quantizes a matrix in storage order `[out, in]` a chunk of rows at a time (eagerly).
+
+    `rows` is anything with `shape` (2-D), `dtype` and row slicing
+    `rows[start:stop]` that returns an array: a NumPy or JAX array, a memory
+    map, or a lazy reader of a checkpoint tensor. Blocks run along each row
+    (`in`, e.g. a PyTorch weight `[out, in]`). Chunks of about `chunk_elements`
+    are fetched one after the other and quantized by one jitted program each
+    (dispatched asynchronously, so the next chunk is fetched while the last one
+    is quantized); only a few chunks of full-precision rows are alive at a
+    time, and the scales are double-quantized once all chunks are in. The
+    result is bit for bit `quantize(rows[:], ..., contract_axes=(1,))`. When
+    `in` is not a multiple of `block_size`, blocks straddle rows and the
+    matrix is quantized whole.
+
+    Args:
+        rows: The matrix `[out, in]`, float32, bfloat16 or float16.
+        fmt: "nf4", "fp4", "int4" or "int8".
+        block_size: Elements per block (as `quantize`).
+        double_quant: Also quantize the per-block absmax (as `quantize`).
+        as_kernel: Return the Flax kernel `rows.T` (`[in, out]`, contract_axes
+            `(0,)`), whose storage is the same bytes; else `rows` itself
+            (`[out, in]`, contract_axes `(1,)`).
+        chunk_elements: Elements per chunk (whole rows; at least one row);
+            default about 4M.
+
+    Returns:
+        A `QuantizedArray`.
+
+    Raises:
+        ValueError: As `quantize`; non-finite values name the chunk's rows
+            (`"rows 16:24: x: contains 1 non-finite value(s) ..."`, the index
+            counted within the chunk).
+
+    Example:
+        >>> import jax, numpy as np, qlora_jax as qj
+        >>> from qlora_jax._src.formats.blockwise import quantize_streaming
+        >>> weight = np.random.default_rng(0).standard_normal((96, 128), np.float32)  # PyTorch [out, in]
+        >>> q = quantize_streaming(weight, "nf4", 64, double_quant=True, as_kernel=True, chunk_elements=4096)
+        >>> q.shape, q.contract_axes
+        ((128, 96), (0,))
+        >>> ref = qj.quantize(weight.T, "nf4", 64, double_quant=True)
+        >>> all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(ref)))
+        True
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt: unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
+    if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
+        raise ValueError(f"block_size: {block_size!r} is not supported; expected one of {BLOCK_SIZES}")
+    if len(rows.shape) != 2:
+        raise ValueError(f"rows: expected a matrix [out, in], got shape {tuple(rows.shape)}")
+    dtype = np.dtype(rows.dtype)
+    if dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"rows: dtype {dtype} cannot be quantized; expected float32, bfloat16 or float16")
+    n_rows, length = (int(d) for d in rows.shape)
+    if n_rows * length == 0:
+        raise ValueError(f"rows: shape {(n_rows, length)} has no elements to quantize")
+
+    def relabel(q: QuantizedArray) -> QuantizedArray:
+        return dataclasses.replace(q, shape=(length, n_rows), contract_axes=(0,)) if as_kernel else q
+
+    if length % block_size:  # blocks straddle rows: the whole matrix at once
+        return relabel(quantize(rows[0:n_rows], fmt, block_size, double_quant, contract_axes=(1,)))
+    step = max(1, (chunk_elements or _STREAM_CHUNK_ELEMENTS) // length)
+    # 16-bit NumPy rows go in as their 32-bit words (a view), which the kernel reads without reformatting.
+    words = dtype.itemsize == 2 and fmt != "int8"
+    chunks, outputs = [], []
+    for start in range(0, n_rows, step):
+        stop = min(start + step, n_rows)
+        chunk = rows[start:stop]
+        if words and isinstance(chunk, np.ndarray):
+            chunk = np.ascontiguousarray(chunk).view(np.uint32)
+        if len(outputs) >= 2:  # at most two chunks queued behind the running one
+            jax.block_until_ready(outputs[-2])
+        outputs.append(_quantize_chunk(chunk, fmt, block_size, dtype))
+        chunks.append((start, stop))
+        del chunk
+    codes, absmax, nested_absmax, nested_offset, bad = _assemble(outputs, double_quant)
+    del outputs
+    if bad.any():  # `quantize` on the first chunk with non-finite values says which and where
+        start, stop = chunks[int(np.argmax(np.asarray(bad)))]
+        try:
+            quantize(rows[start:stop], fmt, block_size, contract_axes=(1,))
+        except ValueError as e:
+            raise ValueError(f"rows {start}:{stop}: {e}") from None
+    return relabel(QuantizedArray(codes=codes, absmax=absmax, nested_absmax=nested_absmax,
+                                  nested_offset=nested_offset, fmt=fmt, block_size=block_size,
+                                  shape=(n_rows, length), dtype=dtype, contract_axes=(1,)))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_chunk(rows: jax.Array, fmt: str, block_size: int, dtype: np.dtype
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`quantize_streaming`'s program per chunk: codes, float32 absmax and whether a block is not finite."""
+    codes, absmax = _quantize_rows(rows, fmt=fmt, block_size=block_size, dtype=dtype)
+    return codes, absmax, jnp.any(~jnp.isfinite(absmax))  # a NaN or Inf makes its block's absmax one
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _assemble(outputs: list, double_quant: bool):
+    """The chunks' codes and absmax concatenated, the absmax double-quantized, and each chunk's non-finite flag."""
+    codes = jnp.concatenate([c for c, _, _ in outputs])
+    absmax = jnp.concatenate([a for _, a, _ in outputs])
+    bad = jnp.stack([b for _, _, b in outputs])
+    nested_absmax = nested_offset = None
+    if double_quant:
+        flat_codes, nested_absmax, nested_offset = _double_quantize(absmax.reshape(-1))
+        absmax = flat_codes.reshape(absmax.shape)
+    return codes, absmax, nested_absmax, nested_offset, bad
 
 
 def dequantize(q: QuantizedArray, dtype: jnp.dtype | None = None) -> jax.Array:
@@ -383,8 +507,14 @@ def _map_rows(rows, n_rows: int, row_len: int, fn):
     return jax.tree.map(lambda *a: jnp.concatenate(a, axis=0), *parts)
 
 
-def _quantize_rows(rows: jax.Array, *, fmt: str, block_size: int) -> tuple[jax.Array, jax.Array]:
+def _quantize_rows(rows: jax.Array, *, fmt: str, block_size: int, dtype: np.dtype | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
     """Quantizes `rows [r, L]` (float32, bfloat16 or float16; L a multiple of the block size).
+
+    16-bit rows may also come as `uint32` words `[r, L // 2]` holding two
+    elements each (a free view of the row bytes, e.g. NumPy's `.view(np.uint32)`),
+    with `dtype` naming the 16-bit type; the kernel then reads them without a
+    reformatting copy.
 
     Returns codes `[r, L // 2]` (4-bit, packed) or `[r, L]` (int8) and float32
     absmax `[r, L // block_size]`.
@@ -396,18 +526,28 @@ def _quantize_rows(rows: jax.Array, *, fmt: str, block_size: int) -> tuple[jax.A
     `2i` and `2i + 1` of one array does not vectorize. The common case (no
     absmax above `_RECIPROCAL_LIMIT`) runs without the division path.
     """
-    r, length = rows.shape
+    if rows.dtype == jnp.uint32:
+        rows_dtype = np.dtype(dtype)
+        r, length = rows.shape[0], 2 * rows.shape[1]
+    else:
+        rows_dtype = np.dtype(rows.dtype)
+        r, length = rows.shape
     n_blocks = length // block_size
     if fmt == "int8":
-        x = rows.astype(jnp.float32).reshape(r, n_blocks, block_size)
-        absmax = _block_absmax(x)
-        codes = lax.cond(jnp.any(absmax > _RECIPROCAL_LIMIT), lambda: _scale(x, absmax, fmt, divide=True),
-                         lambda: _scale(x, absmax, fmt, divide=False))
-        return jnp.round(codes * np.float32(127)).astype(jnp.int8).reshape(r, length), absmax
-    even, odd = _even_odd(rows, block_size)  # [r, L // bs, bs // 2] each, float32
-    absmax = _block_absmax(even, odd)  # [r, L // bs]
+        if rows.dtype == jnp.uint32:
+            rows = lax.bitcast_convert_type(rows, jnp.uint16).reshape(r, length)
+            rows = lax.bitcast_convert_type(rows, rows_dtype)
+        blocks = lambda: rows.astype(jnp.float32).reshape(r, n_blocks, block_size)  # noqa: E731
+        absmax = _block_absmax(blocks())
+        codes = lax.cond(jnp.any(absmax > _RECIPROCAL_LIMIT),
+                         lambda: _encode(_scale(blocks(), absmax, fmt, divide=True), fmt),
+                         lambda: _encode(_scale(blocks(), absmax, fmt, divide=False), fmt))
+        return codes.reshape(r, length), absmax
+    absmax = _block_absmax(*_even_odd(rows, block_size, rows_dtype))  # [r, L // bs]
 
     def encode(divide: bool) -> jax.Array:
+        # The halves are formed inside each branch: as operands of the conditional they would be materialized.
+        even, odd = _even_odd(rows, block_size, rows_dtype)  # [r, L // bs, bs // 2] each, float32
         high, low = (_nibbles(_scale(v, absmax, fmt, divide=divide), fmt) for v in (even, odd))
         return ((high << 4) | low).reshape(r, length // 2)
 
@@ -415,21 +555,26 @@ def _quantize_rows(rows: jax.Array, *, fmt: str, block_size: int) -> tuple[jax.A
     return codes, absmax
 
 
-def _even_odd(rows: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
-    """The even and odd elements of `rows [r, L]` per block, each float32 `[r, L // bs, bs // 2]`.
+def _even_odd(rows: jax.Array, block_size: int, dtype: np.dtype) -> tuple[jax.Array, jax.Array]:
+    """The even and odd elements of `rows` per block, each float32 `[r, L // bs, bs // 2]`.
 
-    16-bit rows are read as 32-bit words (one even and one odd element each,
-    the even one in the low half), so both halves come from contiguous loads.
+    `rows` as `_quantize_rows` takes them: `[r, L]` of `dtype`, or 16-bit
+    floats as `uint32` words `[r, L // 2]`. 16-bit rows are read as 32-bit
+    words (one even and one odd element each, the even one in the low half),
+    so both halves come from contiguous loads.
     """
-    r, length = rows.shape
+    r = rows.shape[0]
+    length = rows.shape[1] * (2 if rows.dtype == jnp.uint32 else 1)
     shape = (r, length // block_size, block_size // 2)
-    if rows.dtype.itemsize == 2:
-        words = lax.bitcast_convert_type(rows.reshape(r, length // 2, 2), jnp.uint32).reshape(shape)
-        if rows.dtype == jnp.bfloat16:  # bfloat16 -> float32 is a 16-bit shift of the bits
+    if dtype.itemsize == 2:
+        if rows.dtype != jnp.uint32:
+            rows = lax.bitcast_convert_type(rows.reshape(r, length // 2, 2), jnp.uint32)
+        words = rows.reshape(shape)
+        if dtype == jnp.bfloat16:  # bfloat16 -> float32 is a 16-bit shift of the bits
             return (lax.bitcast_convert_type(words << 16, jnp.float32),
                     lax.bitcast_convert_type(words & np.uint32(0xFFFF0000), jnp.float32))
         halves = ((words & np.uint32(0xFFFF)).astype(jnp.uint16), (words >> 16).astype(jnp.uint16))
-        return tuple(lax.bitcast_convert_type(h, rows.dtype).astype(jnp.float32) for h in halves)
+        return tuple(lax.bitcast_convert_type(h, dtype).astype(jnp.float32) for h in halves)
     pairs = rows.astype(jnp.float32).reshape(*shape, 2)
     return pairs[..., 0], pairs[..., 1]
 

@@ -23,13 +23,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from qlora_jax._src.formats.blockwise import _double_quantize, _quantize_rows, quantize
+from qlora_jax._src.formats.blockwise import quantize_streaming
 from qlora_jax._src.formats.bnb import from_bnb
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.models.safetensors_io import DTYPES, SafetensorsReader
-from qlora_jax._src.runtime import returning_freed_memory
 from qlora_jax._src.surgery.apply import apply_qlora
 from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 
@@ -164,9 +163,8 @@ def from_pretrained(
     config = load_config(path)
     directory = _local_dir(path)
     reader = SafetensorsReader(directory)
-    with returning_freed_memory():
-        return _load(config, directory, reader, quant=quant, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                     remat=remat, rngs=rngs, progress=progress)
+    return _load(config, directory, reader, quant=quant, lora=lora, dtype=dtype, param_dtype=param_dtype,
+                 remat=remat, rngs=rngs, progress=progress)
 
 
 def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, quant: QuantConfig | None,
@@ -344,64 +342,26 @@ def _read_quantized(reader: SafetensorsReader, name: str, quant: QuantConfig, fr
             return from_bnb(state)
         except ValueError as e:
             raise ValueError(f"{reader.file_of(name)}: tensor {name!r}: {e}") from None
-    out_features, in_features = reader.shape(name)
-    if in_features % quant.block_size:  # blocks straddle rows: quantize the tensor whole
-        chunks = [(0, out_features)]
-    else:  # rows hold whole blocks: quantize ~1M elements at a time, then double-quantize all scales
-        step = max(1, _CHUNK_ELEMENTS // in_features)
-        chunks = [(i, min(i + step, out_features)) for i in range(0, out_features, step)]
-    if len(chunks) == 1:
-        rows = reader.rows(name, 0, out_features)
-        try:
-            q = quantize(rows, quant.fmt, quant.block_size, quant.double_quant, contract_axes=(1,))
-        except ValueError as e:  # e.g. NaN/Inf values
-            raise ValueError(f"{reader.file_of(name)}: tensor {name!r}: {e}") from None
-        return dataclasses.replace(q, shape=(in_features, out_features), contract_axes=(0,))
-    # Quantizing the PyTorch weight [out, in] along its input axis gives the bytes of the Flax kernel [in, out]
-    # (the same storage order), no transpose. Each chunk's codes and scales go into host buffers; non-finite
-    # values are counted inside the same program and reported once per tensor (with the first one's index).
-    codes = absmax = None
-    bad = []
-    pending = None  # the previous chunk, quantizing (dispatched asynchronously) while the next one is read
-    for chunk in [*chunks, None]:
-        rows = None if chunk is None else reader.rows(name, *chunk)
-        if pending is not None:
-            (p_start, p_stop), (c, a, n_bad) = pending
-            if codes is None:
-                codes = np.empty((out_features, c.shape[1]), c.dtype)
-                absmax = np.empty((out_features, a.shape[1]), a.dtype)
-            codes[p_start:p_stop], absmax[p_start:p_stop] = c, a
-            bad.append((p_start, p_stop, n_bad))
-        pending = None if rows is None else (chunk, _quantize_chunk(rows, quant.fmt, quant.block_size))
-        del rows
-    for start, stop, n_bad in bad:
-        if int(n_bad):
-            try:
-                quantize(reader.rows(name, start, stop), quant.fmt, quant.block_size, contract_axes=(1,))
-            except ValueError as e:
-                raise ValueError(f"{reader.file_of(name)}: tensor {name!r} rows {start}:{stop}: {e}") from None
-    q = QuantizedArray(codes=jnp.asarray(codes), absmax=jnp.asarray(absmax), nested_absmax=None, nested_offset=None,
-                       fmt=quant.fmt, block_size=quant.block_size, shape=(out_features, in_features),
-                       dtype=DTYPES[reader.dtype_name(name)], contract_axes=(1,))
-    if quant.double_quant:
-        absmax_codes, nested_absmax, nested_offset = jax.jit(_double_quantize)(q.absmax.reshape(-1))
-        q = dataclasses.replace(q, absmax=absmax_codes.reshape(q.absmax.shape), nested_absmax=nested_absmax,
-                                nested_offset=nested_offset)
-    return dataclasses.replace(q, shape=(in_features, out_features), contract_axes=(0,))
+    try:
+        return quantize_streaming(_TensorRows(reader, name), quant.fmt, quant.block_size, quant.double_quant,
+                                  as_kernel=True)
+    except ValueError as e:  # e.g. NaN/Inf values
+        raise ValueError(f"{reader.file_of(name)}: tensor {name!r}: {e}") from None
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _quantize_chunk(rows: jax.Array, fmt: str, block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Rows `[r, in]` quantized along `in` (codes, float32 absmax) and their count of non-finite values.
+class _TensorRows:
+    """A checkpoint tensor `[out, in]` whose rows are read from its file when sliced (`quantize_streaming`'s
+    input). Quantizing the PyTorch weight along its input axis gives the bytes of the Flax kernel `[in, out]`
+    (the same storage order), no transpose."""
 
-    The rows are already in storage order (`in` a multiple of the block size), so `quantize`'s own layout
-    handling is not needed: its row kernel runs on them directly.
-    """
-    codes, absmax = _quantize_rows(rows.astype(jnp.float32), fmt=fmt, block_size=block_size)
-    return codes, absmax, jnp.sum(~jnp.isfinite(rows), dtype=jnp.int32)
+    def __init__(self, reader: SafetensorsReader, name: str):
+        self.reader, self.name = reader, name
+        self.shape = reader.shape(name)
+        self.dtype = DTYPES[reader.dtype_name(name)]
 
-
-_CHUNK_ELEMENTS = 1 << 20
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.reader.rows(self.name, start, stop)
 
 
 def _is_bnb_aux(name: str) -> bool:
