@@ -14,24 +14,21 @@ after the first reuses the pages of the ones before (now and then one still
 faults its temporaries in afresh: about 1 step in 15 on an idle 2-core VM).
 
 Both settings are process-wide: other libraries in the process (PyTorch)
-allocate the same way while they hold. The model loader
-(`qlora_jax.models.from_pretrained`) suspends the malloc part while it
-streams a checkpoint, so that freed full-precision tensors still go back to
-the OS, and restores it when it returns.
+allocate the same way while they hold. They are the application's choice
+(the `qlora-jax` command opts in); no library function calls `mallopt` or
+changes JAX's flags.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import dataclasses
 import importlib.util
 import os
 import pkgutil
-from collections.abc import Iterator
 
 import jax
-from jax._src import xla_bridge
+import jax.numpy as jnp
 
 __all__ = ["CpuRuntime", "configure_cpu"]
 
@@ -96,12 +93,13 @@ def configure_cpu(*, synchronous: bool = True, keep_freed_memory: bool = True) -
     """
     global _keeping_freed_memory
     if synchronous and jax.config.values[_ASYNC_FLAG]:
-        if xla_bridge.backends_are_initialized():
+        jax.config.update(_ASYNC_FLAG, False)
+        if not _dispatch_is_synchronous():  # the client existed already, created with asynchronous dispatch
+            jax.config.update(_ASYNC_FLAG, True)
             raise RuntimeError(
                 "configure_cpu(synchronous=True): JAX's backends already exist (created by the first JAX "
                 f"computation) with {_ASYNC_FLAG}=True, which a running client does not change; call "
                 "qlora_jax.configure_cpu() before any JAX computation, or pass synchronous=False")
-        jax.config.update(_ASYNC_FLAG, False)
     kept = False
     if keep_freed_memory and (libc := _glibc()) is not None:
         kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
@@ -109,49 +107,14 @@ def configure_cpu(*, synchronous: bool = True, keep_freed_memory: bool = True) -
     return CpuRuntime(synchronous=not jax.config.values[_ASYNC_FLAG], keep_freed_memory=kept)
 
 
-@contextlib.contextmanager
-def returning_freed_memory() -> Iterator[None]:
-    """While the body runs, glibc maps allocations of 1 MiB and more and unmaps them when freed.
-
-    For streaming a checkpoint tensor by tensor: glibc's default raises the
-    mmap threshold up to 32 MiB as buffers are freed, after which
-    tensor-sized buffers come from the heap and stay resident once freed, and
-    the process would grow by several hundred MiB. On the way out: what
-    `configure_cpu` set, if it kept freed memory; otherwise the thresholds
-    glibc's own adaptive ones reach (32 MiB mmap, 64 MiB trim), so that a
-    later computation (a PyTorch step in the same process: +30% time at
-    1 MiB) reuses its buffers. glibc has no call to read the previous values
-    back. A no-op outside glibc or where `GLIBC_TUNABLES` sets malloc
-    parameters.
-
-    Example:
-        >>> from qlora_jax._src.runtime import returning_freed_memory
-        >>> with returning_freed_memory():
-        ...     pass
-    """
-    libc = _glibc()
-    if libc is not None:
-        if _keeping_freed_memory:  # configure_cpu turned mmap off
-            libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
-            if _keeping_freed_memory:
-                libc.mallopt(_M_MMAP_MAX, 0)
-                libc.mallopt(_M_TRIM_THRESHOLD, -1)
-            else:
-                libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
-
-
 def configure_cpu_for_command() -> CpuRuntime | None:
     """`configure_cpu()` for a command line run: only where JAX will compute on the CPU and has not started yet.
 
     JAX runs on the CPU when `jax_platforms` (`JAX_PLATFORMS`) names only
     "cpu", or when it is unset and no GPU/TPU plugin is installed
-    (`jax_plugins.*`, `libtpu`). Creates no backend.
+    (`jax_plugins.*`, `libtpu`). Where it calls `configure_cpu`, the CPU
+    backend is created (it checks the dispatch mode by running a small
+    computation).
 
     Returns:
         What `configure_cpu` set, or None where it was not called.
@@ -161,8 +124,6 @@ def configure_cpu_for_command() -> CpuRuntime | None:
         >>> configure_cpu_for_command() is None  # this process has computed already  # doctest: +SKIP
         True
     """
-    if xla_bridge.backends_are_initialized():
-        return None
     platforms = {p.strip() for p in (jax.config.values.get("jax_platforms") or "").split(",") if p.strip()}
     if platforms:
         cpu_only = platforms == {"cpu"}
@@ -174,7 +135,25 @@ def configure_cpu_for_command() -> CpuRuntime | None:
         except ImportError:
             plugins = []
         cpu_only = not plugins and importlib.util.find_spec("libtpu") is None
-    return configure_cpu() if cpu_only else None
+    if not cpu_only:
+        return None
+    try:
+        return configure_cpu()
+    except RuntimeError:  # JAX computed already, with asynchronous dispatch
+        return None
+
+
+def _dispatch_is_synchronous() -> bool:
+    """Whether jitted CPU calls return only once computed: a call of some milliseconds is checked for readiness
+    right after it returns (JAX has no public query of whether its backends exist; this creates them, with the
+    dispatch mode the flag has now, where they did not)."""
+    def work(x):
+        return jax.lax.fori_loop(0, 16, lambda _, y: jnp.tanh(y @ y), x)
+
+    y = jax.jit(work)(jnp.full((384, 384), 0.01, jnp.float32))
+    ready = y.is_ready()
+    y.block_until_ready()
+    return ready
 
 
 def trim_heap() -> None:
