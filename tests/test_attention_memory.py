@@ -1,5 +1,6 @@
-"""`attention`'s memory-efficient backward pass: values and gradients against a float64 NumPy softmax
-attention, and the compiled gradient's temporaries against the whole `[heads, s, s]` probabilities."""
+"""`attention` in tiles (FlashAttention): values and gradients against a float64 NumPy softmax attention (dense
+masks and `AttentionMask`s, tiles skipped or not), and the compiled gradient's temporaries against the whole
+`[heads, s, s]` probabilities."""
 
 import jax
 import jax.numpy as jnp
@@ -33,17 +34,18 @@ def reference(q, k, v, mask, grad_out):
     return out, dq, kv_sum(dk), kv_sum(dv)
 
 
-def check(q, k, v, mask, causal, rtol=2e-5):
+def check(q, k, v, mask, causal, rtol=2e-5, dense=None):
     rng = np.random.default_rng(1)
     b, sq, heads, d = q.shape
     grad_out = jnp.asarray(rng.normal(size=(b, sq, heads * d)), q.dtype)
 
     def loss(q, k, v):
-        out = llama.attention(q, k, v, mask, causal=causal)
+        out = llama.attention(q, k, v, mask, causal=causal) if causal else llama.attention(q, k, v, mask)
         return jnp.sum(out * grad_out), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    want = reference(q, k, v, mask, np.asarray(grad_out, np.float64).reshape(b, sq, heads, d))
+    grad_out64 = np.asarray(grad_out, np.float64).reshape(b, sq, heads, d)
+    want = reference(q, k, v, mask if dense is None else dense, grad_out64)
     for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), want, strict=True):
         got = np.asarray(got, np.float64).reshape(ref.shape)
         err = np.abs(got - ref).max() / (np.abs(ref).max() or 1.0)  # dq = 0 with a single key
@@ -80,15 +82,52 @@ def test_causal_with_padding_and_segments_matches_float64():
     check(q, k, v, mask, causal=True)
 
 
-def test_many_blocks_match_float64(monkeypatch):
-    """Blocks of at most 16 queries: 19 blocks of the causal mask, 5 of a non-causal one."""
-    monkeypatch.setattr(llama, "_LARGEST_QUERY_BLOCK", 16)
-    assert len(llama._query_blocks(300, 300, causal=True)) == 19
+def test_many_tiles_match_float64(monkeypatch):
+    """Tiles of 16: 19 query tiles of a causal mask (each over its own key tiles), 5 x 6 of a non-causal one."""
+    monkeypatch.setattr(llama, "_BLOCK", 16)
+    monkeypatch.setattr(llama, "_MIN_BLOCK", 8)
+    assert llama._Tiling(300, 300, True).nq == 19
     q, k, v = inputs(300)
     check(q, k, v, causal_mask(300, batch=2), causal=True)
     q, k, v = inputs(70, sk=90)
     check(q, k, v, jnp.asarray(np.random.default_rng(2).random((2, 70, 90)) < 0.3) | jnp.eye(70, 90, dtype=bool)[None],
           causal=False)
+
+
+def test_attention_mask_matches_its_dense_mask(monkeypatch):
+    """An `AttentionMask` (padding, packed segments, sliding window) gives the attention of its dense mask,
+    tile by tile with the tiles before the window skipped."""
+    monkeypatch.setattr(llama, "_BLOCK", 32)
+    monkeypatch.setattr(llama, "_MIN_BLOCK", 8)
+    seq = 250
+    key_valid = np.ones((2, seq), bool)
+    key_valid[0, -40:] = False  # right padding: padded queries still see the real keys in their window
+    segments = np.zeros((2, seq), np.int32)
+    segments[1, 100:] = 1
+    mask = llama.AttentionMask(key_valid=jnp.asarray(key_valid),
+                               query_segments=jnp.asarray(segments), key_segments=jnp.asarray(segments), window=70)
+    dense = mask.dense(seq, seq)
+    assert dense.shape == (2, seq, seq) and bool(dense.any(-1).all())
+    q, k, v = inputs(seq, heads=6, kv_heads=3)
+    check(q, k, v, mask, causal=False, dense=dense)
+
+
+@pytest.mark.parametrize(("sq", "sk", "offset", "window"), [
+    (300, 300, 0, None), (300, 300, 0, 50), (1, 700, 433, None), (5, 700, 600, 64), (40, 100, 60, 33),
+])
+def test_skipped_tiles_hold_no_visible_key(monkeypatch, sq, sk, offset, window):
+    """Every (query, key) pair the mask allows lies in a tile that the loops visit (and causal loops skip some)."""
+    monkeypatch.setattr(llama, "_BLOCK", 16)
+    monkeypatch.setattr(llama, "_MIN_BLOCK", 8)
+    mask = llama.AttentionMask(query_offset=offset, window=window)
+    dense = np.asarray(mask.dense(sq, sk))[0]
+    tiling = llama._Tiling(sq, sk, True)
+    visited = np.zeros((tiling.nq * tiling.bq, tiling.nk * tiling.bk), bool)
+    for i in range(tiling.nq):
+        first, stop = (int(x) for x in tiling.key_tiles(mask, i))
+        visited[i * tiling.bq:(i + 1) * tiling.bq, first * tiling.bk:stop * tiling.bk] = True
+    assert not (dense & ~visited[:sq, :sk]).any()
+    assert (~visited[:sq, :sk]).any() or sq < tiling.bq
 
 
 @pytest.mark.parametrize(("seq", "sk"), [(5, 700), (600, 600)])
@@ -104,26 +143,12 @@ def test_bfloat16_matches_float64():
     check(q, k, v, causal_mask(200, batch=2), causal=True, rtol=3e-2)
 
 
-@pytest.mark.parametrize(("seq", "causal", "sizes"), [
-    (100, True, {50}),  # at most 8 blocks of at least 64 queries, as the sequence allows
-    (4096, True, {512}),
-    (8192, True, {512}),  # blocks of at most _LARGEST_QUERY_BLOCK
-    (1000, False, {500}),
-    (100, False, {100}),
-])
-def test_query_blocks_cover_the_queries(seq, causal, sizes):
-    blocks = llama._query_blocks(seq, seq, causal)
-    assert [b[0] for b in blocks[1:]] == [b[1] for b in blocks[:-1]] and blocks[0][0] == 0 and blocks[-1][1] == seq
-    assert {stop - start for start, stop, _ in blocks} == sizes
-    assert all(keys == (stop if causal else seq) for _, stop, keys in blocks)
-
-
 def test_gradient_keeps_one_block_of_probabilities(monkeypatch):
     """The compiled gradient of attention over 2048 tokens in 32 blocks of 64 queries needs less than a quarter
     of the float32 probabilities of all heads, which a backward pass that keeps them holds (autodiff of a
     plain softmax attention: checked too, so that the bound can fail). The blocks run one after the other,
     and the backward pass's recomputed scores are not merged with the forward pass's."""
-    monkeypatch.setattr(llama, "_LARGEST_QUERY_BLOCK", 64)
+    monkeypatch.setattr(llama, "_BLOCK", 64)
     seq, heads, kv_heads, d = 2048, 4, 2, 32
     q = jax.ShapeDtypeStruct((1, seq, heads, d), jnp.float32)
     k = jax.ShapeDtypeStruct((1, seq, kv_heads, d), jnp.float32)

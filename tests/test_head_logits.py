@@ -43,6 +43,7 @@ def test_head_logits_and_gradients_match_float64(monkeypatch, vocab_axis):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_causal_lm_with_16_bit_head_keeps_no_float32_copy_of_it(tied):
+    """Float32 compute over a 16-bit model."""
     cfg = ModelConfig(vocab_size=32768, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4,
                       num_kv_heads=4, tie_word_embeddings=tied)
 
@@ -68,3 +69,29 @@ def test_causal_lm_with_16_bit_head_keeps_no_float32_copy_of_it(tied):
     np.testing.assert_allclose(model(ids), reference(ids), rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(grad(model)), jax.tree.leaves(grad(reference)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bfloat16_compute_on_the_cpu_converts_the_head_a_chunk_at_a_time(tied):
+    """On the CPU, XLA computes a bfloat16 product in float32 and would convert the whole 16-bit head for it:
+    the model's logits of bfloat16 hidden states are the float32 product (against float64), and the compiled
+    gradient holds no float32 copy of the head."""
+    assert jax.default_backend() == "cpu"
+    cfg = ModelConfig(vocab_size=32768, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4,
+                      num_kv_heads=4, tie_word_embeddings=tied)
+    model = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    model = qj.apply_qlora(model, quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=2), rngs=nnx.Rngs(1))[0]
+    ids = np.arange(8, dtype=np.int32).reshape(1, 8)
+    h = model.hidden_states(ids)
+    assert h.dtype == jnp.bfloat16
+    kernel = model.embed_tokens.embedding[...].T if tied else model.lm_head.kernel[...]
+    want = np.asarray(h.astype(jnp.float32), np.float64) @ np.asarray(kernel.astype(jnp.float32), np.float64)
+    np.testing.assert_allclose(model.logits_from_hidden(h), want, rtol=1e-5, atol=1e-5)
+
+    def loss_fn(model):
+        logits = model(ids)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, (ids + 1) % cfg.vocab_size).mean()
+
+    grad = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam)))
+    temp = grad.lower(model).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 0.5 * cfg.vocab_size * cfg.hidden_size * 4, temp

@@ -82,7 +82,7 @@ def test_real_steps_do_not_grow_the_process_by_the_frozen_base(flavour):
     r = json.loads(result.stdout.strip().splitlines()[-1])
     growth = r["after"] - r["built"]  # compiled program, temporaries, and any copy of the base kept around
     if flavour == "nnx-jit-default":
-        assert growth > 1.5 * r["frozen"], r
+        assert growth > r["frozen"], r  # every step writes the whole model again, frozen base included
     else:
         assert growth < 0.9 * r["frozen"], r
         assert r["peak"] - r["before"] < 0.5 * r["frozen"], r

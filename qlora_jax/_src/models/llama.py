@@ -4,9 +4,13 @@ Module and parameter names follow the Hugging Face checkpoints
 (`model.layers.N.self_attn.q_proj` → `model.layers.self_attn.q_proj`,
 stacked over N), so LoRA targets read as in PEFT ("q_proj", "down_proj").
 The decoder layers are created with `nnx.vmap` (every variable gets a leading
-layer axis) and run with `nnx.scan` under `nnx.remat`: with `remat=True` a
-layer keeps only its input for the backward pass, otherwise its products'
-outputs, attention softmax statistics and residual stream (`_KEEP`); linear
+layer axis); with `remat=True` they run in `remat_layers` (a scan whose
+backward pass recomputes each layer from its kept input), otherwise with
+`nnx.scan` under `nnx.remat` keeping their products' outputs, attention
+softmax statistics and residual stream (`_KEEP`). Attention works in tiles
+(FlashAttention) from per-token masks (`AttentionMask`), and the MLP over
+chunks of tokens, so a long sequence's step holds neither `[s, s]` nor
+`[s, intermediate]` arrays of all tokens; linear
 layers are plain `nnx.Linear` until `apply_qlora` (or the loader) replaces
 them. Numerics follow `transformers`' eager implementation: RMSNorm in
 float32, RoPE with rotate-half, softmax in float32.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +30,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax._src.models.config import ModelConfig
 
-__all__ = ["CausalLM", "KVCache", "RMSNorm", "causal_mask"]
+__all__ = ["AttentionMask", "CausalLM", "KVCache", "RMSNorm", "causal_mask"]
 
 
 class RMSNorm(nnx.Module):
@@ -52,8 +57,8 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE (and Qwen3's q/k norms).
 
-    Called without a cache, the mask must be causal (as `causal_mask` makes
-    it): `attention` then skips the keys after each block of queries.
+    `mask` is an `AttentionMask` (or a dense `[batch, s, keys]` array); with
+    a cache, the keys are the cache's.
     """
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
@@ -84,7 +89,7 @@ class Attention(nnx.Module):
             cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
             cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        out = checkpoint_name(attention(q, k, v, mask, causal=cache is None), "attn_out")  # [b, s, heads * head_dim]
+        out = attention(q, k, v, mask)  # [b, s, heads * head_dim]
         if cache is not None:
             return self.o_proj(out), (cache_k, cache_v)
         return self.o_proj(out)
@@ -104,141 +109,312 @@ _KEPT = ("proj_q", "proj_k", "attn_q", "attn_k", "attn_v", "attn_stats", "attn_o
 _KEEP = jax.checkpoint_policies.save_only_these_names(*_KEPT)
 
 
-# Queries per block of attention (see `attention`): causal self-attention is cut into at least
-# `_MAX_QUERY_BLOCKS` blocks of at least `_QUERY_BLOCK` queries where the sequence allows, and every
-# attention into blocks of at most `_LARGEST_QUERY_BLOCK` queries, which bounds one block's scores.
-_QUERY_BLOCK = 64
-_MAX_QUERY_BLOCKS = 8
-_LARGEST_QUERY_BLOCK = 512
+# Attention is computed in tiles of at most `_BLOCK` queries by `_BLOCK` keys (see `attention`); shorter
+# sequences get tiles of a quarter of their length, but not under `_MIN_BLOCK` (nor a tile longer than the
+# sequence).
+_BLOCK = 512
+_MIN_BLOCK = 64
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, causal: bool = False) -> jax.Array:
-    """Grouped-query softmax attention, scores and softmax in float32, memory-efficient backward pass.
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionMask:
+    """Which keys each query may see, as facts about tokens instead of a `[batch, queries, keys]` array.
 
-    The heads are moved in front of the sequence once (`[b, kv, groups, s,
-    d]`), so that every product is a batched matmul over contiguous blocks
-    and no score-sized tensor is transposed, forward or backward. The
-    queries are cut into blocks of at most `_LARGEST_QUERY_BLOCK`, one after
-    the other, so that only one block's `[.., queries, keys]` float32 scores
-    exist at a time. With `causal` (self-attention whose mask lets no query
-    see a later key, as `causal_mask` always does) there are at least
-    `_MAX_QUERY_BLOCKS` blocks of at least `_QUERY_BLOCK` queries, and each
-    block attends only to the keys up to its last query: the skipped scores
-    are masked anyway, so the result is the same for about (n + 1) / 2n of
-    the work with n blocks.
+    Query `i` sits at key position `query_offset + i` and sees key `j` when `j <= query_offset + i` (causal),
+    `query_offset + i - j < window` (when a sliding window is set), `key_valid[:, j]` (not padding) and
+    `query_segments[:, i] == key_segments[:, j]` (packed sequences). `attention` builds each tile's mask from
+    these, so a long sequence's mask costs `O(seq)` memory, and it skips the tiles that no query can see.
 
-    As in FlashAttention (Dao et al., 2022, https://arxiv.org/abs/2205.14135),
-    the backward pass keeps no probabilities: the forward pass saves each
-    query's softmax maximum and normalizer (`[b, kv, groups, s]`), and the
-    backward pass recomputes one block's probabilities from the queries,
-    keys and these, then its gradients, block after block.
+    Attributes:
+        query_offset: Key position of the first query: 0 for self-attention, the cache's length when
+            decoding (a scalar, may be traced).
+        key_valid: `[batch, keys]` bool, False for padding; None: every key.
+        query_segments: `[batch, queries]` segment ids (None: one segment); given with `key_segments`.
+        key_segments: `[batch, keys]` segment ids.
+        window: Sliding window in positions (static), or None.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlora_jax.models import AttentionMask
+        >>> AttentionMask(window=2).dense(3, 3).astype(int).tolist()
+        [[[1, 0, 0], [1, 1, 0], [0, 1, 1]]]
+    """
+
+    query_offset: jax.Array | int = 0
+    key_valid: jax.Array | None = None
+    query_segments: jax.Array | None = None
+    key_segments: jax.Array | None = None
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def allowed(self, queries: jax.Array, keys: jax.Array, key_valid: jax.Array | None = None,
+                query_segments: jax.Array | None = None, key_segments: jax.Array | None = None) -> jax.Array:
+        """`[batch or 1, len(queries), len(keys)]` bool for query indices `queries` and key indices `keys`.
+
+        The per-token arrays default to this mask's own, indexed by `keys`/`queries`; a tile passes its slices.
+        """
+        position = self.query_offset + queries[:, None]  # [q, 1]
+        allowed = keys[None, :] <= position
+        if self.window is not None:
+            allowed = allowed & (position - keys[None, :] < self.window)
+        allowed = allowed[None]
+        if self.key_valid is not None:
+            valid = self.key_valid[:, keys] if key_valid is None else key_valid
+            allowed = allowed & valid[:, None, :]
+        if self.query_segments is not None:
+            q_seg = self.query_segments[:, queries] if query_segments is None else query_segments
+            k_seg = self.key_segments[:, keys] if key_segments is None else key_segments
+            allowed = allowed & (q_seg[:, :, None] == k_seg[:, None, :])
+        return allowed
+
+    def dense(self, queries: int, keys: int) -> jax.Array:
+        """The whole mask, `[batch or 1, queries, keys]` bool (see the class example)."""
+        return self.allowed(jnp.arange(queries), jnp.arange(keys))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | jax.Array, *,
+              causal: bool = False) -> jax.Array:
+    """Grouped-query softmax attention in tiles (FlashAttention), scores and softmax in float32.
+
+    As in FlashAttention (Dao et al., 2022, https://arxiv.org/abs/2205.14135; the backward pass as in
+    FlashAttention-2), queries and keys are cut into tiles of at most `_BLOCK`; a loop over the query tiles
+    runs an inner loop over the key tiles that the tile's queries can see (with an `AttentionMask`, or a
+    causal dense mask: none after the tile's last query, none before its sliding window), keeping a running
+    maximum, normalizer and weighted sum of the values per query. The forward pass saves each query's
+    log-sum-exp of the scores (`[b, kv, groups, s]`); the backward pass runs the same loops and recomputes
+    each tile's probabilities from it. So one tile's `[.., tile, tile]` scores exist at a time, forward and
+    backward, and the cost of long causal sequences is about half of the full product.
+
+    Masked scores are `finfo(float32).min` (as `transformers`' eager attention): a query that sees no key at
+    all averages the values of the keys its tiles cover.
 
     Args:
         q: Queries `[b, sq, heads, d]` (after RoPE).
         k: Keys `[b, sk, kv_heads, d]`; `heads` a multiple of `kv_heads`.
         v: Values, as `k`.
-        mask: `[b, sq, sk]` bool, True where a query may attend to a key.
-        causal: Whether `sq == sk` and the mask is causal (query i sees no key after i).
+        mask: An `AttentionMask` (causal), or a dense `[b or 1, sq, sk]` bool array, True where a query may
+            attend to a key.
+        causal: With a dense mask: whether it lets no query `i` see a key after `i` (`sq == sk`), so that the
+            tiles after each query tile are skipped.
 
     Returns:
         `[b, sq, heads * d]` in `v.dtype`.
 
     Example:
         >>> import jax.numpy as jnp
-        >>> from qlora_jax.models import causal_mask
+        >>> from qlora_jax.models import AttentionMask
         >>> from qlora_jax._src.models.llama import attention
         >>> q, kv = jnp.ones((1, 3, 4, 8)), jnp.ones((1, 3, 2, 8))
-        >>> attention(q, kv, kv, causal_mask(3), causal=True).shape
+        >>> attention(q, kv, kv, AttentionMask()).shape
         (1, 3, 32)
     """
+    sq, sk = q.shape[1], k.shape[1]
+    if not isinstance(mask, AttentionMask):
+        mask = jnp.asarray(mask, jnp.bool_)
+        if mask.ndim != 3 or mask.shape[1:] != (sq, sk):
+            raise ValueError(f"attention: mask of shape {mask.shape}, expected [batch, {sq}, {sk}]")
+    elif causal:
+        raise ValueError("attention: `causal` is for dense masks; an AttentionMask is causal by definition")
+    return _flash(q, k, v, mask, _Tiling(sq, sk, isinstance(mask, AttentionMask) or causal))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiling:
+    """Tile sizes and counts of an attention of `sq` queries over `sk` keys."""
+
+    sq: int
+    sk: int
+    causal: bool
+
+    @staticmethod
+    def _size(n: int) -> int:
+        if n <= _MIN_BLOCK:
+            return n
+        return min(_BLOCK, -(-max(_MIN_BLOCK, -(-n // 4)) // 8) * 8)
+
+    @property
+    def bq(self) -> int:
+        return self._size(self.sq)
+
+    @property
+    def bk(self) -> int:
+        return self._size(self.sk)
+
+    @property
+    def nq(self) -> int:
+        return -(-self.sq // self.bq)
+
+    @property
+    def nk(self) -> int:
+        return -(-self.sk // self.bk)
+
+    def key_tiles(self, mask, i):
+        """`(first, stop)` key tiles that query tile `i` can see (traced)."""
+        if not self.causal:
+            return 0, self.nk
+        offset = mask.query_offset if isinstance(mask, AttentionMask) else 0
+        last = offset + (i + 1) * self.bq - 1  # the tile's last query's position
+        stop = jnp.minimum(self.nk, last // self.bk + 1)
+        window = mask.window if isinstance(mask, AttentionMask) else None
+        first = 0 if window is None else jnp.maximum(0, (offset + i * self.bq - (window - 1)) // self.bk)
+        return first, stop
+
+
+def _pad(x, axis, size, value=0):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value) if size != x.shape[axis] else x
+
+
+def _tile_mask(mask, tiling: _Tiling, q_start, k_start, tables):
+    """`(allowed [b|1, bq, bk], in_range [1, 1, 1, 1, bk])` of the tile at query `q_start`, key `k_start`."""
+    bq, bk = tiling.bq, tiling.bk
+    keys = k_start + jnp.arange(bk)
+    in_range = (keys < tiling.sk).reshape(1, 1, 1, 1, bk)
+    if isinstance(mask, AttentionMask):
+        queries = q_start + jnp.arange(bq)
+        sliced = {name: jax.lax.dynamic_slice_in_dim(table, q_start if name == "query_segments" else k_start,
+                                                     bq if name == "query_segments" else bk, axis=1)
+                  for name, table in tables.items()}
+        return mask.allowed(queries, keys, **sliced), in_range
+    dense = tables["dense"]
+    return jax.lax.dynamic_slice(dense, (0, q_start, k_start), (dense.shape[0], bq, bk)), in_range
+
+
+def _tables(mask, tiling: _Tiling):
+    """The mask's per-token arrays (or the dense mask), padded to whole tiles."""
+    sq_pad, sk_pad = tiling.nq * tiling.bq, tiling.nk * tiling.bk
+    if not isinstance(mask, AttentionMask):
+        return {"dense": _pad(_pad(mask, 1, sq_pad, False), 2, sk_pad, False)}
+    tables = {}
+    if mask.key_valid is not None:
+        tables["key_valid"] = _pad(jnp.asarray(mask.key_valid, jnp.bool_), 1, sk_pad, False)
+    if mask.query_segments is not None:
+        tables["query_segments"] = _pad(mask.query_segments, 1, sq_pad, -1)
+        tables["key_segments"] = _pad(mask.key_segments, 1, sk_pad, -2)
+    return tables
+
+
+def _tile_scores(q_tile, k_tile, allowed, in_range):
+    """Scores `[b, kv, g, bq, bk]` in float32: `finfo.min` where masked, -inf on padded keys."""
+    scores = jnp.einsum("bkgqd,bksd->bkgqs", q_tile, k_tile, preferred_element_type=jnp.float32)
+    scores = jnp.where(allowed[:, None, None], scores, np.finfo(np.float32).min)
+    return jnp.where(in_range, scores, -np.inf)
+
+
+def _split_heads(q, k, v, tiling: _Tiling):
+    """`q [b, kv, g, sq_pad, d]` scaled by `d**-0.5`, `k, v [b, kv, sk_pad, d]`, zero-padded to whole tiles."""
     b, sq, heads, d = q.shape
     kv_heads = k.shape[2]
     q = q * np.float32(d**-0.5).astype(q.dtype)
-    q = q.reshape(b, sq, kv_heads, heads // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [b, kv, g, sq, d]
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, kv, sk, d]
-    out = _attend(q, k, v, mask, _query_blocks(sq, k.shape[2], causal))  # [b, kv, g, sq, d]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, sq, heads * d)
+    q = q.reshape(b, sq, kv_heads, heads // kv_heads, d).transpose(0, 2, 3, 1, 4)
+    sk_pad = tiling.nk * tiling.bk
+    return (_pad(q, 3, tiling.nq * tiling.bq), _pad(k.transpose(0, 2, 1, 3), 2, sk_pad),
+            _pad(v.transpose(0, 2, 1, 3), 2, sk_pad))
 
 
-def _query_blocks(sq: int, sk: int, causal: bool) -> tuple[tuple[int, int, int], ...]:
-    """`(start, stop, keys)` of each block of queries: queries `start:stop` attend to keys `:keys`."""
-    n_blocks = -(-sq // _LARGEST_QUERY_BLOCK)
-    if causal:
-        n_blocks = max(n_blocks, min(_MAX_QUERY_BLOCKS, -(-sq // _QUERY_BLOCK)))
-    bounds = np.linspace(0, sq, n_blocks + 1).round().astype(int).tolist()
-    return tuple((start, stop, stop if causal else sk) for start, stop in zip(bounds[:-1], bounds[1:], strict=True))
-
-
-def _scores(q, k, mask):
-    """Scores `[b, kv, g, m, n]` in float32, `finfo.min` where masked (as `transformers`' eager attention)."""
-    scores = jnp.einsum("bkgqd,bksd->bkgqs", q, k).astype(jnp.float32)
-    return jnp.where(mask[:, None, None], scores, np.finfo(np.float32).min)
-
-
-def _probs(q, k, mask, row_max, row_sum):
-    """Softmax probabilities `[b, kv, g, m, n]` in float32 from the scores and each row's max and sum."""
-    return jnp.exp(_scores(q, k, mask) - row_max) / row_sum
+def _merge_heads(x, sq):
+    """`[b, kv, g, sq_pad, d]` → `[b, sq, heads * d]`."""
+    b, kv, g, _, d = x.shape
+    return x[:, :, :, :sq].transpose(0, 3, 1, 2, 4).reshape(b, sq, kv * g * d)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attend(q, k, v, mask, blocks):
-    """Queries `q [b, kv, g, sq, d]` (scaled) over keys and values `[b, kv, sk, d]`; mask `[b, sq, sk]`."""
-    return _attend_fwd(q, k, v, mask, blocks)[0]
+def _flash(q, k, v, mask, tiling):
+    return _flash_fwd(q, k, v, mask, tiling)[0]
 
 
-def _attend_fwd(q, k, v, mask, blocks):
-    outs, row_maxes, row_sums = [], [], []
-    for start, stop, end in blocks:
-        # One block after the other (`_after`), each slicing its keys and values when it starts.
-        q_block, k_block, v_block = _after((q, k, v), *outs[-1:])
-        q_block, k_block, v_block = q_block[:, :, :, start:stop], k_block[:, :, :end], v_block[:, :, :end]
-        scores = _scores(q_block, k_block, mask[:, start:stop, :end])  # [b, kv, g, m, n]
-        row_max = jnp.max(scores, axis=-1, keepdims=True)  # [b, kv, g, m, 1]
-        unnormalized = jnp.exp(scores - row_max)
-        row_sum = jnp.sum(unnormalized, axis=-1, keepdims=True)
-        outs.append(jnp.einsum("bkgqs,bksd->bkgqd", (unnormalized / row_sum).astype(v.dtype), v_block))
-        row_maxes.append(row_max)
-        row_sums.append(row_sum)
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [b, kv, g, sq, d]
-    row_max = checkpoint_name(jnp.concatenate(row_maxes, axis=3), "attn_stats")  # [b, kv, g, sq, 1]
-    row_sum = checkpoint_name(jnp.concatenate(row_sums, axis=3), "attn_stats")
-    return out, (q, k, v, mask, row_max, row_sum)
+def _flash_fwd(q, k, v, mask, tiling: _Tiling):
+    bq, bk = tiling.bq, tiling.bk
+    qs, ks, vs = _split_heads(q, k, v, tiling)
+    b, kv, g, _, d = qs.shape
+    tables = _tables(mask, tiling)
+
+    def query_tile(_, i):
+        q_tile = jax.lax.dynamic_slice_in_dim(qs, i * bq, bq, axis=3)
+
+        def key_tile(j, carry):
+            row_max, row_sum, acc = carry
+            allowed, in_range = _tile_mask(mask, tiling, i * bq, j * bk, tables)
+            scores = _tile_scores(q_tile, jax.lax.dynamic_slice_in_dim(ks, j * bk, bk, axis=2), allowed, in_range)
+            new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1, keepdims=True))
+            scale = jnp.exp(row_max - new_max)
+            probs = jnp.exp(scores - new_max)
+            acc = acc * scale + jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(vs.dtype),
+                                           jax.lax.dynamic_slice_in_dim(vs, j * bk, bk, axis=2),
+                                           preferred_element_type=jnp.float32)
+            return new_max, row_sum * scale + jnp.sum(probs, axis=-1, keepdims=True), acc
+
+        first, stop = tiling.key_tiles(mask, i)
+        init = (jnp.full((b, kv, g, bq, 1), -np.inf, jnp.float32), jnp.zeros((b, kv, g, bq, 1), jnp.float32),
+                jnp.zeros((b, kv, g, bq, d), jnp.float32))
+        row_max, row_sum, acc = jax.lax.fori_loop(first, stop, key_tile, init)
+        return None, ((acc / row_sum).astype(v.dtype), row_max + jnp.log(row_sum))
+
+    _, (out, lse) = jax.lax.scan(query_tile, None, jnp.arange(tiling.nq))  # [nq, b, kv, g, bq, .]
+    out = jnp.moveaxis(out, 0, 3).reshape(b, kv, g, -1, d)
+    lse = checkpoint_name(jnp.moveaxis(lse, 0, 3).reshape(b, kv, g, -1, 1), "attn_stats")
+    out = checkpoint_name(_merge_heads(out, tiling.sq), "attn_out")  # [b, sq, heads * d], kept by `_KEEP`
+    return out, (q, k, v, mask, out, lse)
 
 
-def _attend_bwd(blocks, res, grad_out):
-    # Per block, autodiff's products with the probabilities recomputed, and the key and value gradients
-    # computed transposed (`[b, kv, d, n]`, contracting the score-sized operand over its rows in place), so
-    # that no score-sized array is transposed. The key and value gradients add up over blocks in float32.
-    q, k, v, mask, row_max, row_sum = res
-    b, kv, g, sq, d = q.shape
-    sk = k.shape[2]
-    grad_q = []
-    grad_k = grad_v = jnp.zeros((b, kv, d, sk), jnp.float32)
-    for start, stop, end in blocks:
-        # The first block's scores come after the output's gradient (else XLA merges them, and the row
-        # statistics broadcast to their shape, with the forward pass's: every block's would live from the
-        # forward pass on), each next block after the last, and each block slices its keys and values when it
-        # starts (else XLA makes every block's copies first).
-        after = _after((q, k, v, row_max, row_sum), *((grad_k, grad_v) if grad_q else (grad_out,)))
-        q_block, block_max, block_sum = (x[:, :, :, start:stop] for x in (after[0], *after[3:]))  # [b, kv, g, m, .]
-        k_block, v_block = after[1][:, :, :end], after[2][:, :, :end]  # [b, kv, n, d]
-        grad_out_block, mask_block = grad_out[:, :, :, start:stop], mask[:, start:stop, :end]
-        probs = _probs(q_block, k_block, mask_block, block_max, block_sum)
-        grad_probs = jnp.einsum("bkgqd,bksd->bkgqs", grad_out_block, v_block).astype(jnp.float32)
-        grad_scores = probs * (grad_probs - jnp.sum(grad_probs * probs, axis=-1, keepdims=True))
-        grad_scores = jnp.where(mask_block[:, None, None], grad_scores, 0.0).astype(q.dtype)  # [b, kv, g, m, n]
-        grad_q.append(jnp.einsum("bkgqs,bksd->bkgqd", grad_scores, k_block))
-        rows = (b, kv, g * (stop - start), -1)
-        pad = ((0, 0), (0, 0), (0, 0), (0, sk - end))
-        grad_k += jnp.pad(jnp.einsum("bkmd,bkms->bkds", q_block.reshape(rows), grad_scores.reshape(rows),
-                                     preferred_element_type=jnp.float32), pad)
-        grad_v += jnp.pad(jnp.einsum("bkmd,bkms->bkds", grad_out_block.reshape(rows),
-                                     probs.astype(v.dtype).reshape(rows), preferred_element_type=jnp.float32), pad)
-    grad_q = grad_q[0] if len(grad_q) == 1 else jnp.concatenate(grad_q, axis=3)
-    return grad_q, grad_k.swapaxes(2, 3).astype(k.dtype), grad_v.swapaxes(2, 3).astype(v.dtype), None
+def _flash_bwd(tiling: _Tiling, res, grad_out):
+    q, k, v, mask, out, lse = res
+    bq, bk = tiling.bq, tiling.bk
+    qs, ks, vs = _split_heads(q, k, v, tiling)
+    b, kv, g, sq_pad, d = qs.shape
+    heads = kv * g
+
+    def split(x):  # [b, sq, heads * d] -> [b, kv, g, sq_pad, d]
+        x = x.reshape(b, tiling.sq, kv, g, d).transpose(0, 2, 3, 1, 4)
+        return _pad(x, 3, sq_pad)
+
+    grad_outs = split(grad_out.astype(v.dtype))
+    # D = rowsum(dO * O), one value per query (FlashAttention-2's backward pass).
+    delta = jnp.sum(grad_outs.astype(jnp.float32) * split(out).astype(jnp.float32), axis=-1, keepdims=True)
+    tables = _tables(mask, tiling)
+
+    def query_tile(carry, i):
+        q_tile, grad_tile, lse_tile, delta_tile = (jax.lax.dynamic_slice_in_dim(x, i * bq, bq, axis=3)
+                                                   for x in (qs, grad_outs, lse, delta))
+
+        def key_tile(j, carry):
+            grad_q, grad_k, grad_v = carry
+            allowed, in_range = _tile_mask(mask, tiling, i * bq, j * bk, tables)
+            k_tile = jax.lax.dynamic_slice_in_dim(ks, j * bk, bk, axis=2)
+            v_tile = jax.lax.dynamic_slice_in_dim(vs, j * bk, bk, axis=2)
+            probs = jnp.exp(_tile_scores(q_tile, k_tile, allowed, in_range) - lse_tile)
+            grad_probs = jnp.einsum("bkgqd,bksd->bkgqs", grad_tile, v_tile, preferred_element_type=jnp.float32)
+            grad_scores = jnp.where(allowed[:, None, None] & in_range, probs * (grad_probs - delta_tile), 0.0)
+            grad_scores = grad_scores.astype(qs.dtype)
+            grad_q = grad_q + jnp.einsum("bkgqs,bksd->bkgqd", grad_scores, k_tile, preferred_element_type=jnp.float32)
+            grad_k = _add_slice(grad_k, jnp.einsum("bkgqs,bkgqd->bksd", grad_scores, q_tile,
+                                                   preferred_element_type=jnp.float32), j * bk)
+            grad_v = _add_slice(grad_v, jnp.einsum("bkgqs,bkgqd->bksd", probs.astype(vs.dtype), grad_tile,
+                                                   preferred_element_type=jnp.float32), j * bk)
+            return grad_q, grad_k, grad_v
+
+        first, stop = tiling.key_tiles(mask, i)
+        grad_q, grad_k, grad_v = jax.lax.fori_loop(
+            first, stop, key_tile, (jnp.zeros((b, kv, g, bq, d), jnp.float32), *carry))
+        return (grad_k, grad_v), grad_q
+
+    zeros = jnp.zeros(ks.shape, jnp.float32)
+    (grad_k, grad_v), grad_q = jax.lax.scan(query_tile, (zeros, zeros), jnp.arange(tiling.nq))
+    grad_q = jnp.moveaxis(grad_q, 0, 3).reshape(b, kv, g, sq_pad, d) * np.float32(d**-0.5)
+    grad_q = _merge_heads(grad_q, tiling.sq).reshape(b, tiling.sq, heads, d).astype(q.dtype)
+    grad_k = grad_k[:, :, :tiling.sk].transpose(0, 2, 1, 3).astype(k.dtype)
+    grad_v = grad_v[:, :, :tiling.sk].transpose(0, 2, 1, 3).astype(v.dtype)
+    return grad_q, grad_k, grad_v, None
 
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+def _add_slice(total, part, start):
+    """`total[:, :, start:start + len(part)] += part` (axis 2)."""
+    current = jax.lax.dynamic_slice_in_dim(total, start, part.shape[2], axis=2)
+    return jax.lax.dynamic_update_slice_in_dim(total, current + part, start, axis=2)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def _after(xs, *deps):
@@ -270,10 +446,56 @@ class MLP(nnx.Module):
         self.gate_proj = nnx.Linear(d, f, **kw)
         self.up_proj = nnx.Linear(d, f, **kw)
         self.down_proj = nnx.Linear(f, d, **kw)
+        self.intermediate_size = f
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array, *, keep: bool = True) -> jax.Array:
+        """The MLP of `x [..., hidden]`, over chunks of `mlp_chunk` tokens when there are more.
+
+        The hidden activations of all tokens (`tokens × intermediate` floats, several times over in the
+        backward pass) are the largest arrays of a long sequence's step; a loop over chunks of tokens, each
+        recomputed in the backward pass from its input, bounds them to one chunk's. `keep`: whether a chunk
+        keeps its gate and up products for the backward pass (`_KEEP`, as the model without `remat`) or
+        nothing (with `remat`).
+        """
+        tokens = math.prod(x.shape[:-1])
+        chunk = mlp_chunk(self.intermediate_size)
+        if tokens <= chunk:
+            return self._forward(x)
+        graphdef, rng_state, rest = nnx.split(self, nnx.RngState, ...)
+
+        def run(rng_state, xs):
+            module = nnx.merge(graphdef, rng_state, rest, copy=True)
+            return nnx.state(module, nnx.RngState), module._forward(xs)
+
+        run = jax.checkpoint(run, prevent_cse=False, policy=_KEEP if keep else None)
+        flat = x.reshape(tokens, x.shape[-1])
+        whole = tokens - tokens % chunk
+        rng_state, out = jax.lax.scan(run, rng_state, flat[:whole].reshape(-1, chunk, x.shape[-1]))
+        out = out.reshape(whole, -1)
+        if whole < tokens:
+            rng_state, last = run(rng_state, flat[whole:])
+            out = jnp.concatenate([out, last])
+        nnx.update(self, rng_state)
+        return out.reshape(x.shape[:-1] + out.shape[-1:])
+
+    def _forward(self, x):
         gate, up = checkpoint_name(self.gate_proj(x), "mlp_gate"), checkpoint_name(self.up_proj(x), "mlp_up")
         return self.down_proj(swiglu(gate, up))
+
+
+# Floats of one chunk's MLP activations (`tokens × intermediate`) when a sequence is cut into chunks (`MLP`).
+MLP_CHUNK_ELEMENTS = 1 << 24
+
+
+def mlp_chunk(intermediate_size: int) -> int:
+    """Tokens per chunk of the MLP: the largest power of two whose activations stay within `MLP_CHUNK_ELEMENTS`.
+
+    Example:
+        >>> from qlora_jax._src.models.llama import mlp_chunk
+        >>> mlp_chunk(14336)
+        1024
+    """
+    return max(256, 1 << int(math.log2(max(1, MLP_CHUNK_ELEMENTS // intermediate_size))))
 
 
 @jax.custom_vjp
@@ -316,10 +538,14 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache=None):
+    def __call__(self, x, cos, sin, mask, cache=None, *, keep: bool = True):
         if cache is None:
+            # Inside the model's scan, `x` is this layer's slice of the stacked residuals in the backward pass;
+            # made to depend on the layer's own weight, its float32 copy cannot be hoisted out of the loop
+            # (XLA:CPU would convert the whole stack, every layer's input, to float32 before the loop).
+            (x,) = _after((x,), self.input_layernorm.weight[...])
             x = checkpoint_name(x + self.self_attn(self.input_layernorm(x), cos, sin, mask), "h_mid")
-            return x + self.mlp(self.post_attention_layernorm(x))
+            return x + self.mlp(self.post_attention_layernorm(x), keep=keep)
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), cache
@@ -458,13 +684,14 @@ class CausalLM(nnx.Module):
         """
         if self.lm_head is None:
             table = self.embed_tokens.embedding[...]  # [vocab, hidden]
-            if _mixed(h, table):
-                return head_logits(h, table, 0)
+            if _float32_product(h, table):
+                return head_logits(h.astype(jnp.float32), table, 0)
             logits = self.embed_tokens.attend(h)
         else:
             head = self.lm_head
-            if type(head) is nnx.Linear and head.bias is None and _mixed(h, head.kernel[...]):
-                return head_logits(h.astype(head.dtype or h.dtype), head.kernel[...], 1)
+            if type(head) is nnx.Linear and head.bias is None and _float32_product(h.astype(head.dtype or h.dtype),
+                                                                                head.kernel[...]):
+                return head_logits(h.astype(jnp.float32), head.kernel[...], 1)
             logits = head(h)
         return logits.astype(jnp.float32)
 
@@ -481,22 +708,24 @@ class CausalLM(nnx.Module):
         angles = jnp.concatenate([angles, angles], axis=-1)  # [b, s, head_dim]
         cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
         if cache is None:
-            mask = causal_mask(s, attention_mask, segment_ids, self.config.sliding_window, b)
+            mask = _self_attention_mask(attention_mask, segment_ids, self.config.sliding_window)
         else:
-            mask = cache.mask(s, attention_mask, self.config.sliding_window)
+            mask = cache.attention_mask(attention_mask, self.config.sliding_window)
 
         if cache is None:
             def body(h, layer):
-                return layer(h, cos, sin, mask)
+                return layer(h, cos, sin, mask, keep=not self.remat)
 
             # Only the variables a layer changes (dropout's RNG counts) come out of the remat, so the frozen
             # weights stay the arrays (and shardings) they were. Without `remat`, a policy keeps `_KEEP`'s
             # values; inside a scan that recomputation needs no CSE barrier (`jax.checkpoint`'s `prevent_cse`).
             if self.remat:
-                body = nnx.remat(body, graph_updates=False)
+                graphdef, state = nnx.split(self.layers)
+                h, rng_state = remat_layers(graphdef, h, state, (cos, sin, mask))
+                nnx.update(self.layers, rng_state)
             else:
                 body = nnx.remat(body, prevent_cse=False, policy=_KEEP, graph_updates=False)
-            h = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.layers)
+                h = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.layers)
         else:
             def body(h, layer, k, v):
                 return layer(h, cos, sin, mask, (k, v, start))
@@ -509,9 +738,94 @@ class CausalLM(nnx.Module):
         return self.norm(h), cache
 
 
-def _mixed(h: jax.Array, kernel: jax.Array) -> bool:
-    """A 16-bit head kernel multiplied with float32 activations (float32 compute over a 16-bit model)."""
-    return h.dtype == jnp.float32 and kernel.dtype.itemsize == 2 and jnp.issubdtype(kernel.dtype, jnp.floating)
+def _layer_step(graphdef, state, h, consts):
+    """One decoder layer (`state`: its variables) on `h`: `(output, the layer's RNG state afterwards)`."""
+    layer = nnx.merge(graphdef, state, copy=True)
+    cos, sin, mask = consts
+    out = layer(h, cos, sin, mask, keep=False)
+    return out, nnx.state(layer, nnx.RngState)
+
+
+def _to_bits(x):
+    """A 16-bit float array as `uint16` (XLA:CPU stacks 16-bit floats in float32: twice the bytes, plus copies)."""
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype.itemsize == 2 else x
+
+
+def _from_bits(x, dtype):
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def remat_layers(graphdef, h, state, consts):
+    """The stacked decoder layers `state` run over `h`, each recomputed in the backward pass from its input.
+
+    What `jax.checkpoint` around a scanned layer does, with its own gradient: the forward pass keeps each
+    layer's input (a `uint16` view of 16-bit activations), the backward pass runs the layers in reverse,
+    each recomputing its forward pass (`jax.vjp`) from the kept input and differentiating only what the
+    caller differentiates (the adapters when the base is frozen). Returns `(h, RNG state of the layers)`.
+    """
+    return _remat_layers_fwd(graphdef, h, state, consts)[0]
+
+
+def _remat_layers_fwd(graphdef, h, state, consts):
+    # `symbolic_zeros`: the arguments come as `CustomVJPPrimal`s saying whether they are differentiated; whether a
+    # leaf of `state` is travels as the residuals' structure (`(leaf,)` differentiated, `(leaf, ())` not).
+    if _is_primal(h):
+        marked = jax.tree.map(lambda p: (p.value,) if p.perturbed else (p.value, ()), state, is_leaf=_is_primal)
+        h, state, consts = (jax.tree.map(lambda p: p.value, x, is_leaf=_is_primal) for x in (h, state, consts))
+    else:
+        marked = jax.tree.map(lambda x: (x,), state)
+
+    def body(h, state_i):
+        out, rng = _layer_step(graphdef, state_i, h, consts)
+        return out, (_to_bits(h), rng)
+
+    out, (inputs, rng) = jax.lax.scan(body, h, state)
+    return (out, rng), (inputs, marked, consts)
+
+
+def _is_primal(x):
+    return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
+
+
+def _remat_layers_bwd(graphdef, res, grads):
+    inputs, marked, consts = res
+    leaves, treedef = jax.tree.flatten(marked, is_leaf=lambda x: type(x) is tuple)
+    flags = [len(leaf) == 1 for leaf in leaves]
+    leaves = [leaf[0] for leaf in leaves]
+    grad_out = grads[0]
+    if isinstance(grad_out, jax.custom_derivatives.SymbolicZero):
+        grad_out = jnp.zeros(grad_out.shape, grad_out.dtype)
+    dtype = grad_out.dtype
+
+    def body(grad_h, xs):
+        bits, layer_leaves = xs
+        diff = [x for x, f in zip(layer_leaves, flags, strict=True) if f]
+
+        def run(h, diff):
+            it = iter(diff)
+            merged = [next(it) if f else x for x, f in zip(layer_leaves, flags, strict=True)]
+            return _layer_step(graphdef, jax.tree.unflatten(treedef, merged), h, consts)[0]
+
+        _, vjp = jax.vjp(run, _from_bits(bits, dtype), diff)
+        return vjp(grad_h)
+
+    grad_h, grad_diff = jax.lax.scan(body, grad_out, (inputs, leaves), reverse=True)
+    it = iter(grad_diff)
+    grad_state = jax.tree.unflatten(treedef, [next(it) if f else None for f in flags])
+    return grad_h, grad_state, None
+
+
+remat_layers.defvjp(_remat_layers_fwd, _remat_layers_bwd, symbolic_zeros=True)
+
+
+def _float32_product(h: jax.Array, kernel: jax.Array) -> bool:
+    """Whether `h @ kernel` with a 16-bit kernel is a float32 product: float32 activations (float32 compute over
+    a 16-bit model), or 16-bit ones on the CPU, where XLA computes 16-bit products in float32. Either way XLA
+    would convert the whole kernel to float32 first; `head_logits` converts it a slice at a time."""
+    if kernel.dtype.itemsize != 2 or not jnp.issubdtype(kernel.dtype, jnp.floating):
+        return False
+    return h.dtype == jnp.float32 or (h.dtype == kernel.dtype and jax.default_backend() == "cpu")
 
 
 # Vocabulary entries of a 16-bit head converted to float32 at a time (`head_logits`).
@@ -611,17 +925,14 @@ def causal_mask(
         >>> causal_mask(3).astype(int).tolist()
         [[[1, 0, 0], [1, 1, 0], [1, 1, 1]]]
     """
-    q = jnp.arange(seq_len)[:, None]
-    k = jnp.arange(seq_len)[None, :]
-    mask = k <= q
-    if sliding_window is not None:
-        mask = mask & (q - k < sliding_window)
-    mask = jnp.broadcast_to(mask, (batch, seq_len, seq_len))
-    if attention_mask is not None:
-        mask = mask & (attention_mask[:, None, :] != 0)
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return mask
+    mask = _self_attention_mask(attention_mask, segment_ids, sliding_window).dense(seq_len, seq_len)
+    return jnp.broadcast_to(mask, (max(batch, mask.shape[0]), seq_len, seq_len))
+
+
+def _self_attention_mask(attention_mask, segment_ids, sliding_window) -> AttentionMask:
+    """The `AttentionMask` of causal self-attention over a batch's tokens."""
+    return AttentionMask(key_valid=None if attention_mask is None else attention_mask != 0,
+                         query_segments=segment_ids, key_segments=segment_ids, window=sliding_window)
 
 
 
@@ -657,15 +968,19 @@ class KVCache:
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32),
                    jnp.ones((batch, max_len), jnp.bool_))
 
-    def mask(self, s: int, attention_mask: jax.Array | None, sliding_window: int | None) -> jax.Array:
-        """`[batch, s, max_len]`: query `i` (at `length + i`) sees valid keys at or before it."""
-        max_len = self.keys.shape[2]
-        q = self.length + jnp.arange(s)[:, None]
-        k = jnp.arange(max_len)[None, :]
-        allowed = k <= q
-        if sliding_window is not None:
-            allowed = allowed & (q - k < sliding_window)
+    def attention_mask(self, attention_mask: jax.Array | None, sliding_window: int | None) -> AttentionMask:
+        """The mask of `s` new tokens placed after the cache's `length`: they see the valid keys at or before them.
+
+        Args:
+            attention_mask: `[batch, s]`, 0 for this call's padding tokens (None: all valid).
+            sliding_window: The model's sliding window, or None.
+        """
         valid = self.valid
         if attention_mask is not None:
             valid = jax.lax.dynamic_update_slice_in_dim(valid, attention_mask.astype(jnp.bool_), self.length, axis=1)
-        return allowed[None] & valid[:, None, :]
+        return AttentionMask(query_offset=self.length, key_valid=valid, window=sliding_window)
+
+    def mask(self, s: int, attention_mask: jax.Array | None, sliding_window: int | None) -> jax.Array:
+        """`[batch, s, max_len]` bool: `attention_mask(...)` as a dense array."""
+        mask = self.attention_mask(attention_mask, sliding_window).dense(s, self.keys.shape[2])
+        return jnp.broadcast_to(mask, (self.valid.shape[0], s, self.keys.shape[2]))
