@@ -227,7 +227,7 @@ def test_chunked_streaming_quantization_is_bit_identical(tmp_path, monkeypatch, 
     scales at the end; forced here onto a tiny checkpoint (8 rows per chunk)."""
     from qlora_jax._src.formats import blockwise
 
-    monkeypatch.setattr(blockwise, "_STREAM_CHUNK_ELEMENTS", 8 * 192)
+    monkeypatch.setattr(blockwise, "_STREAM_CHUNK_BYTES", 8 * 192 * 4)  # float32 weights
     path, hf = make_checkpoint(tmp_path, "llama-gqa-untied", intermediate_size=640)  # 640 / 8: 80 chunks
     model = models.from_pretrained(path, quant=qj.QuantConfig(double_quant=double_quant))
     for name in ("down_proj", "up_proj"):
@@ -245,7 +245,7 @@ def test_non_finite_value_in_a_chunked_weight_names_file_tensor_and_rows(tmp_pat
     from qlora_jax._src.formats import blockwise
     from qlora_jax._src.models.safetensors_io import save_safetensors
 
-    monkeypatch.setattr(blockwise, "_STREAM_CHUNK_ELEMENTS", 8 * 64)
+    monkeypatch.setattr(blockwise, "_STREAM_CHUNK_BYTES", 8 * 64 * 4)
     path, _ = make_checkpoint(tmp_path, "llama-gqa-untied", intermediate_size=640)
     reader = SafetensorsReader(path)
     tensors = {name: reader[name] for name in reader}

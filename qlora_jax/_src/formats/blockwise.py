@@ -33,9 +33,9 @@ __all__ = ["quantize", "quantize_streaming", "dequantize", "dequantize_absmax"]
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 # Rows are quantized in chunks of about this many elements (16 MiB of float32).
 _CHUNK_ELEMENTS = 1 << 20
-# `quantize_streaming` reads and quantizes rows in chunks of about this many elements (8 MiB of bfloat16): one
-# chunk's input and codes stay in a core's cache, and a call does enough work to hide its dispatch.
-_STREAM_CHUNK_ELEMENTS = 1 << 22
+# `quantize_streaming` reads and quantizes rows in chunks of about this many bytes of input (4M bfloat16 elements):
+# one chunk's input and codes stay in a core's cache, and a call does enough work to hide its dispatch.
+_STREAM_CHUNK_BYTES = 8 << 20
 # Above 2**126 the float32 reciprocal 1/absmax is subnormal, which XLA on CPU
 # flushes to zero; such blocks divide instead of multiplying by the reciprocal.
 _RECIPROCAL_LIMIT = np.float32(2.0**126)
@@ -144,7 +144,7 @@ def quantize_streaming(
             `(0,)`), whose storage is the same bytes; else `rows` itself
             (`[out, in]`, contract_axes `(1,)`).
         chunk_elements: Elements per chunk (whole rows; at least one row);
-            default about 4M.
+            default 8 MiB of input.
 
     Returns:
         A `QuantizedArray`.
@@ -183,7 +183,7 @@ def quantize_streaming(
 
     if length % block_size:  # blocks straddle rows: the whole matrix at once
         return relabel(quantize(rows[0:n_rows], fmt, block_size, double_quant, contract_axes=(1,)))
-    step = max(1, (chunk_elements or _STREAM_CHUNK_ELEMENTS) // length)
+    step = max(1, (chunk_elements or _STREAM_CHUNK_BYTES // dtype.itemsize) // length)
     # 16-bit NumPy rows go in as their 32-bit words (a view), which the kernel reads without reformatting.
     words = dtype.itemsize == 2 and fmt != "int8"
     chunks, outputs = [], []

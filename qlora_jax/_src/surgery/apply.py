@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax._src.formats.blockwise import quantize
+from qlora_jax._src.formats.blockwise import quantize, quantize_streaming
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn import (
     QLORA_LAYERS,
@@ -226,12 +226,31 @@ def quantize_kernel(
     stack = tuple(kernel.shape[:n_stack])
     axes = tuple(int(a) for a in contract_axes)
     if not stack:
-        return quantize(kernel, quant.fmt, quant.block_size, quant.double_quant, contract_axes=axes)
+        return _quantize_layer(kernel, quant, axes)
     flat = kernel.reshape(-1, *kernel.shape[n_stack:])  # [layers, *kernel_shape]
-    qs = [quantize(flat[i], quant.fmt, quant.block_size, quant.double_quant, contract_axes=axes)
-          for i in range(flat.shape[0])]
+    qs = [_quantize_layer(flat[i], quant, axes) for i in range(flat.shape[0])]
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves).reshape(*stack, *leaves[0].shape), *qs)
     return stacked
+
+
+def _quantize_layer(kernel: jax.Array, quant: QuantConfig, axes: tuple[int, ...]) -> QuantizedArray:
+    """One layer's kernel quantized: a concrete `[in, out]` kernel (`nnx.Linear`) by `quantize_streaming`, a chunk
+    of output columns at a time (as the checkpoint loader quantizes); N-D kernels and traced ones by `quantize`."""
+    if kernel.ndim == 2 and tuple(a % 2 for a in axes) == (0,) and not isinstance(kernel, jax.core.Tracer):
+        return quantize_streaming(_Columns(kernel), quant.fmt, quant.block_size, quant.double_quant, as_kernel=True)
+    return quantize(kernel, quant.fmt, quant.block_size, quant.double_quant, contract_axes=axes)
+
+
+class _Columns:
+    """A kernel `[in, out]` seen as its storage rows `[out, in]`: slicing takes output columns, transposed."""
+
+    def __init__(self, kernel: jax.Array):
+        self.kernel = kernel
+        self.shape = (kernel.shape[1], kernel.shape[0])
+        self.dtype = kernel.dtype
+
+    def __getitem__(self, rows: slice) -> jax.Array:
+        return self.kernel[:, rows].T
 
 
 def _check_site(site: LinearSite, quant: QuantConfig | None, aliases: dict[tuple, list[tuple]]) -> None:
