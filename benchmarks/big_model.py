@@ -356,8 +356,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
             return jnp.sum(ce * batch["weights"]) / jnp.sum(batch["weights"])
 
-        # The README's step: graph_updates=False hands back only the variables the step changes.
-        @nnx.jit(graph_updates=False)
+        # The README's step: graph_updates=False hands back only the variables the step changes; the optimizer
+        # is donated (its moments are written in place).
+        @nnx.jit(graph_updates=False, donate_argnums=1)
         def user_step(model, optimizer, batch):
             loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, batch)
             optimizer.update(model, grads)

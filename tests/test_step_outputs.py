@@ -60,7 +60,7 @@ def test_compiled_step_outputs_only_what_it_changes(flavour):
     elif flavour == "trainer":
         lowered = _bound_train_step(model, optimizer).lower(batch, config=config)
     elif flavour == "readme":
-        lowered = nnx.jit(_readme_step, graph_updates=False).lower(model, optimizer, batch)
+        lowered = nnx.jit(_readme_step, graph_updates=False, donate_argnums=1).lower(model, optimizer, batch)
     else:
         lowered = nnx.jit(_readme_step).lower(model, optimizer, batch)
     analysis = lowered.compile().memory_analysis()

@@ -53,7 +53,8 @@ def main(flavour: str) -> None:
             optimizer.update(model, grads)
             return loss
 
-        jitted = nnx.jit(user_step) if flavour == "nnx-jit-default" else nnx.jit(user_step, graph_updates=False)
+        jitted = nnx.jit(user_step) if flavour == "nnx-jit-default" else nnx.jit(user_step, graph_updates=False,
+                                                                                 donate_argnums=1)
         step = lambda: jitted(model, optimizer, batch)  # noqa: E731
     built = status_bytes("VmRSS")
     jax.block_until_ready(step())  # compiles; its temporaries are allocated once
