@@ -251,10 +251,12 @@ def _run_finetune(args: argparse.Namespace) -> int:
         double_quant=not args.no_double_quant, remat=args.remat, pack=not args.no_pack, mesh=args.mesh,
         strategy=args.strategy, fit=not args.no_fit,
         available_bytes=None if args.available_gib is None else int(args.available_gib * 2**30))
-    configure_cpu_for_command()  # before JAX starts: training steps on the CPU reuse their memory
     try:
+        # Both before the first JAX computation: the distributed runtime, then the CPU setup (which checks the
+        # dispatch mode by running a small computation, creating the backends).
         if args.coordinator or args.num_processes or args.process_id is not None or args.distributed:
             initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        configure_cpu_for_command()  # training steps on the CPU reuse their memory
         summary = run_finetune(settings)
     except (FileNotFoundError, ValueError) as e:
         print(f"qlora-jax finetune: {e}", file=sys.stderr)
