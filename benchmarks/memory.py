@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import itertools
 import json
 import os
 import resource
@@ -102,6 +103,7 @@ LONG_MAX_SEQ = 131072
 LONG_SMALL_VOCAB = 1024
 LONG_MAX_TEMP_GIB = 6.0
 LONG_MIN_RATIO = 4.0
+LONG_REMAT_GROUP = 4  # the second setting of part 3: `CausalLM(remat_group=4)` (every 4th layer's input kept)
 
 
 def model_config(name: str) -> Any:
@@ -425,7 +427,7 @@ def long_context_worker(spec: dict[str, Any]) -> dict[str, Any]:
             start = time.perf_counter()
             mem = step_memory(config, "qlora", rank=spec["rank"], alpha=2.0 * spec["rank"], batch_size=1,
                               seq_len=seq_len, dtype=jnp.bfloat16, quant=_quant_config("qlora-dq"), remat=True,
-                              loss_chunk=spec["loss_chunk"])
+                              loss_chunk=spec["loss_chunk"], remat_group=spec.get("remat_group", 1))
             points[seq_len] = {"seq_len": seq_len, "argument_bytes": mem.argument_bytes, "temp_bytes": mem.temp_bytes,
                                "output_bytes": mem.output_bytes, "alias_bytes": mem.alias_bytes,
                                "compiled_total": mem.compiled_total, "compile_s": time.perf_counter() - start}
@@ -437,7 +439,8 @@ def long_context_worker(spec: dict[str, Any]) -> dict[str, Any]:
                                          LONG_MAX_SEQ, start=spec["seq_len"])
                for gib in spec["budgets_gib"]}
     return {"config": spec["config"], "vocab_size": config.vocab_size, "loss_chunk": spec["loss_chunk"],
-            "fixed": fixed, "longest": longest, "points": [points[n] for n in sorted(points)]}
+            "remat_group": spec.get("remat_group", 1), "fixed": fixed, "longest": longest,
+            "points": [points[n] for n in sorted(points)]}
 
 
 def run_worker(spec_text: str) -> int:
@@ -672,20 +675,27 @@ def long_context_table(rows: Sequence[dict[str, Any]], seq_len: int) -> str:
     """Part 3: the step at `seq_len` tokens and the longest sequence per budget, per loss and XLA setting.
 
     Example:
-        >>> long_context_table([], 8192).splitlines()[0].startswith("| loss | XLA | arguments at 8192 |")
+        >>> long_context_table([], 8192).splitlines()[0].startswith("| loss | layer inputs kept | XLA |")
         True
     """
-    headers = ["loss", "XLA", f"arguments at {seq_len}", f"temporaries at {seq_len}", f"step total at {seq_len}",
+    headers = ["loss", "layer inputs kept", "XLA", f"arguments at {seq_len}", f"temporaries at {seq_len}",
+               f"step total at {seq_len}",
                *(f"longest seq in {gib} GiB" for gib in LONG_BUDGETS_GIB), "compilations", "compile s"]
     out = []
     for r in rows:
         f = r["fixed"]
-        out.append([long_context_label(r), "LICM off" if r["licm_off"] else "default", human_bytes(f["argument_bytes"]),
+        out.append([long_context_label(r), _kept_label(r), "LICM off" if r["licm_off"] else "default",
+                    human_bytes(f["argument_bytes"]),
                     human_bytes(f["temp_bytes"]), human_bytes(f["compiled_total"]),
                     *(NA if r["longest"].get(str(g)) is None else f"{r['longest'][str(g)]:,}"
                       for g in LONG_BUDGETS_GIB),
                     len(r["points"]), f"{sum(p['compile_s'] for p in r['points']):.0f}"])
     return markdown_table(headers, out)
+
+
+def _kept_label(row: dict[str, Any]) -> str:
+    group = row.get("remat_group", 1)
+    return "every layer's" if group == 1 else f"every {group}th layer's (remat_group={group})"
 
 
 def long_context_checks(rows: Sequence[dict[str, Any]], seq_len: int) -> list[dict[str, Any]]:
@@ -696,10 +706,10 @@ def long_context_checks(rows: Sequence[dict[str, Any]], seq_len: int) -> list[di
         []
     """
     checks = []
-    for licm_off in (False, True):
-        xla = "LICM off" if licm_off else "default XLA"
-        by_loss = {r["loss_chunk"]: r for r in rows
-                   if r["licm_off"] == licm_off and r["vocab_size"] != LONG_SMALL_VOCAB}
+    for licm_off, group in itertools.product((False, True), sorted({r.get("remat_group", 1) for r in rows})):
+        xla = ("LICM off" if licm_off else "default XLA") + ("" if group == 1 else f", remat_group={group}")
+        by_loss = {r["loss_chunk"]: r for r in rows if r["licm_off"] == licm_off
+                   and r["vocab_size"] != LONG_SMALL_VOCAB and r.get("remat_group", 1) == group}
         chunked = next((r for c, r in by_loss.items() if c is not None), None)
         whole = by_loss.get(None)
         if chunked is None:
@@ -725,9 +735,10 @@ def run_long_context(args: argparse.Namespace, machine: dict[str, Any]) -> None:
     t0 = time.perf_counter()
     base = {"kind": "long", "config": LONG_CONFIG, "seq_len": args.long_seq_len, "rank": args.rank,
             "budgets_gib": list(LONG_BUDGETS_GIB), "fast_compile": args.fast_compile}
-    losses = [(None, None), (args.loss_chunk, None), (None, LONG_SMALL_VOCAB)]
-    jobs = [({**base, "loss_chunk": chunk, "vocab_size": vocab}, licm_off)
-            for licm_off in (False, True) for chunk, vocab in losses]
+    losses = [(None, None, 1), (args.loss_chunk, None, 1), (None, LONG_SMALL_VOCAB, 1),
+              (None, None, LONG_REMAT_GROUP), (args.loss_chunk, None, LONG_REMAT_GROUP)]
+    jobs = [({**base, "loss_chunk": chunk, "vocab_size": vocab, "remat_group": group}, licm_off)
+            for licm_off in ((False,) if args.no_licm_off else (False, True)) for chunk, vocab, group in losses]
     rows = run_jobs(jobs, args.jobs)
     checks = long_context_checks(rows, args.long_seq_len)
     print(f"## Long context: {LONG_CONFIG} QLoRA (NF4 + DQ), remat on, batch 1, LoRA rank {args.rank} on every "
@@ -736,7 +747,9 @@ def run_long_context(args: argparse.Namespace, machine: dict[str, Any]) -> None:
           f"`chunked_cross_entropy` (the head and loss over {args.loss_chunk} tokens at a time, recomputed in the "
           f"backward pass). Longest: the largest multiple of {LONG_STEP} tokens whose compiled step total (arguments "
           "+ temporaries + outputs - aliased) fits, by doubling from the fixed length then bisecting. LICM off as in "
-          "part 1 (on CPU, the float32 copy of the bfloat16 head is otherwise hoisted out of the chunk loop).\n")
+          "part 1. \"Layer inputs kept\": with `remat`, every layer's input is kept for the backward pass, or only "
+          f"every {LONG_REMAT_GROUP}th one's (`CausalLM(remat_group={LONG_REMAT_GROUP})`: groups of layers recomputed, "
+          "one more forward pass).\n")
     print(long_context_table(rows, args.long_seq_len) + "\n")
     print(acceptance_table(checks) + "\n")
     seconds = time.perf_counter() - t0

@@ -137,3 +137,45 @@ def test_long_sequence_mlp_keeps_one_chunk(monkeypatch):
     monkeypatch.setattr(llama, "MLP_CHUNK_ELEMENTS", 1 << 30)
     whole = step_temp(cfg, seq)
     assert whole > 4 * activations and chunked < 2 * activations, (whole, chunked, activations)
+
+
+@pytest.mark.parametrize("group", [2, 5, 7])
+def test_remat_groups_equal_every_layer_kept(group):
+    """`remat_group`: 5 layers in groups of 2 (the last one alone), one group of 5, and a group larger than the
+    model: the same loss, adapter gradients and RNG counts as keeping every layer's input, with dropout."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, num_layers=5)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 128, (2, 30)))
+    results = []
+    for g in (1, group):
+        model = CausalLM(cfg, remat=True, remat_group=g, rngs=nnx.Rngs(0))
+        model = qj.apply_qlora(model, quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4, dropout=0.2),
+                               rngs=nnx.Rngs(1))[0]
+        model.train()
+        results.append((loss_and_grads(model, ids, steps=2), jax.tree.leaves(nnx.state(model, nnx.RngCount))))
+    (want, want_counts), (got, got_counts) = results
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, atol=1e-7)
+    for a, b in zip(got_counts, want_counts, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_remat_group_keeps_fewer_layer_inputs():
+    """Compiled QLoRA steps of 4 and 8 layers: keeping every layer's input adds one input per layer; keeping
+    every 4th adds one per 4 layers, and XLA a little more per layer (0.65 inputs measured at this size)."""
+    import dataclasses
+
+    from qlora_jax._src.memory import step_memory
+
+    seq, cfg = 4096, dataclasses.replace(CFG, hidden_size=512, intermediate_size=1024, vocab_size=256,
+                                         num_heads=8, num_kv_heads=4)
+    layer_input = seq * cfg.hidden_size * 4  # float32
+
+    def per_layer(group):
+        temps = [step_memory(dataclasses.replace(cfg, num_layers=n), "qlora", seq_len=seq, dtype=jnp.float32,
+                             loss_chunk=1024, remat_group=group, rank=4).temp_bytes for n in (4, 8)]
+        return (temps[1] - temps[0]) / 4
+
+    every, fourth = per_layer(1), per_layer(4)
+    assert every > 0.9 * layer_input and fourth < 0.75 * layer_input, (every, fourth, layer_input)

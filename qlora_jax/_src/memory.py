@@ -96,9 +96,11 @@ class MethodMemory:
         return self.linear_bytes / self.linear_params
 
 
-def _abstract_model(config: ModelConfig, method: str, quant: QuantConfig, lora: LoraConfig, dtype, remat: bool):
+def _abstract_model(config: ModelConfig, method: str, quant: QuantConfig, lora: LoraConfig, dtype, remat: bool,
+                    remat_group: int = 1):
     def build():
-        model = CausalLM(config, dtype=dtype, param_dtype=dtype, remat=remat, rngs=nnx.Rngs(0))
+        model = CausalLM(config, dtype=dtype, param_dtype=dtype, remat=remat, remat_group=remat_group,
+                         rngs=nnx.Rngs(0))
         if method == "full":
             return model
         model, _ = apply_qlora(model, quant=quant if method == "qlora" else None, lora=lora, rngs=nnx.Rngs(1))
@@ -127,6 +129,7 @@ def step_memory(
     quant: QuantConfig | None = None,
     remat: bool = True,
     loss_chunk: int | None = None,
+    remat_group: int = 1,
 ) -> MethodMemory:
     """Compiles one train step of `method` for abstract shapes and measures it.
 
@@ -142,6 +145,8 @@ def step_memory(
         remat: Rematerialize each layer in the backward pass.
         loss_chunk: Compute the loss with `chunked_cross_entropy` over chunks
             of this many tokens (None: from the whole `[batch, seq, vocab]` logits).
+        remat_group: With `remat`, keep every `remat_group`-th layer's input only
+            (`CausalLM`'s `remat_group`).
 
     Returns:
         A `MethodMemory`.
@@ -159,7 +164,7 @@ def step_memory(
         raise ValueError(f"method: {method!r} is not one of {METHODS}")
     quant = quant or QuantConfig(fmt="nf4", block_size=64, double_quant=True)
     lora = LoraConfig(rank=rank, alpha=alpha, targets="all-linear")
-    model = _abstract_model(config, method, quant, lora, dtype, remat)
+    model = _abstract_model(config, method, quant, lora, dtype, remat, remat_group)
     wrt = nnx.Param if method == "full" else nnx.LoRAParam
     graphdef, trainable, rest = nnx.split(model, wrt, ...)
     tx = optax.adamw(2e-4, weight_decay=0.0)

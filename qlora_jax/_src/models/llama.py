@@ -76,14 +76,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
 
     def __call__(self, x, cos, sin, mask, cache=None):
-        b, s, _ = x.shape
-        q = checkpoint_name(self.q_proj(x), "proj_q").reshape(b, s, self.num_heads, self.head_dim)
-        k = checkpoint_name(self.k_proj(x), "proj_k").reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        q, k, v = checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:  # write this step's keys/values at `start`, attend over the whole cache
             cache_k, cache_v, start = cache
             cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
@@ -93,6 +86,17 @@ class Attention(nnx.Module):
         if cache is not None:
             return self.o_proj(out), (cache_k, cache_v)
         return self.o_proj(out)
+
+    def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values `[b, s, heads, head_dim]` of `x [b, s, hidden]`, RoPE applied."""
+        b, s, _ = x.shape
+        q = checkpoint_name(self.q_proj(x), "proj_q").reshape(b, s, self.num_heads, self.head_dim)
+        k = checkpoint_name(self.k_proj(x), "proj_k").reshape(b, s, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        return checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
 
 
 # What a decoder layer keeps for its backward pass when the model is not rematerialized: the products'
@@ -397,12 +401,12 @@ def _flash_bwd(tiling: _Tiling, res, grad_out):
         first, stop = tiling.key_tiles(mask, i)
         grad_q, grad_k, grad_v = jax.lax.fori_loop(
             first, stop, key_tile, (jnp.zeros((b, kv, g, bq, d), jnp.float32), *carry))
-        return (grad_k, grad_v), grad_q
+        return (grad_k, grad_v), (grad_q * np.float32(d**-0.5)).astype(q.dtype)  # the tile's queries are done
 
     zeros = jnp.zeros(ks.shape, jnp.float32)
     (grad_k, grad_v), grad_q = jax.lax.scan(query_tile, (zeros, zeros), jnp.arange(tiling.nq))
-    grad_q = jnp.moveaxis(grad_q, 0, 3).reshape(b, kv, g, sq_pad, d) * np.float32(d**-0.5)
-    grad_q = _merge_heads(grad_q, tiling.sq).reshape(b, tiling.sq, heads, d).astype(q.dtype)
+    grad_q = jnp.moveaxis(grad_q, 0, 3).reshape(b, kv, g, sq_pad, d)
+    grad_q = _merge_heads(grad_q, tiling.sq).reshape(b, tiling.sq, heads, d)
     grad_k = grad_k[:, :, :tiling.sk].transpose(0, 2, 1, 3).astype(k.dtype)
     grad_v = grad_v[:, :, :tiling.sk].transpose(0, 2, 1, 3).astype(v.dtype)
     return grad_q, grad_k, grad_v, None
@@ -449,33 +453,9 @@ class MLP(nnx.Module):
         self.intermediate_size = f
 
     def __call__(self, x: jax.Array, *, keep: bool = True) -> jax.Array:
-        """The MLP of `x [..., hidden]`, over chunks of `mlp_chunk` tokens when there are more.
-
-        The hidden activations of all tokens (`tokens × intermediate` floats, several times over in the
-        backward pass) are the largest arrays of a long sequence's step; a loop over chunks of tokens, each
-        recomputed in the backward pass from its input, bounds them to one chunk's. `keep`: whether a chunk
-        keeps its gate and up products for the backward pass (`_KEEP`, as the model without `remat`) or
-        nothing (with `remat`).
-        """
-        tokens = math.prod(x.shape[:-1])
-        chunk = mlp_chunk(self.intermediate_size)
-        if tokens <= chunk:
-            return self._forward(x)
-        graphdef, rng_state, rest = nnx.split(self, nnx.RngState, ...)
-
-        def run(rng_state, xs):
-            module = nnx.merge(graphdef, rng_state, rest, copy=True)
-            return nnx.state(module, nnx.RngState), module._forward(xs)
-
-        run = jax.checkpoint(run, prevent_cse=False, policy=_KEEP if keep else None)
-        flat = x.reshape(tokens, x.shape[-1])
-        whole = tokens - tokens % chunk
-        rng_state, out = jax.lax.scan(run, rng_state, flat[:whole].reshape(-1, chunk, x.shape[-1]))
-        out = out.reshape(whole, -1)
-        if whole < tokens:
-            rng_state, last = run(rng_state, flat[whole:])
-            out = jnp.concatenate([out, last])
-        nnx.update(self, rng_state)
+        """The MLP of `x [..., hidden]`, over chunks of tokens (`over_tokens`) when there are many."""
+        flat = x.reshape(1, -1, x.shape[-1])
+        out = over_tokens(self, MLP._forward, (flat,), mlp_chunk(self.intermediate_size), keep)
         return out.reshape(x.shape[:-1] + out.shape[-1:])
 
     def _forward(self, x):
@@ -483,12 +463,13 @@ class MLP(nnx.Module):
         return self.down_proj(swiglu(gate, up))
 
 
-# Floats of one chunk's MLP activations (`tokens × intermediate`) when a sequence is cut into chunks (`MLP`).
+# Floats of one chunk's MLP activations (`tokens × intermediate`) when a sequence is cut into chunks (`over_tokens`).
 MLP_CHUNK_ELEMENTS = 1 << 24
 
 
 def mlp_chunk(intermediate_size: int) -> int:
-    """Tokens per chunk of the MLP: the largest power of two whose activations stay within `MLP_CHUNK_ELEMENTS`.
+    """Tokens per chunk of a decoder layer: the largest power of two whose MLP activations stay within
+    `MLP_CHUNK_ELEMENTS` (at least 256).
 
     Example:
         >>> from qlora_jax._src.models.llama import mlp_chunk
@@ -496,6 +477,48 @@ def mlp_chunk(intermediate_size: int) -> int:
         1024
     """
     return max(256, 1 << int(math.log2(max(1, MLP_CHUNK_ELEMENTS // intermediate_size))))
+
+
+def over_tokens(module: nnx.Module, fn, inputs: tuple[jax.Array, ...], chunk: int, keep: bool):
+    """`fn(module, *inputs)` over chunks of `chunk` tokens, each recomputed in the backward pass from its inputs.
+
+    For what works token by token (projections, norms, the MLP): the activations of all tokens (`tokens ×
+    intermediate` floats, several times over in the backward pass) are the largest arrays of a long sequence's
+    step; a `lax.scan` over chunks bounds them to one chunk's. The module's RNG state (dropout) advances from
+    chunk to chunk, and the backward pass recomputes each chunk with the state it had. `keep`: whether a chunk
+    keeps `_KEEP`'s values for the backward pass (as the model without `remat`) or nothing (with `remat`).
+
+    Args:
+        module: The module `fn` runs (its variables are read, its RNG state advanced).
+        fn: `fn(module, *inputs) -> pytree of [b, s, ...]` arrays, token by token.
+        inputs: Arrays `[b, s, ...]`.
+        chunk: Tokens per chunk; `b × s <= chunk` runs `fn` once.
+        keep: See above.
+
+    Returns:
+        `fn`'s outputs for all tokens.
+    """
+    lead = inputs[0].shape[:2]
+    tokens = math.prod(lead)
+    if tokens <= chunk:
+        return fn(module, *inputs)
+    graphdef, rng_state, rest = nnx.split(module, nnx.RngState, ...)
+
+    def run(rng_state, xs):
+        chunk_module = nnx.merge(graphdef, rng_state, rest, copy=True)
+        out = fn(chunk_module, *xs)
+        return nnx.state(chunk_module, nnx.RngState), out
+
+    run = jax.checkpoint(run, prevent_cse=False, policy=_KEEP if keep else None)
+    flat = [x.reshape((tokens,) + x.shape[2:]) for x in inputs]
+    whole = tokens - tokens % chunk
+    rng_state, out = jax.lax.scan(run, rng_state, [x[:whole].reshape((-1, 1, chunk) + x.shape[1:]) for x in flat])
+    out = jax.tree.map(lambda y: y.reshape((whole,) + y.shape[3:]), out)  # [n, 1, chunk, ...] -> [whole, ...]
+    if whole < tokens:
+        rng_state, last = run(rng_state, [x[whole:][None] for x in flat])
+        out = jax.tree.map(lambda y, z: jnp.concatenate([y, z[0]]), out, last)
+    nnx.update(module, rng_state)
+    return jax.tree.map(lambda y: y.reshape(lead + y.shape[1:]), out)
 
 
 @jax.custom_vjp
@@ -544,11 +567,21 @@ class DecoderLayer(nnx.Module):
             # made to depend on the layer's own weight, its float32 copy cannot be hoisted out of the loop
             # (XLA:CPU would convert the whole stack, every layer's input, to float32 before the loop).
             (x,) = _after((x,), self.input_layernorm.weight[...])
-            x = checkpoint_name(x + self.self_attn(self.input_layernorm(x), cos, sin, mask), "h_mid")
-            return x + self.mlp(self.post_attention_layernorm(x), keep=keep)
+            # Everything but attention itself works token by token: over chunks of tokens (`over_tokens`).
+            chunk = mlp_chunk(self.mlp.intermediate_size)
+            q, k, v = over_tokens(self, DecoderLayer._project, (x, cos, sin), chunk, keep)
+            return over_tokens(self, DecoderLayer._finish, (x, attention(q, k, v, mask)), chunk, keep)
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+    def _project(self, x, cos, sin):
+        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+
+    def _finish(self, x, attn_out):
+        """The rest of the layer after attention: output projection, residual, MLP, residual."""
+        x = checkpoint_name(x + self.self_attn.o_proj(attn_out), "h_mid")
+        return x + self.mlp._forward(self.post_attention_layernorm(x))
 
 
 class CausalLM(nnx.Module):
@@ -562,9 +595,12 @@ class CausalLM(nnx.Module):
         norm: Final `RMSNorm`.
         lm_head: `nnx.Linear` `[hidden, vocab]` without bias, or None when tied.
         dtype: Compute dtype (float32 on CPU, bfloat16 on GPU/TPU is usual).
-        remat: Rematerialize each layer in the backward pass (`nnx.remat`); without it a
-            layer keeps its products' outputs, attention probabilities and residual stream,
+        remat: Rematerialize each layer in the backward pass (`remat_layers`); without it a
+            layer keeps its products' outputs, attention statistics and residual stream,
             and recomputes its RMSNorm outputs and SwiGLU product (elementwise passes).
+        remat_group: With `remat`, keep the input of every `remat_group`-th layer only and
+            recompute groups of that many layers (`remat_layers`): less memory for long
+            sequences, one more forward pass of every layer. 1: keep every layer's input.
 
     Example:
         >>> import jax.numpy as jnp
@@ -584,6 +620,7 @@ class CausalLM(nnx.Module):
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         remat: bool = False,
+        remat_group: int = 1,
         rngs: nnx.Rngs,
     ):
         """Builds the model with random weights (use `from_pretrained` to load a checkpoint).
@@ -595,11 +632,15 @@ class CausalLM(nnx.Module):
             remat: Rematerialize each decoder layer in the backward pass (keep only its
                 input); otherwise keep what its backward pass reads but the RMSNorm
                 outputs and the SwiGLU product, which are recomputed.
+            remat_group: See the class attributes.
             rngs: Initializers' randomness.
         """
+        if remat_group < 1:
+            raise ValueError(f"remat_group: {remat_group}, expected an integer >= 1")
         self.config = config
         self.dtype = np.dtype(dtype)
         self.remat = bool(remat)
+        self.remat_group = int(remat_group)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, param_dtype=param_dtype, rngs=rngs)
 
         @nnx.split_rngs(splits=config.num_layers)
@@ -721,7 +762,7 @@ class CausalLM(nnx.Module):
             # values; inside a scan that recomputation needs no CSE barrier (`jax.checkpoint`'s `prevent_cse`).
             if self.remat:
                 graphdef, state = nnx.split(self.layers)
-                h, rng_state = remat_layers(graphdef, h, state, (cos, sin, mask))
+                h, rng_state = remat_layers(graphdef, h, state, (cos, sin, mask), self.remat_group)
                 nnx.update(self.layers, rng_state)
             else:
                 body = nnx.remat(body, prevent_cse=False, policy=_KEEP, graph_updates=False)
@@ -755,19 +796,47 @@ def _from_bits(x, dtype):
     return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def remat_layers(graphdef, h, state, consts):
-    """The stacked decoder layers `state` run over `h`, each recomputed in the backward pass from its input.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
+def remat_layers(graphdef, h, state, consts, group: int = 1):
+    """The stacked decoder layers `state` run over `h`, recomputed in the backward pass from kept inputs.
 
     What `jax.checkpoint` around a scanned layer does, with its own gradient: the forward pass keeps each
-    layer's input (a `uint16` view of 16-bit activations), the backward pass runs the layers in reverse,
-    each recomputing its forward pass (`jax.vjp`) from the kept input and differentiating only what the
-    caller differentiates (the adapters when the base is frozen). Returns `(h, RNG state of the layers)`.
+    layer's input (a `uint16` view of 16-bit activations: XLA:CPU would stack them in float32), the backward
+    pass runs the layers in reverse, each recomputing its forward pass (`jax.vjp`) from the kept input and
+    differentiating only what the caller differentiates (the adapters when the base is frozen).
+
+    With `group > 1`, only the input of every `group`-th layer is kept (two-level checkpointing, Chen et al.,
+    2016, https://arxiv.org/abs/1604.06174): the backward pass first runs each group forward again from its
+    kept input, keeping its layers' inputs, then goes back through them. The kept inputs shrink from `layers`
+    to `layers / group + group`, for one more forward pass of every layer. The last group holds the remainder
+    when `group` does not divide the layers.
+
+    Returns:
+        `(h, RNG state of the layers)`.
     """
-    return _remat_layers_fwd(graphdef, h, state, consts)[0]
+    return _remat_layers_fwd(graphdef, h, state, consts, group)[0]
 
 
-def _remat_layers_fwd(graphdef, h, state, consts):
+def _groups(state, group):
+    """`state` (leading axis: layers) as `(whole groups [n, group, ...], remainder [r, ...] or None)`."""
+    layers = jax.tree.leaves(state)[0].shape[0]
+    n, r = divmod(layers, group)
+    whole = jax.tree.map(lambda x: x[:n * group].reshape((n, group) + x.shape[1:]), state) if n else None
+    rest = jax.tree.map(lambda x: x[n * group:], state) if r else None
+    return whole, rest
+
+
+def _run_layers(graphdef, h, state, consts, keep_inputs):
+    """The layers of `state` in order: `(h, kept inputs or None, RNG states)`."""
+    def body(h, state_i):
+        out, rng = _layer_step(graphdef, state_i, h, consts)
+        return out, (_to_bits(h) if keep_inputs else None, rng)
+
+    out, (inputs, rng) = jax.lax.scan(body, h, state)
+    return out, inputs, rng
+
+
+def _remat_layers_fwd(graphdef, h, state, consts, group):
     # `symbolic_zeros`: the arguments come as `CustomVJPPrimal`s saying whether they are differentiated; whether a
     # leaf of `state` is travels as the residuals' structure (`(leaf,)` differentiated, `(leaf, ())` not).
     if _is_primal(h):
@@ -775,29 +844,33 @@ def _remat_layers_fwd(graphdef, h, state, consts):
         h, state, consts = (jax.tree.map(lambda p: p.value, x, is_leaf=_is_primal) for x in (h, state, consts))
     else:
         marked = jax.tree.map(lambda x: (x,), state)
+    if group == 1:
+        out, inputs, rng = _run_layers(graphdef, h, state, consts, keep_inputs=True)
+        return (out, rng), (inputs, marked, consts)
+    whole, rest = _groups(state, group)
+    kept, rngs = [], []
+    if whole is not None:
+        def body(h, group_state):
+            out, _, rng = _run_layers(graphdef, h, group_state, consts, keep_inputs=False)
+            return out, (_to_bits(h), rng)
 
-    def body(h, state_i):
-        out, rng = _layer_step(graphdef, state_i, h, consts)
-        return out, (_to_bits(h), rng)
-
-    out, (inputs, rng) = jax.lax.scan(body, h, state)
-    return (out, rng), (inputs, marked, consts)
+        h, (inputs, rng) = jax.lax.scan(body, h, whole)
+        kept.append(inputs)
+        rngs.append(jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), rng))
+    if rest is not None:
+        kept.append(_to_bits(h))
+        h, _, rng = _run_layers(graphdef, h, rest, consts, keep_inputs=False)
+        rngs.append(rng)
+    rng = rngs[0] if len(rngs) == 1 else jax.tree.map(lambda *x: jnp.concatenate(x), *rngs)
+    return (h, rng), (tuple(kept), marked, consts)
 
 
 def _is_primal(x):
     return isinstance(x, jax.custom_derivatives.CustomVJPPrimal)
 
 
-def _remat_layers_bwd(graphdef, res, grads):
-    inputs, marked, consts = res
-    leaves, treedef = jax.tree.flatten(marked, is_leaf=lambda x: type(x) is tuple)
-    flags = [len(leaf) == 1 for leaf in leaves]
-    leaves = [leaf[0] for leaf in leaves]
-    grad_out = grads[0]
-    if isinstance(grad_out, jax.custom_derivatives.SymbolicZero):
-        grad_out = jnp.zeros(grad_out.shape, grad_out.dtype)
-    dtype = grad_out.dtype
-
+def _layers_backward(graphdef, grad_h, inputs, leaves, flags, treedef, consts):
+    """From the layers' kept inputs, in reverse: `(gradient of the first input, differentiated leaves' gradients)`."""
     def body(grad_h, xs):
         bits, layer_leaves = xs
         diff = [x for x, f in zip(layer_leaves, flags, strict=True) if f]
@@ -807,10 +880,40 @@ def _remat_layers_bwd(graphdef, res, grads):
             merged = [next(it) if f else x for x, f in zip(layer_leaves, flags, strict=True)]
             return _layer_step(graphdef, jax.tree.unflatten(treedef, merged), h, consts)[0]
 
-        _, vjp = jax.vjp(run, _from_bits(bits, dtype), diff)
+        _, vjp = jax.vjp(run, _from_bits(bits, grad_h.dtype), diff)
         return vjp(grad_h)
 
-    grad_h, grad_diff = jax.lax.scan(body, grad_out, (inputs, leaves), reverse=True)
+    return jax.lax.scan(body, grad_h, (inputs, leaves), reverse=True)
+
+
+def _remat_layers_bwd(graphdef, group, res, grads):
+    inputs, marked, consts = res
+    leaves, treedef = jax.tree.flatten(marked, is_leaf=lambda x: type(x) is tuple)
+    flags = [len(leaf) == 1 for leaf in leaves]
+    leaves = [leaf[0] for leaf in leaves]
+    grad_h = grads[0]
+    if isinstance(grad_h, jax.custom_derivatives.SymbolicZero):
+        grad_h = jnp.zeros(grad_h.shape, grad_h.dtype)
+    if group == 1:
+        grad_h, grad_diff = _layers_backward(graphdef, grad_h, inputs, leaves, flags, treedef, consts)
+    else:
+        whole, rest = _groups(leaves, group)
+        parts = []
+        if rest is not None:  # the last layers ran last: their gradients come first
+            rest_inputs = _run_layers(graphdef, _from_bits(inputs[-1], grad_h.dtype),
+                                      jax.tree.unflatten(treedef, rest), consts, keep_inputs=True)[1]
+            grad_h, grad_rest = _layers_backward(graphdef, grad_h, rest_inputs, rest, flags, treedef, consts)
+            parts.append(grad_rest)
+        if whole is not None:
+            def body(grad_h, xs):
+                bits, group_leaves = xs
+                group_inputs = _run_layers(graphdef, _from_bits(bits, grad_h.dtype),
+                                           jax.tree.unflatten(treedef, group_leaves), consts, keep_inputs=True)[1]
+                return _layers_backward(graphdef, grad_h, group_inputs, group_leaves, flags, treedef, consts)
+
+            grad_h, grad_whole = jax.lax.scan(body, grad_h, (inputs[0], whole), reverse=True)
+            parts.insert(0, [g.reshape((-1,) + g.shape[2:]) for g in grad_whole])
+        grad_diff = parts[0] if len(parts) == 1 else [jnp.concatenate(g) for g in zip(*parts, strict=True)]
     it = iter(grad_diff)
     grad_state = jax.tree.unflatten(treedef, [next(it) if f else None for f in flags])
     return grad_h, grad_state, None
