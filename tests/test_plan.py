@@ -101,6 +101,26 @@ def test_the_first_candidate_that_fits_is_picked(compile_once):
     assert set(e.value.suggestions) == {"seq_len"}  # already 4-bit, remat and micro-batch 1 were tried
 
 
+def test_groups_of_layers_are_picked_when_keeping_every_layer_input_does_not_fit(compile_once):
+    """An 8-layer model at 1024 tokens: with `available` between what rematerializing every layer needs and what
+    keeping every 4th layer's input needs (`remat_group=4`), the plan picks the groups; 2-layer models never try
+    them (see the test above)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CONFIG, num_layers=8)
+    seq = 1024
+    needs = {g: _need(compile_once, cfg, "qlora", 1, 1, True, seq, remat_group=g, **SETTINGS)
+             for g in (1, plan_module.REMAT_GROUP)}
+    assert needs[plan_module.REMAT_GROUP] < needs[1], needs
+    p = plan_fit(cfg, "qlora", batch_size=1, seq_len=seq, available_bytes=needs[plan_module.REMAT_GROUP], **SETTINGS)
+    assert (p.remat, p.remat_group, p.micro_batch, p.need_bytes) == (True, 4, 1, needs[plan_module.REMAT_GROUP])
+    assert [(c.remat, c.remat_group, c.fits) for c in p.candidates] == [(False, 1, False), (True, 1, False),
+                                                                         (True, 4, True)]
+    assert "remat on (groups of 4)" in p.describe() and p.to_dict()["remat_group"] == 4
+    p = plan_fit(cfg, "qlora", batch_size=1, seq_len=seq, available_bytes=needs[1], **SETTINGS)
+    assert (p.remat, p.remat_group) == (True, 1)
+
+
 def test_weights_that_cannot_fit_stop_the_search_early(compile_once):
     """Below the weights and optimizer state alone, the least need is still compiled and reported, and no
     shorter sequence is suggested (it would not help)."""

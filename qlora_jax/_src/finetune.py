@@ -175,6 +175,8 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
     model = from_pretrained(args.model, quant=quant, lora=lora, dtype=jnp.dtype(args.dtype), remat=args.remat,
                             rngs=nnx.Rngs(args.seed), progress=True)
+    if plan is not None:
+        model.remat_group = plan.remat_group  # the planner's pick (1 unless only groups of layers fit)
     train_config = TrainConfig(total_steps=steps, lr=args.lr, schedule=args.schedule,
                                warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
                                grad_accum=args.grad_accum, seed=args.seed)
@@ -259,7 +261,8 @@ def _memory_plan(args: FinetuneArgs, config: ModelConfig, out: Path) -> Plan:
     saved = json.loads((out / "run_config.json").read_text()).get("memory_plan") if args.resume else None
     if saved and saved["micro_batch"] * saved["grad_accum"] == settings["batch_size"]:
         try:  # the saved pick is the first candidate; where it no longer fits, a fresh plan is made
-            plan = plan_fit(**settings, remat=saved["remat"], grad_accum=saved["grad_accum"])
+            plan = plan_fit(**settings, remat=saved["remat"], grad_accum=saved["grad_accum"],
+                            remat_group=saved.get("remat_group", 1))
             if len(plan.candidates) == 1:
                 return plan
         except DoesNotFit:

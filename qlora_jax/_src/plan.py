@@ -7,9 +7,11 @@ first whose need fits the memory available:
 
 1. the whole batch in one step, without rematerialization;
 2. the whole batch with each layer rematerialized in the backward pass;
-3. micro-batches of `batch_size / k` rows (every `k` dividing `batch_size`,
+3. the same, keeping only every `REMAT_GROUP`-th layer's input
+   (`CausalLM(remat_group=...)`: one more forward pass, for long sequences);
+4. micro-batches of `batch_size / k` rows (every `k` dividing `batch_size`,
    smallest first) with `k`-step gradient accumulation, so the effective
-   batch stays `batch_size` rows: without, then with rematerialization.
+   batch stays `batch_size` rows: the same three settings in that order.
 
 The need of a candidate is the compiled step's peak (`compiled_total`), plus,
 with gradient accumulation, the accumulated gradients and the batch's other
@@ -34,8 +36,8 @@ from qlora_jax._src.memory import METHODS, MethodMemory, step_memory
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.surgery.config import QuantConfig
 
-__all__ = ["RESERVE_BYTES", "RESERVE_FRACTION", "Candidate", "DoesNotFit", "Plan", "available_memory", "need_bytes",
-           "plan_fit", "plan_table"]
+__all__ = ["REMAT_GROUP", "RESERVE_BYTES", "RESERVE_FRACTION", "Candidate", "DoesNotFit", "Plan", "available_memory",
+           "need_bytes", "plan_fit", "plan_table"]
 
 _logger = logging.getLogger("qlora_jax")
 
@@ -43,6 +45,7 @@ _logger = logging.getLogger("qlora_jax")
 RESERVE_BYTES = 512 * 2**20  # the runtime outside the step: XLA's and the kernels' workspaces, the data pipeline
 RESERVE_FRACTION = 0.10  # allocator fragmentation, the loader's one full-precision tensor at a time, dropout masks
 _MIN_SEQ_LEN = 128  # the shortest sequence length suggested
+REMAT_GROUP = 4  # layers per recomputed group, the planner's last rematerialization setting
 _BATCH_BYTES_PER_TOKEN = 12  # input_ids and targets (int32), weights (float32)
 
 
@@ -117,6 +120,7 @@ class Candidate:
     extra_bytes: int
     need_bytes: int
     fits: bool
+    remat_group: int = 1  # with remat: every `remat_group`-th layer's input kept (`CausalLM`)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -125,6 +129,7 @@ class Plan:
 
     Attributes:
         remat: Rematerialize each layer in the backward pass.
+        remat_group: With `remat`, keep every `remat_group`-th layer's input only (`CausalLM`'s).
         micro_batch: Rows per step.
         grad_accum: Micro-batches per optimizer update; `micro_batch * grad_accum` is the requested batch.
         need_bytes: What the pick needs (step and allowance, see `need_bytes`).
@@ -138,6 +143,7 @@ class Plan:
     need_bytes: int
     available_bytes: int
     candidates: tuple[Candidate, ...]
+    remat_group: int = 1
 
     def describe(self) -> str:
         """One line: the pick and its need, e.g. for a log.
@@ -149,7 +155,7 @@ class Plan:
         """
         batch = (f"micro-batch {self.micro_batch} x {self.grad_accum} (grad accumulation)" if self.grad_accum > 1
                  else f"batch {self.micro_batch} in one step")
-        return (f"remat {'on' if self.remat else 'off'}, {batch}, needs {_gib(self.need_bytes)} of "
+        return (f"{_remat_label(self.remat, self.remat_group)}, {batch}, needs {_gib(self.need_bytes)} of "
                 f"{_gib(self.available_bytes)} available")
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,10 +164,10 @@ class Plan:
         Example:
             >>> Plan(remat=False, micro_batch=4, grad_accum=1, need_bytes=1, available_bytes=2,
             ...      candidates=()).to_dict()
-            {'remat': False, 'micro_batch': 4, 'grad_accum': 1, 'need_bytes': 1, 'available_bytes': 2}
+            {'remat': False, 'remat_group': 1, 'micro_batch': 4, 'grad_accum': 1, 'need_bytes': 1, 'available_bytes': 2}
         """
-        return {"remat": self.remat, "micro_batch": self.micro_batch, "grad_accum": self.grad_accum,
-                "need_bytes": self.need_bytes, "available_bytes": self.available_bytes}
+        return {"remat": self.remat, "remat_group": self.remat_group, "micro_batch": self.micro_batch,
+                "grad_accum": self.grad_accum, "need_bytes": self.need_bytes, "available_bytes": self.available_bytes}
 
 
 class DoesNotFit(ValueError):
@@ -222,15 +228,17 @@ def plan_fit(
     remat: bool | None = None,
     grad_accum: int = 1,
     loss_chunk: int | None = None,
+    remat_group: int | None = None,
 ) -> Plan:
     """The fastest setting of a fine-tuning step that fits the memory available.
 
     Compiles the step abstractly (`step_memory`; nothing is loaded or
     allocated) for the candidates in order of preference and stops at the
     first whose need fits: the whole batch without, then with
-    rematerialization; then micro-batches of `batch_size / k` rows with
+    rematerialization of every layer, then of groups of `REMAT_GROUP` layers
+    (when the model has more); then micro-batches of `batch_size / k` rows with
     `k`-step gradient accumulation (`k` dividing `batch_size`, ascending),
-    without, then with rematerialization. A candidate needs its compiled
+    in the same three settings. A candidate needs its compiled
     step's peak, plus with accumulation the accumulated gradients and the
     batch's other rows, plus `need_bytes`'s allowance (10% + 512 MiB).
 
@@ -248,6 +256,7 @@ def plan_fit(
         grad_accum: The accumulation to start from (micro-batches of at most
             `batch_size / grad_accum` rows); must divide `batch_size`.
         loss_chunk: Passed to `step_memory` (chunked cross-entropy) when set.
+        remat_group: With rematerialization: None tries 1 then `REMAT_GROUP`; a number only that one.
 
     Returns:
         A `Plan`.
@@ -274,25 +283,29 @@ def plan_fit(
     available = available_memory() if available_bytes is None else int(available_bytes)
     measure = _Measure(config, method, rank=rank, alpha=alpha, dtype=dtype, quant=quant, batch_size=batch_size,
                        seq_len=seq_len, loss_chunk=loss_chunk, available=available)
-    remats = (False, True) if remat is None else (bool(remat),)
-    order = [(k, r) for k in _divisors(batch_size) if k >= grad_accum for r in remats]
+    groups = (remat_group,) if remat_group is not None else (1, REMAT_GROUP)[:1 + (config.num_layers > REMAT_GROUP)]
+    remats = [(False, 1)] * (remat is not True) + [(True, g) for g in groups] * (remat is not False)
+    order = [(k, r, g) for k in _divisors(batch_size) if k >= grad_accum for r, g in remats]
+    # The least need reported, and where single changes are tried: the smallest micro-batch, every layer's input kept
+    # (groups of layers need less only for long sequences).
+    frugal = next((c for c in reversed(order) if c[2] == 1), order[-1])
     tried: list[Candidate] = []
     weights_fit = True
-    for k, r in order:
-        candidate, memory = measure(batch_size // k, r)
+    for k, r, g in order:
+        candidate, memory = measure(batch_size // k, r, remat_group=g)
         tried.append(candidate)
-        _logger.info("memory plan: micro-batch %d x %d, remat %s: needs %s of %s", batch_size // k, k, r,
+        _logger.info("memory plan: micro-batch %d x %d, %s: needs %s of %s", batch_size // k, k, _remat_label(r, g),
                      _gib(candidate.need_bytes), _gib(available))
         if candidate.fits:
-            return Plan(remat=r, micro_batch=batch_size // k, grad_accum=k, need_bytes=candidate.need_bytes,
-                        available_bytes=available, candidates=tuple(tried))
+            return Plan(remat=r, remat_group=g, micro_batch=batch_size // k, grad_accum=k,
+                        need_bytes=candidate.need_bytes, available_bytes=available, candidates=tuple(tried))
         weights_fit = measure.floor(memory, batch_size // k, seq_len) <= available
         if not weights_fit:  # the weights and optimizer state alone do not fit: no candidate can
-            if (k, r) != order[-1]:
-                tried.append(measure(batch_size // order[-1][0], order[-1][1])[0])  # the least need, reported
+            if (k, r, g) != frugal:
+                tried.append(measure(batch_size // frugal[0], frugal[1], remat_group=frugal[2])[0])  # the least need
             break
     raise DoesNotFit(need_bytes=min(c.need_bytes for c in tried), available_bytes=available,
-                     suggestions=_suggestions(measure, order[-1], remat, weights_fit), candidates=tuple(tried))
+                     suggestions=_suggestions(measure, frugal, remat, weights_fit), candidates=tuple(tried))
 
 
 class _Measure:
@@ -303,7 +316,8 @@ class _Measure:
         self.config, self.method, self.batch_size, self.seq_len = config, method, batch_size, seq_len
         self.available, self.settings = available, settings
 
-    def __call__(self, micro_batch: int, remat: bool, **changes: Any) -> tuple[Candidate, MethodMemory]:
+    def __call__(self, micro_batch: int, remat: bool, remat_group: int = 1, **changes: Any,
+                 ) -> tuple[Candidate, MethodMemory]:
         method = changes.get("method", self.method)
         seq_len = changes.get("seq_len", self.seq_len)
         settings = dict(self.settings)
@@ -311,13 +325,15 @@ class _Measure:
             del settings["loss_chunk"]  # step_memory's own default
         if method != "qlora":
             settings["quant"] = None
-        memory = step_memory(self.config, method, batch_size=micro_batch, seq_len=seq_len, remat=remat, **settings)
+        memory = step_memory(self.config, method, batch_size=micro_batch, seq_len=seq_len, remat=remat,
+                             remat_group=remat_group if remat else 1, **settings)
         extra = 0
         if micro_batch < self.batch_size:  # the accumulated gradients and the batch's other rows
             extra = memory.gradient_bytes + _BATCH_BYTES_PER_TOKEN * (self.batch_size - micro_batch) * seq_len
         need = need_bytes(memory.compiled_total + extra)
         candidate = Candidate(micro_batch=micro_batch, grad_accum=self.batch_size // micro_batch, remat=remat,
-                              step_bytes=memory.compiled_total, extra_bytes=extra, need_bytes=need,
+                              remat_group=remat_group if remat else 1, step_bytes=memory.compiled_total,
+                              extra_bytes=extra, need_bytes=need,
                               fits=need <= self.available)
         return candidate, memory
 
@@ -328,20 +344,20 @@ class _Measure:
         return need_bytes(memory.argument_bytes - _BATCH_BYTES_PER_TOKEN * micro_batch * seq_len)
 
 
-def _suggestions(measure: _Measure, frugal: tuple[int, bool], remat: bool | None, weights_fit: bool,
+def _suggestions(measure: _Measure, frugal: tuple[int, bool, int], remat: bool | None, weights_fit: bool,
                  ) -> dict[str, Any]:
     """Single changes that fit, each compiled at the most frugal candidate (the smallest micro-batch)."""
-    micro, frugal_remat = measure.batch_size // frugal[0], frugal[1]
+    micro, frugal_remat, group = measure.batch_size // frugal[0], frugal[1], frugal[2]
     found: dict[str, Any] = {}
     for cheaper in {"full": ("lora", "qlora"), "lora": ("qlora",), "qlora": ()}[measure.method]:
-        if measure(micro, frugal_remat, method=cheaper)[0].fits:
+        if measure(micro, frugal_remat, remat_group=group, method=cheaper)[0].fits:
             found["method"] = cheaper
             break
     if remat is False and measure(micro, True)[0].fits:
         found["remat"] = True
     seq_len = measure.seq_len // 2
     while weights_fit and seq_len >= _MIN_SEQ_LEN:  # the longest halving that fits
-        candidate, memory = measure(micro, frugal_remat, seq_len=seq_len)
+        candidate, memory = measure(micro, frugal_remat, remat_group=group, seq_len=seq_len)
         if candidate.fits:
             found["seq_len"] = seq_len
             break
@@ -366,10 +382,17 @@ def plan_table(candidates: tuple[Candidate, ...] | list[Candidate]) -> str:
     """
     lines = ["| micro-batch | grad accumulation | remat | step (GiB) | + accumulation (GiB) | need (GiB) | fits |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {c.micro_batch} | {c.grad_accum} | {'on' if c.remat else 'off'} | {c.step_bytes / 2**30:.2f} | "
+    lines += [f"| {c.micro_batch} | {c.grad_accum} | {_remat_label(c.remat, c.remat_group)[6:]} | "
+              f"{c.step_bytes / 2**30:.2f} | "
               f"{c.extra_bytes / 2**30:.2f} | {c.need_bytes / 2**30:.2f} | {'yes' if c.fits else 'no'} |"
               for c in candidates]
     return "\n".join(lines)
+
+
+def _remat_label(remat: bool, group: int) -> str:
+    if not remat:
+        return "remat off"
+    return "remat on" if group == 1 else f"remat on (groups of {group})"
 
 
 def _gib(n: int) -> str:
