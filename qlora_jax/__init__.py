@@ -11,7 +11,9 @@ Example:
     0.5159
 """
 
-from qlora_jax import checkpoint, data, linen, models, nnx, train
+import importlib
+from typing import Any
+
 from qlora_jax._src.formats import (
     BLOCK_SIZES,
     FORMATS,
@@ -22,7 +24,6 @@ from qlora_jax._src.formats import (
     quantize,
     to_bnb,
 )
-from qlora_jax._src.linen import lora_mask, masked
 from qlora_jax._src.nn import lora_delta, lora_einsum
 from qlora_jax._src.ops import can_use_pallas_gpu, can_use_pallas_tpu, qdot_general, qeinsum, qmatmul, qmatmul_path
 from qlora_jax._src.runtime import CpuRuntime, configure_cpu
@@ -46,6 +47,26 @@ from qlora_jax._src.surgery import (
 )
 
 __version__ = "0.1.0"
+
+# Imported on first use (`qj.train`, `qj.lora_mask`, ...): Orbax, Flax Linen and the models cost import time that a
+# script using only the 4-bit formats or layers does not need.
+_LAZY_MODULES = ("checkpoint", "data", "linen", "models", "nnx", "train")
+_LAZY_NAMES = {"lora_mask": "qlora_jax._src.linen", "masked": "qlora_jax._src.linen"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_MODULES:
+        module = importlib.import_module(f"qlora_jax.{name}")
+    elif name in _LAZY_NAMES:
+        module = getattr(importlib.import_module(_LAZY_NAMES[name]), name)
+    else:
+        raise AttributeError(f"module 'qlora_jax' has no attribute {name!r}")
+    globals()[name] = module
+    return module
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 __all__ = [
     "checkpoint",

@@ -24,3 +24,22 @@ def test_every_public_name_imports_and_has_a_docstring_with_an_example(module_na
 
 def test_version():
     assert qlora_jax.__version__
+
+
+def test_import_is_lazy_about_checkpointing_models_and_training():
+    """`import qlora_jax` (in a fresh process) imports neither Orbax nor the models, training, data or Linen
+    packages; `qj.train`, `qj.lora_mask` and `qj.checkpoint` import theirs on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, qlora_jax as qj\n"
+        "heavy = ['orbax.checkpoint', 'qlora_jax.train', 'qlora_jax.models', 'qlora_jax.data',\n"
+        "         'qlora_jax._src.linen']\n"
+        "print([m for m in heavy if m in sys.modules])\n"
+        "qj.train.Trainer, qj.lora_mask, qj.checkpoint.save\n"
+        "needed = ['orbax.checkpoint', 'qlora_jax.train', 'qlora_jax._src.linen']\n"
+        "print([m for m in needed if m not in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "[]"], out
