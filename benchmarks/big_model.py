@@ -379,9 +379,9 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     steps_rss = _status_kib("VmRSS") * 1024
     # The compiled step's own accounting (after the steps, so that its compilation is not in their peak).
     if args.step == "trainer":
-        from qlora_jax._src.train.step import _bound_train_step
+        from qlora_jax._src.train.step import bound_train_step
 
-        lowered = _bound_train_step(trainer.model, trainer.optimizer).lower(batch, config=trainer.config)
+        lowered = bound_train_step(trainer.model, trainer.optimizer).lower(batch, config=trainer.config)
     else:
         lowered = user_step.lower(model, optimizer, batch)
     analysis = lowered.compile().memory_analysis()

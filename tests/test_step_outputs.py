@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import qlora_jax as qj
-from qlora_jax._src.train.step import _bound_train_step, _train_step
+from qlora_jax._src.train.step import _train_step, bound_train_step
 from qlora_jax.models import CausalLM, ModelConfig
 
 SCRIPT = Path(__file__).parent / "scripts" / "step_rss.py"
@@ -58,7 +58,7 @@ def test_compiled_step_outputs_only_what_it_changes(flavour):
     if flavour == "function":
         lowered = _train_step.lower(model, optimizer, batch, config)
     elif flavour == "trainer":
-        lowered = _bound_train_step(model, optimizer).lower(batch, config=config)
+        lowered = bound_train_step(model, optimizer).lower(batch, config=config)
     elif flavour == "readme":
         lowered = nnx.jit(_readme_step, graph_updates=False, donate_argnums=1).lower(model, optimizer, batch)
     else:

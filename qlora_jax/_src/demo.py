@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from qlora_jax._src.memory import _linear_param_count, step_memory
+from qlora_jax._src.memory import linear_param_count, step_memory
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.generate import generate
 from qlora_jax._src.models.llama import CausalLM
@@ -438,7 +438,7 @@ class MethodResult:
 def _linear_bytes(model: nnx.Module, config: ModelConfig, kind: type[nnx.Variable]) -> tuple[int, int]:
     """Bytes of the frozen linear base weights (variables of type `kind`) and their logical parameter count."""
     nbytes = sum(int(a.nbytes) for a in jax.tree.leaves(nnx.state(model, kind)))
-    return nbytes, _linear_param_count(config)
+    return nbytes, linear_param_count(config)
 
 
 def finetune(make_base: Callable[[], CausalLM], method: str, data: TaskData, tok: Tokenizer, cfg: DemoConfig,
@@ -476,7 +476,7 @@ def base_result(model: CausalLM, data: TaskData, tok: Tokenizer, max_new_tokens:
 
     nbytes = sum(int(v.nbytes) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
                  if path[-1] == "kernel" and "lm_head" not in path)  # [layers, in, out] stacked kernels
-    nparams = _linear_param_count(model.config)
+    nparams = linear_param_count(model.config)
     acc, texts = accuracy(model, tok, data.prompts, data.answers, max_new_tokens)
     return MethodResult(method="base model, no fine-tuning", eval_loss=evaluate(model, data.eval)["loss"],
                         accuracy=acc, bytes_per_param=nbytes / nparams, base_linear_bytes=nbytes,

@@ -172,7 +172,7 @@ def step_memory(
 
     linear = nnx.state(model, FrozenWeight) if method != "full" else _linear_kernels(model)
     quantized = nnx.state(model, QuantizedWeight)
-    linear_params = _linear_param_count(config)
+    linear_params = linear_param_count(config)
     linear_bytes = _nbytes(quantized) if method == "qlora" else linear_params * np.dtype(dtype).itemsize
     all_params = _nparams(nnx.state(model, nnx.Param)) + (_nparams(linear) if method != "full" else 0)
     other_params = config.num_params - linear_params
@@ -207,7 +207,7 @@ def _linear_kernels(model) -> Any:
     return [v for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)) if path[-1] == "kernel"]
 
 
-def _linear_param_count(config: ModelConfig) -> int:
+def linear_param_count(config: ModelConfig) -> int:
     d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
     per_layer = d * config.num_heads * hd * 2 + 2 * d * config.num_kv_heads * hd + 3 * d * f
     return config.num_layers * per_layer

@@ -30,7 +30,8 @@ from qlora_jax._src.formats.qarray import BLOCK_SIZES, FORMATS, NESTED_BLOCK_SIZ
 
 __all__ = ["quantize", "quantize_streaming", "dequantize", "dequantize_absmax"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
+# The float dtypes the library takes for weights and compute (one definition, imported where needed).
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 # Rows are quantized in chunks of about this many elements (16 MiB of float32).
 _CHUNK_ELEMENTS = 1 << 20
 # `quantize_streaming` reads and quantizes rows in chunks of about this many bytes of input (4M bfloat16 elements):
@@ -101,7 +102,7 @@ def quantize(
         raise ValueError(f"block_size: {block_size!r} is not supported; expected one of {BLOCK_SIZES}")
     if not hasattr(x, "dtype") or not hasattr(x, "shape"):
         x = np.asarray(x)
-    if np.dtype(x.dtype) not in _FLOAT_DTYPES:
+    if np.dtype(x.dtype) not in FLOAT_DTYPES:
         raise ValueError(f"x: dtype {x.dtype} cannot be quantized; expected float32, bfloat16 or float16")
     axes = _normalize_contract_axes(contract_axes, tuple(x.shape))
     if math.prod(x.shape) == 0:
@@ -172,7 +173,7 @@ def quantize_streaming(
     if len(rows.shape) != 2:
         raise ValueError(f"rows: expected a matrix [out, in], got shape {tuple(rows.shape)}")
     dtype = np.dtype(rows.dtype)
-    if dtype not in _FLOAT_DTYPES:
+    if dtype not in FLOAT_DTYPES:
         raise ValueError(f"rows: dtype {dtype} cannot be quantized; expected float32, bfloat16 or float16")
     n_rows, length = (int(d) for d in rows.shape)
     if n_rows * length == 0:

@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qlora_jax._src.formats.blockwise import quantize
+from qlora_jax._src.formats.blockwise import FLOAT_DTYPES, quantize
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.linen.interceptor import SUPPORTED_MODULES, unsupported_reason
-from qlora_jax._src.linen.layers import FROZEN, _check_blockable
+from qlora_jax._src.linen.layers import FROZEN, check_blockable
 from qlora_jax._src.nn.lora import init_lora
 from qlora_jax._src.surgery.config import ALL_LINEAR, LoraConfig, QuantConfig
 from qlora_jax._src.surgery.report import QLoRAReport, ReplacedLayer
@@ -38,7 +38,6 @@ from qlora_jax._src.surgery.targets import HEAD_NAMES
 
 __all__ = ["DenseLayer", "dense_layers", "convert_params"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +299,7 @@ def _dense_in_params(tree: Mapping[str, Any]) -> list[DenseLayer]:
         kernel = node.get("kernel")
         if not _is_array(kernel) or kernel.ndim != 2 or set(node) - {"kernel", "bias"}:
             continue
-        if np.dtype(kernel.dtype) not in _FLOAT_DTYPES:
+        if np.dtype(kernel.dtype) not in FLOAT_DTYPES:
             continue
         bias = node.get("bias")
         if bias is not None and not (_is_array(bias) and tuple(bias.shape) == (kernel.shape[1],)):
@@ -387,13 +386,13 @@ def _check_layer(tree: Mapping[str, Any], d: DenseLayer, quant: QuantConfig | No
     if isinstance(kernel, nn.meta.AxisMetadata):
         raise TypeError(f"{d.path}: the kernel is boxed ({type(kernel).__name__}); unbox the params first "
                         "(nn.meta.unbox)")
-    if not _is_array(kernel) or np.dtype(kernel.dtype) not in _FLOAT_DTYPES:
+    if not _is_array(kernel) or np.dtype(kernel.dtype) not in FLOAT_DTYPES:
         raise ValueError(f"{d.path}: kernel {type(kernel).__name__} {getattr(kernel, 'dtype', '')} cannot be "
                          "converted; expected a float32, bfloat16 or float16 array")
     if any(k in node for k in ("lora_a", "lora_b")):
         raise ValueError(f"{d.path}: already has adapters; convert_params takes the params of an unconverted model")
     if quant is not None:
-        _check_blockable(d.path, d.layer_shape, d.n_in, quant)
+        check_blockable(d.path, d.layer_shape, d.n_in, quant)
 
 
 def _quantize(kernel: jax.Array, d: DenseLayer, quant: QuantConfig) -> QuantizedArray:

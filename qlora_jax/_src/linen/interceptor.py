@@ -18,7 +18,7 @@ import flax.linen as nn
 import numpy as np
 from flax.linen import dtypes as linen_dtypes
 
-from qlora_jax._src.linen.layers import FROZEN, _QLoRABase, compute_dtype, dense_forward
+from qlora_jax._src.linen.layers import FROZEN, QLoRABase, compute_dtype, dense_forward
 from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 
 __all__ = ["SUPPORTED_MODULES", "qlora_interceptor", "unsupported_reason"]
@@ -121,7 +121,7 @@ def qlora_interceptor(
 
     def interceptor(next_fun: Any, args: tuple, kwargs: dict, context: nn.module.InterceptorContext) -> Any:
         module = context.module
-        if context.method_name != "__call__" or isinstance(module, _QLoRABase):
+        if context.method_name != "__call__" or isinstance(module, QLoRABase):
             return next_fun(*args, **kwargs)
         if not module.has_variable(FROZEN, "kernel"):
             if (type(module) in SUPPORTED_MODULES and not module.is_mutable_collection("params")

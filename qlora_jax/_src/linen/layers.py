@@ -164,7 +164,7 @@ def normalize_axes(axis: int | Sequence[int], ndim: int, name: str) -> tuple[int
     return tuple(sorted(a % ndim for a in axes))
 
 
-def _check_blockable(name: str, shape: tuple[int, ...], n_in: int, quant: QuantConfig) -> None:
+def check_blockable(name: str, shape: tuple[int, ...], n_in: int, quant: QuantConfig) -> None:
     in_size = math.prod(shape[:n_in])
     if in_size % quant.block_size:
         raise ValueError(f"{name}: kernel shape {shape} has input size {in_size}, which is not a multiple of "
@@ -172,7 +172,7 @@ def _check_blockable(name: str, shape: tuple[int, ...], n_in: int, quant: QuantC
                          "(blocks run along the input axis). Use a smaller block_size or quant=None")
 
 
-class _QLoRABase(nn.Module):
+class QLoRABase(nn.Module):
     """Shared variables and call of the two layers; subclasses define the kernel geometry."""
 
     def _layer_name(self) -> str:
@@ -189,7 +189,7 @@ class _QLoRABase(nn.Module):
             kernel = kernel_init(self.make_rng("params"), shape, self.param_dtype)  # as nn.Dense's self.param
             if self.quant is None:
                 return kernel
-            _check_blockable(name, shape, n_axis, self.quant)
+            check_blockable(name, shape, n_axis, self.quant)
             return quantize(kernel, self.quant.fmt, self.quant.block_size, self.quant.double_quant,
                             contract_axes=tuple(range(n_axis)))
 
@@ -210,7 +210,7 @@ class _QLoRABase(nn.Module):
                              name=name)
 
 
-class QLoRADense(_QLoRABase):
+class QLoRADense(QLoRABase):
     """`nn.Dense` with a frozen, usually 4-bit, kernel and a LoRA adapter.
 
     `y = x @ kernel + bias + s · B(A(dropout(x)))` over the last axis, with
@@ -281,7 +281,7 @@ class QLoRADense(_QLoRABase):
                           deterministic)
 
 
-class QLoRADenseGeneral(_QLoRABase):
+class QLoRADenseGeneral(QLoRABase):
     """`nn.DenseGeneral` with a frozen, usually 4-bit, kernel and a LoRA adapter.
 
     The kernel `[*in, *features]` (`in` = the input sizes along `axis`) is

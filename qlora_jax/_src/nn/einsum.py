@@ -17,10 +17,10 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn.adapter import AdapterMixin
-from qlora_jax._src.nn.general import _check_unstacked
-from qlora_jax._src.nn.linear import _FLOAT_DTYPES
+from qlora_jax._src.nn.general import check_unstacked
 from qlora_jax._src.nn.lora import lora_einsum
 from qlora_jax._src.nn.spec import einsum_kernel_axes, einsum_problem, split_einsum
 from qlora_jax._src.nn.variables import FrozenWeight, QuantizedWeight
@@ -100,7 +100,7 @@ class QuantEinsum(nnx.Module):
             self.kernel = QuantizedWeight(kernel)
         else:
             kernel = jnp.asarray(kernel)
-            if np.dtype(kernel.dtype) not in _FLOAT_DTYPES or kernel.ndim < len(ks):
+            if np.dtype(kernel.dtype) not in FLOAT_DTYPES or kernel.ndim < len(ks):
                 raise ValueError(f"kernel: expected a float kernel [*stack, *kernel_shape] with {len(ks)} kernel "
                                  f"axes for {einsum_str!r}, or a QuantizedArray; got shape {tuple(kernel.shape)}, "
                                  f"dtype {kernel.dtype}")
@@ -122,7 +122,7 @@ class QuantEinsum(nnx.Module):
         else:
             self.bias = nnx.data(None)
             self.bias_shape = None
-        if dtype is not None and np.dtype(dtype) not in _FLOAT_DTYPES:
+        if dtype is not None and np.dtype(dtype) not in FLOAT_DTYPES:
             raise ValueError(f"dtype: {dtype} is not a compute dtype; expected float32, bfloat16, float16 or None")
         self.einsum_str = spec
         self.kernel_shape = logical
@@ -140,7 +140,7 @@ class QuantEinsum(nnx.Module):
         spec = self._spec(einsum_str)
         x = x.astype(x.dtype if self.dtype is None else self.dtype)
         kernel = self.kernel.get_value()
-        _check_unstacked(kernel, len(self.kernel_shape), type(self).__name__)
+        check_unstacked(kernel, len(self.kernel_shape), type(self).__name__)
         if isinstance(kernel, QuantizedArray):
             y = qeinsum(spec, x, kernel, precision=self.precision)
         else:  # as nnx.Einsum: the kernel in the compute dtype, no gradient (frozen)

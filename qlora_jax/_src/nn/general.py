@@ -18,9 +18,9 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn.adapter import AdapterMixin
-from qlora_jax._src.nn.linear import _FLOAT_DTYPES
 from qlora_jax._src.nn.variables import FrozenWeight, QuantizedWeight
 from qlora_jax._src.ops.qmatmul import qdot_general
 
@@ -97,7 +97,7 @@ class QuantLinearGeneral(nnx.Module):
             self.kernel = QuantizedWeight(kernel)
         else:
             kernel = jnp.asarray(kernel)
-            if np.dtype(kernel.dtype) not in _FLOAT_DTYPES:
+            if np.dtype(kernel.dtype) not in FLOAT_DTYPES:
                 raise ValueError(f"kernel: expected a float kernel [*stack, *in, *out] or a QuantizedArray; got "
                                  f"dtype {kernel.dtype}, shape {tuple(kernel.shape)}")
             n_log = kernel.ndim if out_given is None else n_in + len(out_given)
@@ -118,7 +118,7 @@ class QuantLinearGeneral(nnx.Module):
             self.bias = nnx.Param(bias)
         else:
             self.bias = nnx.data(None)
-        if dtype is not None and np.dtype(dtype) not in _FLOAT_DTYPES:
+        if dtype is not None and np.dtype(dtype) not in FLOAT_DTYPES:
             raise ValueError(f"dtype: {dtype} is not a compute dtype; expected float32, bfloat16, float16 or None")
         self.in_features = in_f
         self.out_features = out_f
@@ -132,7 +132,7 @@ class QuantLinearGeneral(nnx.Module):
         x = x.astype(x.dtype if self.dtype is None else self.dtype)
         dims = self._dims(x)
         kernel = self.kernel.get_value()
-        _check_unstacked(kernel, len(self.in_features) + len(self.out_features), type(self).__name__)
+        check_unstacked(kernel, len(self.in_features) + len(self.out_features), type(self).__name__)
         if isinstance(kernel, QuantizedArray):
             y = qdot_general(x, kernel, dims, precision=self.precision)
         else:  # as nnx.LinearGeneral: the kernel in the compute dtype, no gradient (frozen)
@@ -262,7 +262,7 @@ def _as_tuple(value: int | Sequence[int], name: str) -> tuple[int, ...]:
     return out
 
 
-def _check_unstacked(kernel: QuantizedArray | jax.Array, ndim: int, layer: str) -> None:
+def check_unstacked(kernel: QuantizedArray | jax.Array, ndim: int, layer: str) -> None:
     stack = kernel.stack_shape if isinstance(kernel, QuantizedArray) else tuple(kernel.shape[: kernel.ndim - ndim])
     if stack:
         raise ValueError(f"{layer}: the kernel has stack dimensions {stack}; call the layer inside nnx.scan or "

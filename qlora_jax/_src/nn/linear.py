@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn.adapter import AdapterMixin
 from qlora_jax._src.nn.lora import lora_delta
@@ -28,7 +29,6 @@ from qlora_jax._src.ops.qmatmul import qmatmul
 
 __all__ = ["QuantLinear", "QLoRALinear"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 
 class QuantLinear(nnx.Module):
@@ -87,7 +87,7 @@ class QuantLinear(nnx.Module):
             self.kernel = QuantizedWeight(kernel)
         else:
             kernel = jnp.asarray(kernel)
-            if kernel.ndim < 2 or np.dtype(kernel.dtype) not in _FLOAT_DTYPES:
+            if kernel.ndim < 2 or np.dtype(kernel.dtype) not in FLOAT_DTYPES:
                 raise ValueError(f"kernel: expected a float kernel [*stack, in, out] or a QuantizedArray; got "
                                  f"shape {tuple(kernel.shape)}, dtype {kernel.dtype}")
             stack, (n_in, n_out) = tuple(kernel.shape[:-2]), tuple(kernel.shape[-2:])
@@ -100,7 +100,7 @@ class QuantLinear(nnx.Module):
             self.bias = nnx.Param(bias)
         else:
             self.bias = nnx.data(None)
-        if dtype is not None and np.dtype(dtype) not in _FLOAT_DTYPES:
+        if dtype is not None and np.dtype(dtype) not in FLOAT_DTYPES:
             raise ValueError(f"dtype: {dtype} is not a compute dtype; expected float32, bfloat16, float16 or None")
         self.in_features = int(n_in)
         self.out_features = int(n_out)

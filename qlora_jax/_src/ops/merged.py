@@ -32,7 +32,7 @@ from jax import lax
 
 from qlora_jax._src.formats.blockwise import dequantize_permuted, dequantize_stored
 from qlora_jax._src.formats.qarray import QuantizedArray
-from qlora_jax._src.ops.qmatmul import _depend_on, _permutes_columns, _tie, _zero_cotangent, qmatmul_path
+from qlora_jax._src.ops.qmatmul import depend_on, dependent_zero, permutes_columns, qmatmul_path, zero_cotangent
 
 __all__ = ["lora_matmul", "can_merge"]
 
@@ -115,7 +115,7 @@ def lora_matmul(
                          f"[{n_in}, {n_out}]; expected a [in, r], b [r, out]")
     if isinstance(precision, list):
         precision = tuple(precision)
-    permuted = isinstance(kernel, QuantizedArray) and _permutes_columns(kernel)
+    permuted = isinstance(kernel, QuantizedArray) and permutes_columns(kernel)
     return _merged(x, kernel, a.astype(x.dtype), b.astype(x.dtype), (float(scale), precision, permuted))
 
 
@@ -144,7 +144,7 @@ def _merged_bwd(cfg, res, g):
         if permuted:  # interleave the even and odd columns back
             half = grad_x.shape[-1] // 2
             grad_x = jnp.stack([grad_x[..., :half], grad_x[..., half:]], axis=-1).reshape(x.shape)
-        grad_kernel = jax.tree.map(_zero_cotangent, kernel)
+        grad_kernel = jax.tree.map(zero_cotangent, kernel)
     else:
         grad_x = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
         grad_kernel = jnp.zeros_like(kernel)
@@ -163,14 +163,14 @@ _merged.defvjp(_merged_fwd, _merged_bwd)
 
 def _weight(kernel, a, b, cfg, *, tie):
     """The merged float32 weight: `[out, in]` for a packed kernel (columns permuted as `qmatmul`'s on CPU),
-    `[in, out]` for a float kernel. Data-dependent on `tie` (see `qmatmul`'s `_depend_on`)."""
+    `[in, out]` for a float kernel. Data-dependent on `tie` (see `qmatmul`'s `dependent_zero`)."""
     scale, precision, permuted = cfg
-    zero = _tie(tie)
+    zero = dependent_zero(tie)
     a = a + zero.astype(a.dtype)  # ties the adapter's update, and so the sum, to `tie`
     if not isinstance(kernel, QuantizedArray):
         update = lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision)  # [in, out]
         return kernel.astype(jnp.float32) + update * np.float32(scale)
-    q = _depend_on(kernel, tie)
+    q = depend_on(kernel, tie)
     if permuted:
         base = dequantize_permuted(q, np.dtype(np.float32))  # [out, in], even input columns first
         a = jnp.concatenate([a[0::2], a[1::2]], axis=0)

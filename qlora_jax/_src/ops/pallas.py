@@ -42,13 +42,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from qlora_jax._src.formats import codebooks
-from qlora_jax._src.formats.blockwise import dequantize_absmax
+from qlora_jax._src.formats.blockwise import FLOAT_DTYPES, dequantize_absmax
 from qlora_jax._src.formats.qarray import QuantizedArray
 
 __all__ = ["Support", "Tiles", "tiles_for", "GPU_TILES", "TPU_TILES", "SMALL_M", "can_use_pallas_gpu",
            "can_use_pallas_tpu", "pallas_matmul"]
 
-_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +149,7 @@ def _support(backend: str, x, q: QuantizedArray, interpret: bool) -> Support:
                               f"{q.stack_shape}) is not one 2-D [in, out] kernel")
     if not q.row_layout:
         return Support(False, f"input size {q.shape[0]} is not a multiple of the block size {q.block_size}")
-    if np.dtype(x.dtype) not in _DTYPES:
+    if np.dtype(x.dtype) not in FLOAT_DTYPES:
         return Support(False, f"activation dtype {np.dtype(x.dtype)} is not float32, bfloat16 or float16")
     if q.shape[1] % _MIN_BN[backend]:
         return Support(False, f"output size {q.shape[1]} is not a multiple of {_MIN_BN[backend]}")

@@ -38,6 +38,7 @@ import numpy as np
 from jax import lax
 
 from qlora_jax._src.formats.blockwise import (
+    FLOAT_DTYPES,
     dequantize,
     dequantize_absmax,
     dequantize_halves,
@@ -52,7 +53,6 @@ from qlora_jax._src.ops import pallas
 __all__ = ["qmatmul", "qdot_general", "qeinsum", "qmatmul_path", "PATHS"]
 
 PATHS = ("auto", "reference", "xla", "pallas_gpu", "pallas_tpu")
-_DTYPES = (np.dtype(jnp.float32), np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 _logger = logging.getLogger("qlora_jax")
 _warned: set[str] = set()
 
@@ -323,7 +323,7 @@ def _check_operands(x, q, fn: str) -> None:
         raise ValueError(f"q: kernel {q.shape} has stack dimensions {q.stack_shape}; slice one layer first "
                          f"(e.g. inside scan)")
     dtype = getattr(x, "dtype", None)
-    if dtype is None or np.dtype(dtype) not in _DTYPES:
+    if dtype is None or np.dtype(dtype) not in FLOAT_DTYPES:
         raise ValueError(f"x: dtype {dtype} (shape {getattr(x, 'shape', None)}) is not float32, bfloat16 or float16")
 
 
@@ -373,7 +373,7 @@ def _forward(x, q, op: _Op):
         return _chunked_split_product(q, op, rows, op.out_dtype)(x)
     # The data dependence ties the dequantization to x, so that XLA computes it
     # when the layer runs instead of hoisting every layer's weight to the start.
-    return _xla_product(_depend_on(q, x), op, op.out_dtype)(x)
+    return _xla_product(depend_on(q, x), op, op.out_dtype)(x)
 
 
 def _xla_product(q: QuantizedArray, op: _Op, out_dtype: np.dtype):
@@ -480,12 +480,12 @@ def _chunked_split_product(q: QuantizedArray, op: _Op, rows: int, out_dtype: np.
 def _cpu_halves(q: QuantizedArray, op: _Op) -> str | None:
     """How the "xla" path handles the nibbles of a 4-bit kernel on CPU (see `_xla_product`): "split" (two
     half-width products), "permuted" (one product with permuted columns), or None (interleaved)."""
-    if op.dims != (((len(op.lhs_shape) - 1,), (0,)), ((), ())) or not _permutes_columns(q):
+    if op.dims != (((len(op.lhs_shape) - 1,), (0,)), ((), ())) or not permutes_columns(q):
         return None
     return "permuted" if math.prod(op.lhs_shape[:-1]) >= _PERMUTED_MIN_ROWS else "split"
 
 
-def _permutes_columns(q: QuantizedArray) -> bool:
+def permutes_columns(q: QuantizedArray) -> bool:
     """Whether a 2-D kernel `[in, out]` is dequantized without interleaving its nibbles on this backend (CPU)."""
     return len(q.shape) == 2 and q.bits == 4 and q.row_layout and jax.default_backend() == "cpu"
 
@@ -504,7 +504,7 @@ def _qdot_bwd(op: _Op, q, g):
     # Recompute the weight. Tying q to g keeps XLA from merging this
     # dequantization with the forward one (CSE) or scheduling it before the
     # cotangent exists; either would keep the weight alive in between.
-    q_g, g = _depend_on(q, g), g.astype(op.compute_dtype)
+    q_g, g = depend_on(q, g), g.astype(op.compute_dtype)
     if _cpu_halves(q, op) == "split":
         # The even and odd columns of the input gradient, interleaved in one pass
         # (the transpose of the forward's strided slices would write each half
@@ -514,7 +514,7 @@ def _qdot_bwd(op: _Op, q, g):
         dims = (((g.ndim - 1,), (0,)), ((), ()))
         halves = [lax.dot_general(g, w, dims, precision=op.precision, preferred_element_type=acc) for w in (even, odd)]
         grad_x = jnp.stack(halves, axis=-1).reshape(op.lhs_shape).astype(op.compute_dtype)  # [..., in]
-        return grad_x, jax.tree.map(_zero_cotangent, q)
+        return grad_x, jax.tree.map(zero_cotangent, q)
     if _cpu_halves(q, op) == "permuted":
         # The input gradient with its columns permuted as the kernel's, then
         # interleaved back in one pass (the transpose of the forward's strided
@@ -526,25 +526,25 @@ def _qdot_bwd(op: _Op, q, g):
         grad = lax.dot_general(g, w, dims, precision=op.precision, preferred_element_type=acc)  # [..., in] permuted
         half = grad.shape[-1] // 2
         grad_x = jnp.stack([grad[..., :half], grad[..., half:]], axis=-1).reshape(op.lhs_shape)
-        return grad_x.astype(op.compute_dtype), jax.tree.map(_zero_cotangent, q)
+        return grad_x.astype(op.compute_dtype), jax.tree.map(zero_cotangent, q)
     product = _xla_product(q_g, op, op.compute_dtype)
     (grad_x,) = jax.linear_transpose(product, jax.ShapeDtypeStruct(op.lhs_shape, op.compute_dtype))(g)
-    return grad_x, jax.tree.map(_zero_cotangent, q)
+    return grad_x, jax.tree.map(zero_cotangent, q)
 
 
 _qdot.defvjp(_qdot_fwd, _qdot_bwd)
 
 
-def _depend_on(q: QuantizedArray, a: jax.Array) -> QuantizedArray:
+def depend_on(q: QuantizedArray, a: jax.Array) -> QuantizedArray:
     """`q` with its codes made data-dependent on `a` (adds an integer zero the
     compiler cannot prove to be zero: 1 only if a's first element has the bits
     0x7FC00001), so the dequantization runs where `a` is used."""
     if a.size == 0:
         return q
-    return dataclasses.replace(q, codes=q.codes + _tie(a).astype(q.codes.dtype))
+    return dataclasses.replace(q, codes=q.codes + dependent_zero(a).astype(q.codes.dtype))
 
 
-def _tie(a: jax.Array) -> jax.Array:
+def dependent_zero(a: jax.Array) -> jax.Array:
     """An int32 scalar zero that depends on `a` (1 only if a's first element has the bits 0x7FC00001)."""
     if a.size == 0:
         return jnp.zeros((), jnp.int32)
@@ -552,7 +552,7 @@ def _tie(a: jax.Array) -> jax.Array:
     return (first == np.int32(0x7FC00001)).astype(jnp.int32)
 
 
-def _zero_cotangent(leaf: jax.Array) -> jax.Array:
+def zero_cotangent(leaf: jax.Array) -> jax.Array:
     if jnp.issubdtype(leaf.dtype, jnp.floating):
         return jnp.zeros(leaf.shape, leaf.dtype)
     return np.zeros(leaf.shape, jax.dtypes.float0)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax._src.formats.blockwise import quantize, quantize_streaming
+from qlora_jax._src.formats.blockwise import FLOAT_DTYPES, quantize, quantize_streaming
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn import (
     QLORA_LAYERS,
@@ -42,7 +42,6 @@ from qlora_jax._src.surgery.targets import (
 
 __all__ = ["apply_qlora", "quantize_kernel"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 
 def apply_qlora(
@@ -268,7 +267,7 @@ def _check_site(site: LinearSite, quant: QuantConfig | None, aliases: dict[tuple
     if quant is None:
         return
     kernel = site.module.kernel.get_value()
-    if np.dtype(kernel.dtype) not in _FLOAT_DTYPES:
+    if np.dtype(kernel.dtype) not in FLOAT_DTYPES:
         raise ValueError(f"{site.name}: kernel dtype {kernel.dtype} cannot be quantized; expected float32, "
                          "bfloat16 or float16")
     n_in = site.in_size

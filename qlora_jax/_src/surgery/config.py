@@ -10,9 +10,9 @@ import math
 import re
 from collections.abc import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
+from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
 from qlora_jax._src.formats.qarray import BLOCK_SIZES, FORMATS
 from qlora_jax._src.nn.lora import INITS, lora_scale
 
@@ -21,7 +21,6 @@ __all__ = ["QuantConfig", "LoraConfig", "ALL_LINEAR"]
 # `LoraConfig.targets` value meaning every linear layer (nnx.Linear, LinearGeneral, Einsum) except the output head.
 ALL_LINEAR = "all-linear"
 
-_COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,7 +58,7 @@ class QuantConfig:
                 dtype = np.dtype(self.compute_dtype)
             except TypeError:
                 dtype = None
-            if dtype not in _COMPUTE_DTYPES:
+            if dtype not in FLOAT_DTYPES:
                 raise ValueError(f"QuantConfig.compute_dtype: {self.compute_dtype!r} is not one of float32, "
                                  "bfloat16, float16 or None")
             object.__setattr__(self, "compute_dtype", dtype)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from qlora_jax._src.formats.blockwise import dequantize
+from qlora_jax._src.formats.blockwise import FLOAT_DTYPES, dequantize
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn import (
     FROZEN_LAYERS,
@@ -40,7 +40,6 @@ from qlora_jax._src.surgery.targets import child, node_aliases, path_str, replac
 
 __all__ = ["MergedLayer", "MergeReport", "merge_lora", "unmerge_lora"]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 # What each frozen layer becomes when merged into a float kernel.
 _PLAIN = {QuantLinear: "Linear", QuantLinearGeneral: "LinearGeneral", QuantEinsum: "Einsum"}
 
@@ -188,7 +187,7 @@ def merge_lora(
             checked = np.dtype(dtype)
         except TypeError:
             checked = None
-        if checked not in _FLOAT_DTYPES:
+        if checked not in FLOAT_DTYPES:
             raise ValueError(f"dtype: {dtype!r} is not float32, bfloat16, float16 or None")
         dtype = checked
     found = [(tuple(p), m) for p, m in nnx.iter_modules(model) if p and isinstance(m, FROZEN_LAYERS)]

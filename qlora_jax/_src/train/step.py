@@ -93,7 +93,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, config
     if made_for is not None and made_for != config:
         raise ValueError(f"config: the optimizer was made by make_optimizer for another TrainConfig ({made_for}); "
                          f"pass that config, not {config}")
-    return _train_step(model, optimizer, _check_batch(batch, config.grad_accum), config)
+    return _train_step(model, optimizer, check_batch(batch, config.grad_accum), config)
 
 
 def eval_step(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
@@ -119,7 +119,7 @@ def eval_step(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
         >>> round(float(out["loss"]), 4), float(out["tokens"])
         (1.3863, 3.0)
     """
-    loss_sum, tokens = _eval_sums(_eval_view(model), _check_batch(batch, 1))
+    loss_sum, tokens = _eval_sums(_eval_view(model), check_batch(batch, 1))
     return {"loss": loss_sum / jnp.where(tokens > 0, tokens, 1.0), "loss_sum": loss_sum, "tokens": tokens}
 
 
@@ -153,7 +153,7 @@ def evaluate(model: nnx.Module, batches: Iterable[Batch]) -> dict[str, float]:
     loss_sum, tokens, n = np.float64(0.0), np.float64(0.0), 0
     pending = []
     for batch in batches:
-        pending.append(_eval_sums(view, _check_batch(batch, 1)))  # dispatched asynchronously
+        pending.append(_eval_sums(view, check_batch(batch, 1)))  # dispatched asynchronously
         n += 1
     for batch_loss, batch_tokens in pending:
         loss_sum += np.float64(batch_loss)
@@ -223,7 +223,7 @@ def _train_step_impl(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[st
 _train_step = nnx.jit(_train_step_impl, static_argnames="config", graph_updates=False)
 
 
-def _bound_train_step(model: nnx.Module, optimizer: nnx.Optimizer) -> Callable[..., dict[str, jax.Array]]:
+def bound_train_step(model: nnx.Module, optimizer: nnx.Optimizer) -> Callable[..., dict[str, jax.Array]]:
     """`train_step` for this model and optimizer, called as `step(batch, config=config)`.
 
     Flattens the model's and optimizer's graphs once (`nnx.jit_partial`)
@@ -253,7 +253,7 @@ def _eval_view(model: nnx.Module) -> nnx.Module:
     return nnx.with_attributes(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
 
 
-def _check_batch(batch: Batch, grad_accum: int) -> dict[str, Any]:
+def check_batch(batch: Batch, grad_accum: int) -> dict[str, Any]:
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch: expected a mapping of arrays, got {type(batch).__name__}")
     missing = [k for k in BATCH_KEYS if k not in batch]

@@ -13,7 +13,7 @@ from flax import nnx
 from qlora_jax._src.train import resume
 from qlora_jax._src.train.config import TrainConfig
 from qlora_jax._src.train.optim import make_optimizer
-from qlora_jax._src.train.step import Batch, _bound_train_step, _check_batch, evaluate
+from qlora_jax._src.train.step import Batch, bound_train_step, check_batch, evaluate
 
 __all__ = ["Trainer"]
 
@@ -76,7 +76,7 @@ class Trainer:
         # compilation cache hit when a new process resumes).
         _commit(model)
         _commit(self.optimizer)
-        # `_bound_train_step`, made at the first step, the modules it saw and their modes then
+        # `bound_train_step`, made at the first step, the modules it saw and their modes then
         self._step: Any = None
         self._modules: list[nnx.Module] = []
         self._modes: tuple[Any, ...] = ()
@@ -97,10 +97,10 @@ class Trainer:
         bound step reads. Replace `trainer.model`'s modules only through a new
         `Trainer`.
         """
-        batch = _check_batch(batch, self.config.grad_accum)
+        batch = check_batch(batch, self.config.grad_accum)
         if self._step is None or _modes(self._modules) != self._modes:
             self._modules = [module for _, module in nnx.iter_modules(self.model)]
-            self._step, self._modes = _bound_train_step(self.model, self.optimizer), _modes(self._modules)
+            self._step, self._modes = bound_train_step(self.model, self.optimizer), _modes(self._modules)
         return self._step(batch, config=self.config)
 
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
