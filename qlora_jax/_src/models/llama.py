@@ -563,10 +563,6 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, cache=None, *, keep: bool = True):
         if cache is None:
-            # Inside the model's scan, `x` is this layer's slice of the stacked residuals in the backward pass;
-            # made to depend on the layer's own weight, its float32 copy cannot be hoisted out of the loop
-            # (XLA:CPU would convert the whole stack, every layer's input, to float32 before the loop).
-            (x,) = _after((x,), self.input_layernorm.weight[...])
             # Everything but attention itself works token by token: over chunks of tokens (`over_tokens`).
             chunk = mlp_chunk(self.mlp.intermediate_size)
             q, k, v = over_tokens(self, DecoderLayer._project, (x, cos, sin), chunk, keep)
