@@ -103,7 +103,7 @@ def write_json(path: Path, results: dict[str, Any]) -> None:
 
 
 def runtime_text(runtime: Any, note: str = "") -> str:
-    """The header line on `qlora_jax.configure_cpu()`: what it set, or that the script ran without it.
+    """The header line on `qlora_jax.app.configure_cpu()`: what it set, or that the script ran without it.
 
     Args:
         runtime: What `configure_cpu` returned, or None where it was not called.
@@ -115,5 +115,5 @@ def runtime_text(runtime: Any, note: str = "") -> str:
     """
     if runtime is None:
         return "JAX's asynchronous dispatch, glibc's malloc defaults (--default-runtime, or not a CPU-only machine)"
-    return (f"`qlora_jax.configure_cpu()` (synchronous dispatch {runtime.synchronous}, freed memory kept "
+    return (f"`qlora_jax.app.configure_cpu()` (synchronous dispatch {runtime.synchronous}, freed memory kept "
             f"{runtime.keep_freed_memory}){note}")

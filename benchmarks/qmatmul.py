@@ -14,7 +14,7 @@ Usage:
         [--fmt nf4] [--block-size 64] [--dtype float32|bfloat16|float16] [--repeats N] [--json PATH]
         [--default-runtime]
 
-On a CPU-only machine it calls `qlora_jax.configure_cpu()` first, as the
+On a CPU-only machine it calls `qlora_jax.app.configure_cpu()` first, as the
 `finetune` and `demo` commands do: without it every call maps the dequantized
 kernel's temporaries afresh (`--default-runtime` measures that).
 """
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import qlora_jax as qj
 from qlora_jax._src.formats.blockwise import dequantize_stored
-from qlora_jax._src.runtime import configure_cpu_for_command
+from qlora_jax.app.runtime import configure_cpu_for_command
 
 DEFAULT_M = (1, 16, 256, 512, 2048)
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "qmatmul.json"
@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case; the median is reported")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
     parser.add_argument("--default-runtime", action="store_true",
-                        help="skip qlora_jax.configure_cpu(): JAX's asynchronous dispatch and glibc's malloc defaults")
+                        help="skip qlora_jax.app.configure_cpu(): JAX's asynchronous dispatch and glibc's malloc defaults")
     args = parser.parse_args(argv)
     if args.repeats < 1 or min(args.m) < 1:
         parser.error("--repeats and --m must be at least 1")

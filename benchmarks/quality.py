@@ -282,7 +282,7 @@ def real_kernels(limit: int | None = None) -> tuple[list[tuple[str, np.ndarray]]
 def run_demo(quick: bool, output: Path | None) -> Path:
     """Runs `qlora-jax demo` in a subprocess and returns the path of its demo.json."""
     folder = output or Path(tempfile.mkdtemp(prefix="qlora_jax_demo_"))
-    cmd = [sys.executable, "-m", "qlora_jax.cli", "demo", "--output", str(folder)] + (["--quick"] if quick else [])
+    cmd = [sys.executable, "-m", "qlora_jax.app.cli", "demo", "--output", str(folder)] + (["--quick"] if quick else [])
     print(f"running {' '.join(cmd)}", flush=True)
     subprocess.run(cmd, check=True)
     return folder / "demo.json"

@@ -20,6 +20,7 @@ from flax import nnx
 from tqdm import tqdm
 
 import qlora_jax as qj
+from qlora_jax.app import plot_curves
 
 
 def answer(model: qj.models.CausalLM, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model.eval()
     out = Path(args.output)
     qj.models.save_peft_adapter(model, out / "adapter", base_model_name_or_path=args.model)
-    qj.train.plot_curves(out / "loss.png", {"train loss": (list(range(1, len(losses) + 1)), losses)},
-                         xlabel="step", ylabel="loss")
+    plot_curves(out / "loss.png", {"train loss": (list(range(1, len(losses) + 1)), losses)},
+                xlabel="step", ylabel="loss")
     if args.prompt:
         print("after:", answer(model, tokenizer, args.prompt))
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; wrote {out / 'adapter'} and {out / 'loss.png'}")

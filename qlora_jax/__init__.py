@@ -26,7 +26,6 @@ from qlora_jax._src.formats import (
 )
 from qlora_jax._src.nn import lora_delta, lora_einsum
 from qlora_jax._src.ops import can_use_pallas_gpu, can_use_pallas_tpu, qdot_general, qeinsum, qmatmul, qmatmul_path
-from qlora_jax._src.runtime import CpuRuntime, configure_cpu
 from qlora_jax._src.sharding import (
     LLAMA_AXES,
     STRATEGIES,
@@ -76,7 +75,6 @@ __all__ = [
     "nnx",
     "train",
     "BLOCK_SIZES",
-    "CpuRuntime",
     "FORMATS",
     "LLAMA_AXES",
     "STRATEGIES",
@@ -89,7 +87,6 @@ __all__ = [
     "batch_sharding",
     "can_use_pallas_gpu",
     "can_use_pallas_tpu",
-    "configure_cpu",
     "dequantize",
     "dequantize_absmax",
     "from_bnb",

@@ -23,7 +23,7 @@ def test_qmatmul_benchmark_runs_and_writes_json(tmp_path):
     assert [row["m"] for row in rows] == [1, 3]
     if jax.default_backend() == "cpu":  # a CPU-only machine: the script configures the CPU runtime first
         assert data["settings"]["runtime"]["synchronous"] is True
-        assert "`qlora_jax.configure_cpu()` (synchronous dispatch True" in result.stdout
+        assert "`qlora_jax.app.configure_cpu()` (synchronous dispatch True" in result.stdout
     for row in rows:
         assert row["paths"]["xla"]["ratio"] > 0 and row["dense_ms"] > 0
         if jax.default_backend() == "cpu":

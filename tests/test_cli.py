@@ -5,7 +5,7 @@ import subprocess
 import sys
 import time
 
-from qlora_jax import cli
+from qlora_jax.app import cli
 
 
 def test_demo_formats_only_writes_its_table(tmp_path, capsys):
@@ -60,12 +60,12 @@ def test_demo_rejects_settings_it_cannot_run(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "qlora_jax.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "qlora_jax.app.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "demo" in result.stdout
 
 
 def test_memory_reports_a_7b_step_from_the_compiled_program(capsys):
-    from qlora_jax.cli import main
+    from qlora_jax.app.cli import main
 
     assert main(["memory", "--model", "llama-2-7b", "--methods", "lora", "qlora", "--seq-len", "256"]) == 0
     out = capsys.readouterr().out
@@ -86,7 +86,7 @@ def _char_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
     from tokenizers import models as tok_models
 
-    from qlora_jax._src.demo import CharVocab
+    from qlora_jax.app.demo import CharVocab
 
     vocab = [*CharVocab.SYMBOLS, "<unk>"]
     tok = Tokenizer(tok_models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
@@ -99,7 +99,7 @@ def _char_tokenizer():
 def test_demo_with_model_fine_tunes_that_checkpoint(tmp_path, capsys):
     from test_models import make_checkpoint
 
-    from qlora_jax._src.demo import CharVocab
+    from qlora_jax.app.demo import CharVocab
 
     tokenizer = _char_tokenizer()
     # A Hugging Face checkpoint with the shapes of the quick demo's stand-in base (64 ids, MLP width 128): the steps

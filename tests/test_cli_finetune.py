@@ -16,7 +16,7 @@ from test_models import make_checkpoint
 import qlora_jax as qj
 from qlora_jax._src import checkpoint as checkpoint_module
 from qlora_jax._src.train.trainer import Trainer
-from qlora_jax.cli import main
+from qlora_jax.app.cli import main
 
 ROWS = [{"prompt": "what is two plus two", "completion": "two plus two is four"},
         {"text": "the cat sat on the mat"},

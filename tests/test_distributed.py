@@ -72,7 +72,7 @@ def test_finetune_command_on_two_processes(tmp_path):
     from test_data import _tokenizer
     from test_models import make_checkpoint
 
-    from qlora_jax.cli import main
+    from qlora_jax.app.cli import main
 
     tokenizer = _tokenizer("wordlevel")
     path, _ = make_checkpoint(tmp_path, "llama-gqa-untied", vocab_size=len(tokenizer))
@@ -85,7 +85,7 @@ def test_finetune_command_on_two_processes(tmp_path):
 
     port = _free_port()
     env = _env(JAX_NUM_CPU_DEVICES="2")
-    command = [sys.executable, "-m", "qlora_jax.cli", *args, "--output", str(tmp_path / "two"),
+    command = [sys.executable, "-m", "qlora_jax.app.cli", *args, "--output", str(tmp_path / "two"),
                "--mesh", "data=2,fsdp=2", "--coordinator", f"localhost:{port}", "--num-processes", "2"]
     _run_together([[*command, "--process-id", str(i)] for i in range(2)], env)
 

@@ -5,7 +5,7 @@ import zlib
 
 import numpy as np
 
-from qlora_jax._src.plot import plot_curves
+from qlora_jax.app.plot import plot_curves
 
 
 def _decode_png(data: bytes) -> np.ndarray:

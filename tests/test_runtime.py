@@ -1,4 +1,4 @@
-"""`qlora_jax.configure_cpu`: CPU steps reuse their temporary buffer instead of faulting in fresh pages."""
+"""`qlora_jax.app.configure_cpu`: CPU steps reuse their temporary buffer instead of faulting in fresh pages."""
 
 import json
 import subprocess
@@ -12,8 +12,9 @@ _SCRIPT = r"""
 import json, resource, sys
 import jax, jax.numpy as jnp, numpy as np
 import qlora_jax as qj
+import qlora_jax.app
 
-runtime = None if sys.argv[1] == "default" else qj.configure_cpu()
+runtime = None if sys.argv[1] == "default" else qlora_jax.app.configure_cpu()
 
 def step(x):  # [2048, 4096] -> a transposed copy and its running sum: 64 MiB of temporaries
     return jnp.cumsum((x * 2).T, axis=0)[-1].sum()
@@ -70,13 +71,13 @@ def test_configure_cpu_steps_reuse_their_pages():
 def test_configure_cpu_after_jax_started_names_the_fix():
     # A fresh process: the CLI may have configured this test process's JAX already.
     script = """
-import jax.numpy as jnp, qlora_jax as qj
+import jax.numpy as jnp, qlora_jax as qj, qlora_jax.app
 jnp.zeros(1).block_until_ready()  # the backends exist now, with asynchronous dispatch
 try:
-    qj.configure_cpu(keep_freed_memory=False)
+    qlora_jax.app.configure_cpu(keep_freed_memory=False)
 except RuntimeError as e:
     print("raised:", e)
-print(qj.configure_cpu(synchronous=False, keep_freed_memory=False))
+print(qlora_jax.app.configure_cpu(synchronous=False, keep_freed_memory=False))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

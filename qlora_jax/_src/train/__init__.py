@@ -1,6 +1,5 @@
 """Fine-tuning: `TrainConfig`, the AdamW optimizer and schedules, jitted train/eval steps, exact resume."""
 
-from qlora_jax._src.plot import plot_curves
 from qlora_jax._src.train.config import SCHEDULES, TrainConfig
 from qlora_jax._src.train.loss import chunked_cross_entropy, masked_cross_entropy
 from qlora_jax._src.train.optim import make_optimizer, make_schedule
@@ -20,7 +19,6 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "masked_cross_entropy",
-    "plot_curves",
     "restore",
     "save",
     "train_step",

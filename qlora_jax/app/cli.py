@@ -50,12 +50,12 @@ import numpy as np
 from tqdm import tqdm
 
 import qlora_jax as qj
-from qlora_jax._src.finetune import FinetuneArgs, initialize_distributed, run_finetune
+from qlora_jax.app.finetune import FinetuneArgs, initialize_distributed, run_finetune
 from qlora_jax._src.memory import METHODS, PRESETS, memory_table, step_memory
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.loading import load_config
-from qlora_jax._src.plan import RESERVE_BYTES, RESERVE_FRACTION, DoesNotFit, plan_fit, plan_table
-from qlora_jax._src.runtime import configure_cpu_for_command
+from qlora_jax.app.plan import RESERVE_BYTES, RESERVE_FRACTION, DoesNotFit, plan_fit, plan_table
+from qlora_jax.app.runtime import configure_cpu_for_command
 
 __all__ = ["main"]
 
@@ -395,7 +395,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     """The `demo` subcommand: the fine-tuning comparison, or with `--formats-only` the quantization table."""
     if args.formats_only:
         return _run_formats(args)
-    from qlora_jax._src import demo
+    from qlora_jax.app import demo
 
     configure_cpu_for_command()  # before JAX starts: training steps on the CPU reuse their memory
 

@@ -42,7 +42,7 @@ from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.generate import generate
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.nn.variables import FrozenWeight, QuantizedWeight
-from qlora_jax._src.plot import plot_curves
+from qlora_jax.app.plot import plot_curves
 from qlora_jax._src.surgery.apply import apply_qlora
 from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 from qlora_jax._src.train.config import TrainConfig

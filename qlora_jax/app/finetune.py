@@ -36,8 +36,8 @@ from qlora_jax._src.data import Batcher, load_examples
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.loading import from_pretrained, load_config, load_tokenizer
 from qlora_jax._src.models.peft_io import save_peft_adapter
-from qlora_jax._src.plan import DoesNotFit, Plan, plan_fit
-from qlora_jax._src.plot import plot_curves
+from qlora_jax.app.plan import DoesNotFit, Plan, plan_fit
+from qlora_jax.app.plot import plot_curves
 from qlora_jax._src.sharding import make_mesh, shard_batch, shard_model
 from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 from qlora_jax._src.train import TrainConfig, Trainer
@@ -52,7 +52,7 @@ class FinetuneArgs:
     grad norm 0.3, AdamW without weight decay, r = 64, alpha = 16, dropout 0.05).
 
     Example:
-        >>> from qlora_jax._src.finetune import FinetuneArgs
+        >>> from qlora_jax.app.finetune import FinetuneArgs
         >>> FinetuneArgs(model="m", data="d.jsonl", output="out").rank
         64
     """
@@ -118,7 +118,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
             memory available; raised before anything is written.
 
     Example:
-        >>> from qlora_jax._src.finetune import FinetuneArgs, run_finetune
+        >>> from qlora_jax.app.finetune import FinetuneArgs, run_finetune
         >>> run_finetune(FinetuneArgs(model="/nonexistent", data="d.jsonl", output="/tmp/x"))
         Traceback (most recent call last):
         ...

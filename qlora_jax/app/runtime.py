@@ -120,7 +120,7 @@ def configure_cpu_for_command() -> CpuRuntime | None:
         What `configure_cpu` set, or None where it was not called.
 
     Example:
-        >>> from qlora_jax._src.runtime import configure_cpu_for_command
+        >>> from qlora_jax.app.runtime import configure_cpu_for_command
         >>> configure_cpu_for_command() is None  # this process has computed already  # doctest: +SKIP
         True
     """
@@ -160,7 +160,7 @@ def trim_heap() -> None:
     """Returns freed heap pages to the OS (glibc `malloc_trim`); a no-op with another C library.
 
     Example:
-        >>> from qlora_jax._src.runtime import trim_heap
+        >>> from qlora_jax.app.runtime import trim_heap
         >>> trim_heap()
     """
     libc = _libc()

@@ -46,7 +46,7 @@ def write_png(path: str | os.PathLike, image: np.ndarray) -> None:
 
     Example:
         >>> import numpy as np, tempfile, os
-        >>> from qlora_jax._src.plot import write_png
+        >>> from qlora_jax.app.plot import write_png
         >>> p = os.path.join(tempfile.mkdtemp(), "a.png")
         >>> write_png(p, np.zeros((2, 3, 3), np.uint8))
         >>> open(p, "rb").read(8)
@@ -139,7 +139,7 @@ def nice_ticks(lo: float, hi: float, most: int = 8) -> list[float]:
     """Round-number tick values in `[lo, hi]`: multiples of 1, 2, 2.5 or 5 times a power of ten, at most `most` (>= 2).
 
     Example:
-        >>> from qlora_jax._src.plot import nice_ticks
+        >>> from qlora_jax.app.plot import nice_ticks
         >>> nice_ticks(1, 300)
         [50.0, 100.0, 150.0, 200.0, 250.0, 300.0]
         >>> nice_ticks(-0.46, 9.83)
