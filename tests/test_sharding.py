@@ -216,3 +216,17 @@ def test_a_mesh_axis_that_does_not_divide_names_the_variable_and_axis(cpu_device
     with pytest.raises(ValueError, match=r"batch\['input_ids'\]: batch size 4 is not divisible by the "
                                          r"data-parallel size 8"):
         qj.shard_batch(_batch(4), qj.make_mesh({"data": 8}, cpu_devices))
+
+
+def test_the_rules_are_the_models_and_a_model_without_them_is_named(cpu_devices):
+    assert CausalLM.logical_axes is qj.models.LLAMA_AXES  # the Llama family's names sit beside the model
+
+    class Mlp(nnx.Module):  # a model of one's own: no `logical_axes`
+        def __init__(self, rngs):
+            self.up = nnx.Linear(128, 256, rngs=rngs)
+
+    mesh = qj.make_mesh({"fsdp": 8}, cpu_devices)
+    with pytest.raises(ValueError, match=r"axes: Mlp has no `logical_axes`; pass"):
+        qj.shard_model(Mlp(nnx.Rngs(0)), mesh, "fsdp")
+    specs = qj.partition_specs(Mlp(nnx.Rngs(0)), mesh, "fsdp", axes={"up": ("embed", "mlp")})
+    assert specs["up"]["kernel"].get_value() == P("fsdp", None)  # nnx.Linear kernel [in, out]: "embed" is the input

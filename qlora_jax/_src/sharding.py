@@ -37,19 +37,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qlora_jax._src.formats.qarray import QuantizedArray
 
-__all__ = ["LLAMA_AXES", "STRATEGIES", "BATCH_AXES", "partition_specs", "shard_model", "shard_batch",
+__all__ = ["STRATEGIES", "BATCH_AXES", "partition_specs", "shard_model", "shard_batch",
            "batch_sharding", "make_mesh"]
-
-# Logical (input, output) axes of each kernel by module name (a regex on the path element that holds it);
-# an embedding table is (vocab, embed).
-LLAMA_AXES: dict[str, tuple[str | None, str | None]] = {
-    r"[qkv]_proj": ("embed", "heads"),
-    r"o_proj": ("heads", "embed"),
-    r"(gate|up)_proj": ("embed", "mlp"),
-    r"down_proj": ("mlp", "embed"),
-    r"lm_head": ("embed", "vocab"),
-    r"embed_tokens": ("vocab", "embed"),
-}
 
 STRATEGIES: dict[str, dict[str, str]] = {
     "fsdp": {"embed": "fsdp"},
@@ -173,7 +162,7 @@ def partition_specs(
     mesh: Mesh,
     strategy: str | Mapping[str, str | None] = "fsdp",
     *,
-    axes: Mapping[str, tuple[str | None, str | None]] = LLAMA_AXES,
+    axes: Mapping[str, tuple[str | None, str | None]] | None = None,
 ) -> nnx.State:
     """The `PartitionSpec` of every array of `model`'s state (an `nnx.State` of specs, same structure).
 
@@ -183,12 +172,14 @@ def partition_specs(
         strategy: "fsdp", "tp", "fsdp+tp" (see `STRATEGIES`), or rules
             `{logical axis: mesh axis or None}`.
         axes: Logical `(input, output)` axes of kernels by layer name (a regex
-            on a path element); default the Llama family's names.
+            on a path element, e.g. `qj.models.LLAMA_AXES`); default the
+            model's own `logical_axes` (the models of `qj.models` have them).
 
     Raises:
         ValueError: A mesh axis size that does not divide the dimension it
             splits (for a packed input axis: the number of blocks), naming the
-            variable and the axis; an unknown strategy or mesh axis.
+            variable and the axis; an unknown strategy or mesh axis; no `axes`
+            for a model without `logical_axes`.
 
     Example:
         >>> import jax, jax.numpy as jnp, qlora_jax as qj
@@ -199,11 +190,12 @@ def partition_specs(
         >>> block, _ = qj.apply_qlora(Block(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
         ...                           rngs=nnx.Rngs(1))
         >>> mesh = qj.make_mesh({"fsdp": 1, "tensor": len(jax.devices())})
-        >>> specs = qj.partition_specs(block, mesh, "tp")
+        >>> specs = qj.partition_specs(block, mesh, "tp", axes=qj.models.LLAMA_AXES)
         >>> specs["up_proj"]["lora_b"].get_value() == jax.sharding.PartitionSpec(None, "tensor")
         True
     """
     rules = _rules(mesh, strategy)
+    axes = _model_axes(model, axes)
     state = nnx.state(model)
 
     def spec(path: tuple, variable: Any) -> Any:
@@ -211,6 +203,17 @@ def partition_specs(
         return variable.replace(_leaf_specs(names, variable.get_value(), rules, axes, mesh))
 
     return _map_state(spec, state)
+
+
+def _model_axes(model: nnx.Module, axes: Mapping[str, tuple[str | None, str | None]] | None
+                ) -> Mapping[str, tuple[str | None, str | None]]:
+    if axes is not None:
+        return axes
+    axes = getattr(type(model), "logical_axes", None)
+    if axes is None:
+        raise ValueError(f"axes: {type(model).__name__} has no `logical_axes`; pass the logical axes of its kernels by "
+                         "layer name, e.g. axes=qj.models.LLAMA_AXES for q_proj/k_proj/.../down_proj names")
+    return axes
 
 
 def _map_state(fn: Any, state: nnx.State) -> nnx.State:
@@ -251,7 +254,7 @@ def shard_model(
     strategy: str | Mapping[str, str | None] = "fsdp",
     *,
     optimizer: nnx.Optimizer | None = None,
-    axes: Mapping[str, tuple[str | None, str | None]] = LLAMA_AXES,
+    axes: Mapping[str, tuple[str | None, str | None]] | None = None,
 ) -> nnx.Module:
     """Places every array of `model` (and `optimizer`) on `mesh` by `partition_specs`, in place.
 
@@ -266,7 +269,8 @@ def shard_model(
         strategy: "fsdp", "tp", "fsdp+tp" or rules (see `partition_specs`).
         optimizer: An `nnx.Optimizer` over the model's adapters: its moments
             follow their adapters, its counts are replicated.
-        axes: Logical axes of kernels by layer name (see `partition_specs`).
+        axes: Logical axes of kernels by layer name (see `partition_specs`);
+            default the model's own `logical_axes`.
 
     Returns:
         `model`.
@@ -279,7 +283,7 @@ def shard_model(
         ...         self.up_proj = nnx.Linear(1024, 256, rngs=rngs)
         >>> block, _ = qj.apply_qlora(Block(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
         ...                           rngs=nnx.Rngs(1))
-        >>> block = qj.shard_model(block, qj.make_mesh({"fsdp": len(jax.devices())}))
+        >>> block = qj.shard_model(block, qj.make_mesh({"fsdp": len(jax.devices())}), axes=qj.models.LLAMA_AXES)
         >>> codes = block.up_proj.kernel.get_value().codes  # [out, in // 2]: split along the input axis
         >>> codes.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
         True

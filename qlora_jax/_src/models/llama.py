@@ -30,7 +30,18 @@ from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax._src.models.config import ModelConfig
 
-__all__ = ["AttentionMask", "CausalLM", "KVCache", "RMSNorm", "causal_mask"]
+__all__ = ["AttentionMask", "CausalLM", "KVCache", "LLAMA_AXES", "RMSNorm", "causal_mask"]
+
+# Logical (input, output) axes of each kernel by module name (a regex on the path element that holds it), in the
+# Llama family's names; an embedding table is (vocab, embed). `qj.shard_model` reads them as `CausalLM.logical_axes`.
+LLAMA_AXES: dict[str, tuple[str | None, str | None]] = {
+    r"[qkv]_proj": ("embed", "heads"),
+    r"o_proj": ("heads", "embed"),
+    r"(gate|up)_proj": ("embed", "mlp"),
+    r"down_proj": ("mlp", "embed"),
+    r"lm_head": ("embed", "vocab"),
+    r"embed_tokens": ("vocab", "embed"),
+}
 
 
 class RMSNorm(nnx.Module):
@@ -608,6 +619,8 @@ class CausalLM(nnx.Module):
         >>> model(jnp.zeros((1, 5), jnp.int32)).shape
         (1, 5, 128)
     """
+
+    logical_axes = LLAMA_AXES  # read by `qj.shard_model` / `qj.partition_specs` (a class attribute, not state)
 
     def __init__(
         self,
