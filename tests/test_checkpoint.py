@@ -32,8 +32,8 @@ _ADAMW = optax.adamw(1e-2)  # one transformation object: it is part of `_step`'s
 
 
 def _run(seed=0, steps=2):
-    model, _ = qj.apply_qlora(MLP(nnx.Rngs(seed)), quant=qj.QuantConfig(),
-                              lora=qj.LoraConfig(rank=4, alpha=8, dropout=0.1), rngs=nnx.Rngs(seed + 1))
+    model = qj.apply_qlora(MLP(nnx.Rngs(seed)), quant=qj.QuantConfig(),
+                           lora=qj.LoraConfig(rank=4, alpha=8, dropout=0.1), rngs=nnx.Rngs(seed + 1))
     optimizer = nnx.Optimizer(model, _ADAMW, wrt=nnx.LoRAParam)
     x = jax.random.normal(jax.random.key(7), (8, 128))
     with jax.numpy_dtype_promotion("standard"):

@@ -33,8 +33,8 @@ def _model_and_batch():
     cfg = ModelConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_layers=4, num_heads=4,
                       num_kv_heads=4)
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
-    model, _ = qj.apply_qlora(model, quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=1, dropout=0.1),
-                              rngs=nnx.Rngs(1))
+    model = qj.apply_qlora(model, quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=1, dropout=0.1),
+                           rngs=nnx.Rngs(1))
     ids = np.arange(16, dtype=np.int32).reshape(1, 16)
     return model, {"input_ids": ids, "targets": (ids + 1) % 1024, "weights": np.ones((1, 16), np.float32)}
 

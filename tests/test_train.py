@@ -108,8 +108,8 @@ TINY_CONFIG = TrainConfig(total_steps=30, lr=3e-2, warmup_ratio=0.1, schedule="l
 
 
 def _tiny(dropout=0.0, seed=0):
-    model, _ = qj.apply_qlora(TinyLM(nnx.Rngs(seed)), quant=qj.QuantConfig(),
-                              lora=qj.LoraConfig(rank=4, alpha=8, dropout=dropout), rngs=nnx.Rngs(seed + 1))
+    model = qj.apply_qlora(TinyLM(nnx.Rngs(seed)), quant=qj.QuantConfig(),
+                           lora=qj.LoraConfig(rank=4, alpha=8, dropout=dropout), rngs=nnx.Rngs(seed + 1))
     return model
 
 
@@ -194,6 +194,23 @@ def test_only_lora_params_change_and_packed_codes_stay_bit_identical():
     assert all(not np.array_equal(a, b) for a, b in zip(before[nnx.LoRAParam], _leaves(model, nnx.LoRAParam),
                                                        strict=True))
     assert trainer.step == 3
+
+
+def test_trainer_wrt_param_trains_every_param_of_a_float_model():
+    model = TinyLM(nnx.Rngs(0))  # no adapters: full training
+    before = _leaves(model, nnx.Param)
+    trainer = qj.train.Trainer(model, TINY_CONFIG, wrt=nnx.Param)
+    batch = _tiny_batch()
+    first = float(trainer.train_step(batch)["loss"])
+    for _ in range(4):
+        last = float(trainer.train_step(batch)["loss"])
+    after = _leaves(model, nnx.Param)
+    assert len(before) == len(after) == 5  # the embedding, two kernels and two biases
+    assert all(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert last < first and trainer.step == 5
+    # The optimizer holds moments for every Param, not only adapters.
+    mu = [x for path, x in nnx.to_flat_state(nnx.state(trainer.optimizer)) if "mu" in map(str, path)]
+    assert sorted(x.shape for x in mu) == sorted(x.shape for x in after)
 
 
 def test_loss_decreases_and_evaluate_leaves_the_model_alone():

@@ -60,8 +60,8 @@ def build(config_kwargs: dict | None = None):
 
     cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                       num_kv_heads=2)
-    model, _ = qj.apply_qlora(CausalLM(cfg, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(),
-                              lora=qj.LoraConfig(rank=4, alpha=8, dropout=0.1), rngs=nnx.Rngs(1))
+    model = qj.apply_qlora(CausalLM(cfg, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(),
+                           lora=qj.LoraConfig(rank=4, alpha=8, dropout=0.1), rngs=nnx.Rngs(1))
     config = qj.train.TrainConfig(total_steps=STEPS, lr=1e-3, schedule="cosine", warmup_ratio=0.1, grad_accum=2,
                                   seed=7, **(config_kwargs or {}))
     return model, qj.train.Trainer(model, config)

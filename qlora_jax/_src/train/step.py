@@ -77,8 +77,8 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, config
         ...         self.lm_head = nnx.Linear(64, 16, rngs=rngs)
         ...     def __call__(self, input_ids, **kwargs):
         ...         return self.lm_head(self.proj(self.embed(input_ids)))
-        >>> model, _ = qj.apply_qlora(TinyLM(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
-        ...                           rngs=nnx.Rngs(1))
+        >>> model = qj.apply_qlora(TinyLM(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
+        ...                        rngs=nnx.Rngs(1))
         >>> config = qj.train.TrainConfig(total_steps=10, lr=1e-3, warmup_ratio=0.0)
         >>> optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
         >>> ids = np.arange(16, dtype=np.int32).reshape(2, 8)
@@ -193,7 +193,7 @@ def _train_step_impl(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[st
     def loss_fn(model: nnx.Module, batch: dict[str, jax.Array]):
         return _loss_sums(model, batch, loss_chunk=config.loss_chunk)
 
-    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)
     if config.grad_accum == 1:
         (_, (loss_sum, weight_sum)), grads = grad_fn(model, batch)
     else:
@@ -206,7 +206,7 @@ def _train_step_impl(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[st
             (_, (micro_loss, micro_weight)), micro_grads = grad_fn(model, micro_batch)
             return model, jax.tree.map(jnp.add, grads, micro_grads), loss_sum + micro_loss, weight_sum + micro_weight
 
-        zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.LoRAParam))
+        zeros = jax.tree.map(jnp.zeros_like, nnx.state(model, optimizer.wrt))
         zero = jnp.zeros((), jnp.float32)
         _, grads, loss_sum, weight_sum = accumulate((model, zeros, zero, zero), micro)
     denom = jnp.where(weight_sum > 0, weight_sum, 1.0)  # an all-masked batch gives zero gradients, not NaN

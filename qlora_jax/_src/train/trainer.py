@@ -19,7 +19,11 @@ __all__ = ["Trainer"]
 
 
 class Trainer:
-    """Trains the `nnx.LoRAParam` adapters of `model` in place with `TrainConfig`'s AdamW and schedule.
+    """Trains the `wrt` variables of `model` in place with `TrainConfig`'s AdamW and schedule.
+
+    By default `wrt` is `nnx.LoRAParam`: only the adapters are differentiated
+    and updated, the (packed) base stays frozen. `wrt=nnx.Param` trains every
+    parameter of a float model (e.g. pre-training before quantization).
 
     Creating a Trainer reseeds the model's "dropout" RNG streams from
     `config.seed` (`nnx.reseed`), so the dropout masks of a run follow from
@@ -28,7 +32,7 @@ class Trainer:
     Attributes:
         model: The model being trained (updated in place).
         config: The `TrainConfig`.
-        optimizer: `nnx.Optimizer(model, make_optimizer(config), wrt=nnx.LoRAParam)`.
+        optimizer: `nnx.Optimizer(model, make_optimizer(config), wrt=wrt)`.
 
     Example:
         >>> import numpy as np, qlora_jax as qj
@@ -40,8 +44,8 @@ class Trainer:
         ...         self.lm_head = nnx.Linear(64, 16, rngs=rngs)
         ...     def __call__(self, input_ids, **kwargs):
         ...         return self.lm_head(self.proj(self.embed(input_ids)))
-        >>> model, _ = qj.apply_qlora(TinyLM(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
-        ...                           rngs=nnx.Rngs(1))
+        >>> model = qj.apply_qlora(TinyLM(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
+        ...                        rngs=nnx.Rngs(1))
         >>> trainer = qj.train.Trainer(model, qj.train.TrainConfig(total_steps=20, lr=1e-2, warmup_ratio=0.0))
         >>> ids = np.tile(np.arange(8, dtype=np.int32), (4, 1))
         >>> batch = {"input_ids": ids, "targets": (ids + 1) % 16, "weights": np.ones((4, 8), np.float32)}
@@ -52,25 +56,30 @@ class Trainer:
         (20, True)
     """
 
-    def __init__(self, model: nnx.Module, config: TrainConfig):
+    def __init__(self, model: nnx.Module, config: TrainConfig, *, wrt: nnx.filterlib.Filter = nnx.LoRAParam):
         """Reseeds the model's dropout streams and creates the optimizer.
 
         Args:
-            model: A model with `nnx.LoRAParam` adapters (e.g. after `apply_qlora`).
+            model: A model with `nnx.LoRAParam` adapters (e.g. after `apply_qlora`),
+                or any model with variables that `wrt` selects.
             config: The `TrainConfig`.
+            wrt: The variables to differentiate and update (an `nnx` filter);
+                default the adapters, `nnx.Param` for full training of a float model.
 
         Raises:
             TypeError: `config` is not a `TrainConfig`.
-            ValueError: `model` has no `nnx.LoRAParam` variable.
+            ValueError: `model` has no variable that `wrt` selects.
         """
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
-        if not jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
-            raise ValueError("model: has no nnx.LoRAParam variables to train; add adapters with qj.apply_qlora")
+        if not jax.tree.leaves(nnx.state(model, wrt)):
+            if wrt is nnx.LoRAParam:
+                raise ValueError("model: has no nnx.LoRAParam variables to train; add adapters with qj.apply_qlora")
+            raise ValueError(f"model: has no variables selected by wrt={wrt!r} to train")
         nnx.reseed(model, dropout=config.seed, policy="match_shape")
         self.model = model
         self.config = config
-        self.optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.LoRAParam)
+        self.optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=wrt)
         # Restored arrays are committed to their devices; committing every array now, where it already is, gives
         # the step the same signature before and after `restore` (no second compilation, and a persistent
         # compilation cache hit when a new process resumes).
