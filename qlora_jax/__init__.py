@@ -14,6 +14,7 @@ Example:
 import importlib
 from typing import Any
 
+from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.formats import (
     BLOCK_SIZES,
     FORMATS,
@@ -27,7 +28,6 @@ from qlora_jax._src.formats import (
 from qlora_jax._src.nn import lora_delta, lora_einsum
 from qlora_jax._src.ops import can_use_pallas_gpu, can_use_pallas_tpu, qdot_general, qeinsum, qmatmul, qmatmul_path
 from qlora_jax._src.sharding import (
-    LLAMA_AXES,
     STRATEGIES,
     batch_sharding,
     make_mesh,
@@ -36,12 +36,12 @@ from qlora_jax._src.sharding import (
     shard_model,
 )
 from qlora_jax._src.surgery import (
-    LoraConfig,
     MergeReport,
     QLoRAReport,
-    QuantConfig,
     apply_qlora,
     merge_lora,
+    merge_report,
+    qlora_report,
     unmerge_lora,
 )
 
@@ -76,7 +76,6 @@ __all__ = [
     "train",
     "BLOCK_SIZES",
     "FORMATS",
-    "LLAMA_AXES",
     "STRATEGIES",
     "LoraConfig",
     "MergeReport",
@@ -96,9 +95,11 @@ __all__ = [
     "make_mesh",
     "masked",
     "merge_lora",
+    "merge_report",
     "partition_specs",
     "qdot_general",
     "qeinsum",
+    "qlora_report",
     "qmatmul",
     "qmatmul_path",
     "quantize",

@@ -22,6 +22,7 @@ Example:
     True
 """
 
+from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.linen import (
     ADAPTER_NAMES,
     FROZEN,
@@ -37,7 +38,7 @@ from qlora_jax._src.linen import (
     qlora_interceptor,
     unsupported_reason,
 )
-from qlora_jax._src.surgery import LoraConfig, QLoRAReport, QuantConfig, ReplacedLayer
+from qlora_jax._src.surgery import QLoRAReport, ReplacedLayer
 
 __all__ = [
     "ADAPTER_NAMES",

@@ -5,21 +5,23 @@ a LoRA adapter) replace `nnx.Linear`; `QuantLinearGeneral` /
 `QLoRALinearGeneral` replace `nnx.LinearGeneral`, `QuantEinsum` /
 `QLoRAEinsum` replace `nnx.Einsum`. `apply_qlora` does the replacement on any
 NNX model; `merge_lora` folds the adapters back into plain Flax layers (and
-`unmerge_lora` undoes it). Base weights are `QuantizedWeight` /
+`unmerge_lora` undoes it, `merge_report` tells what it did). Base weights are `QuantizedWeight` /
 `FrozenWeight` variables, which are not `nnx.Param`; adapters are
 `nnx.LoRAParam`, so `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` trains the
-adapters only.
+adapters only. The adapter layers take a `LoraConfig`, as `apply_qlora` and
+the Linen layers do; `qlora_report` tells what a model's layers hold.
 
 Example:
     >>> import jax, jax.numpy as jnp, qlora_jax as qj
     >>> from flax import nnx
     >>> from qlora_jax.nnx import QLoRALinear
     >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (256, 64)), "nf4", double_quant=True)
-    >>> layer = QLoRALinear(q, rank=4, alpha=8, rngs=nnx.Rngs(0))
+    >>> layer = QLoRALinear(q, lora=qj.LoraConfig(rank=4, alpha=8), rngs=nnx.Rngs(0))
     >>> layer(jnp.ones((3, 256))).shape
     (3, 64)
 """
 
+from qlora_jax._src.config import LoraConfig, QuantConfig, lora_scale
 from qlora_jax._src.nn import (
     FrozenWeight,
     QLoRAEinsum,
@@ -32,17 +34,16 @@ from qlora_jax._src.nn import (
     init_lora,
     lora_delta,
     lora_einsum,
-    lora_scale,
 )
 from qlora_jax._src.surgery import (
-    LoraConfig,
     MergedLayer,
     MergeReport,
     QLoRAReport,
-    QuantConfig,
     ReplacedLayer,
     apply_qlora,
     merge_lora,
+    merge_report,
+    qlora_report,
     quantize_kernel,
     unmerge_lora,
 )
@@ -68,6 +69,8 @@ __all__ = [
     "lora_einsum",
     "lora_scale",
     "merge_lora",
+    "merge_report",
+    "qlora_report",
     "quantize_kernel",
     "unmerge_lora",
 ]

@@ -13,14 +13,14 @@ import transformers
 from test_data import _tokenizer
 from test_models import make_checkpoint
 
-from qlora_jax.app import finetune as finetune_module
-from qlora_jax.app import plan as plan_module
+from qlora_jax._src.config import QuantConfig
 from qlora_jax._src.memory import step_memory
 from qlora_jax._src.models.loading import load_config
-from qlora_jax.app.plan import RESERVE_BYTES, RESERVE_FRACTION, DoesNotFit, need_bytes, plan_fit
-from qlora_jax._src.surgery.config import QuantConfig
 from qlora_jax._src.train import TrainConfig
+from qlora_jax.app import finetune as finetune_module
+from qlora_jax.app import plan as plan_module
 from qlora_jax.app.cli import main
+from qlora_jax.app.plan import RESERVE_BYTES, RESERVE_FRACTION, DoesNotFit, need_bytes, plan_fit
 from qlora_jax.models import ModelConfig
 
 CONFIG = ModelConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4,

@@ -1,6 +1,8 @@
 """`QuantConfig` and `LoraConfig`: frozen, keyword-only, validated once.
 
-Both are hashable, so they can be passed to `jax.jit` as static values.
+Both are hashable, so they can be passed to `jax.jit` as static values. They
+sit at the bottom of the library (they import only `formats`), so the NNX and
+Linen layers, the surgery and the models all take the same objects.
 """
 
 from __future__ import annotations
@@ -14,13 +16,15 @@ import numpy as np
 
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
 from qlora_jax._src.formats.qarray import BLOCK_SIZES, FORMATS
-from qlora_jax._src.nn.lora import INITS, lora_scale
 
-__all__ = ["QuantConfig", "LoraConfig", "ALL_LINEAR"]
+__all__ = ["QuantConfig", "LoraConfig", "ALL_LINEAR", "HEAD_NAMES", "INITS", "lora_scale"]
 
 # `LoraConfig.targets` value meaning every linear layer (nnx.Linear, LinearGeneral, Einsum) except the output head.
 ALL_LINEAR = "all-linear"
-
+# Last path components that mark an output head, excluded from "all-linear" and from quantization.
+HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "output")
+# Adapter initializations: PEFT's `init_lora_weights=True` and "gaussian".
+INITS: tuple[str, ...] = ("default", "gaussian")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -127,3 +131,22 @@ def _normalize_targets(targets: str | Sequence[str]) -> str | tuple[str, ...]:
         raise ValueError(f"LoraConfig.targets: expected 'all-linear', a regex string or a non-empty sequence of "
                          f"layer names, got {targets!r}")
     return tuple(targets)
+
+
+def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
+    """PEFT's scaling: `alpha / rank`, or `alpha / √rank` with rsLoRA.
+
+    Args:
+        rank: The adapter rank `r`.
+        alpha: `lora_alpha`.
+        rslora: Rank-stabilized scaling.
+
+    Returns:
+        The scale as a Python float (weakly typed in JAX arithmetic).
+
+    Example:
+        >>> from qlora_jax.nnx import lora_scale
+        >>> lora_scale(16, 32), lora_scale(16, 32, rslora=True)
+        (2.0, 8.0)
+    """
+    return float(alpha) / (math.sqrt(rank) if rslora else float(rank))

@@ -20,11 +20,11 @@ import numpy as np
 import optax
 from flax import nnx
 
+from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.nn.variables import FrozenWeight, QuantizedWeight
 from qlora_jax._src.surgery.apply import apply_qlora
-from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 
 __all__ = ["METHODS", "PRESETS", "MethodMemory", "step_memory", "memory_table"]
 
@@ -103,7 +103,7 @@ def _abstract_model(config: ModelConfig, method: str, quant: QuantConfig, lora: 
                          rngs=nnx.Rngs(0))
         if method == "full":
             return model
-        model, _ = apply_qlora(model, quant=quant if method == "qlora" else None, lora=lora, rngs=nnx.Rngs(1))
+        model = apply_qlora(model, quant=quant if method == "qlora" else None, lora=lora, rngs=nnx.Rngs(1))
         return model
 
     return nnx.eval_shape(build)

@@ -187,8 +187,8 @@ def partition_specs(
         >>> class Block(nnx.Module):
         ...     def __init__(self, rngs):
         ...         self.up_proj = nnx.Linear(128, 256, rngs=rngs)
-        >>> block, _ = qj.apply_qlora(Block(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
-        ...                           rngs=nnx.Rngs(1))
+        >>> block = qj.apply_qlora(Block(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
+        ...                        rngs=nnx.Rngs(1))
         >>> mesh = qj.make_mesh({"fsdp": 1, "tensor": len(jax.devices())})
         >>> specs = qj.partition_specs(block, mesh, "tp", axes=qj.models.LLAMA_AXES)
         >>> specs["up_proj"]["lora_b"].get_value() == jax.sharding.PartitionSpec(None, "tensor")
@@ -281,8 +281,8 @@ def shard_model(
         >>> class Block(nnx.Module):
         ...     def __init__(self, rngs):
         ...         self.up_proj = nnx.Linear(1024, 256, rngs=rngs)
-        >>> block, _ = qj.apply_qlora(Block(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
-        ...                           rngs=nnx.Rngs(1))
+        >>> block = qj.apply_qlora(Block(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
+        ...                        rngs=nnx.Rngs(1))
         >>> block = qj.shard_model(block, qj.make_mesh({"fsdp": len(jax.devices())}), axes=qj.models.LLAMA_AXES)
         >>> codes = block.up_proj.kernel.get_value().codes  # [out, in // 2]: split along the input axis
         >>> codes.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")

@@ -37,17 +37,17 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.memory import linear_param_count, step_memory
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.generate import generate
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.nn.variables import FrozenWeight, QuantizedWeight
-from qlora_jax.app.plot import plot_curves
 from qlora_jax._src.surgery.apply import apply_qlora
-from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 from qlora_jax._src.train.config import TrainConfig
 from qlora_jax._src.train.loss import masked_cross_entropy
 from qlora_jax._src.train.trainer import Trainer
+from qlora_jax.app.plot import plot_curves
 
 __all__ = ["DemoConfig", "CharVocab", "QUICK", "reverse_task", "pack", "run_demo", "results_table"]
 
@@ -446,8 +446,8 @@ def finetune(make_base: Callable[[], CausalLM], method: str, data: TaskData, tok
     """Adds adapters to a fresh base (`"qlora"`: NF4 + double quant; `"lora"`: float32), trains and scores them."""
     model = make_base()
     quant = QuantConfig(fmt="nf4", block_size=64, double_quant=True) if method == "qlora" else None
-    model, _ = apply_qlora(model, quant=quant, lora=LoraConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=0.0),
-                           rngs=nnx.Rngs(cfg.seed + 1))
+    model = apply_qlora(model, quant=quant, lora=LoraConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=0.0),
+                        rngs=nnx.Rngs(cfg.seed + 1))
     nbytes, nparams = _linear_bytes(model, model.config, QuantizedWeight if quant is not None else FrozenWeight)
     trainer = Trainer(model, TrainConfig(total_steps=len(data.train), lr=cfg.finetune_lr, warmup_ratio=0.03,
                                          max_grad_norm=1.0, seed=cfg.seed))

@@ -32,15 +32,15 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.data import Batcher, load_examples
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.loading import from_pretrained, load_config, load_tokenizer
 from qlora_jax._src.models.peft_io import save_peft_adapter
+from qlora_jax._src.sharding import make_mesh, shard_batch, shard_model
+from qlora_jax._src.train import TrainConfig, Trainer
 from qlora_jax.app.plan import DoesNotFit, Plan, plan_fit
 from qlora_jax.app.plot import plot_curves
-from qlora_jax._src.sharding import make_mesh, shard_batch, shard_model
-from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
-from qlora_jax._src.train import TrainConfig, Trainer
 
 __all__ = ["FinetuneArgs", "initialize_distributed", "run_finetune"]
 

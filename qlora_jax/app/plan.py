@@ -32,9 +32,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from qlora_jax._src.config import QuantConfig
 from qlora_jax._src.memory import METHODS, MethodMemory, step_memory
 from qlora_jax._src.models.config import ModelConfig
-from qlora_jax._src.surgery.config import QuantConfig
 
 __all__ = ["REMAT_GROUP", "RESERVE_BYTES", "RESERVE_FRACTION", "Candidate", "DoesNotFit", "Plan", "available_memory",
            "need_bytes", "plan_fit", "plan_table"]

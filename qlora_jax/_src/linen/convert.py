@@ -27,14 +27,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qlora_jax._src.config import ALL_LINEAR, HEAD_NAMES, LoraConfig, QuantConfig
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES, quantize
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.linen.interceptor import SUPPORTED_MODULES, unsupported_reason
 from qlora_jax._src.linen.layers import FROZEN, check_blockable
 from qlora_jax._src.nn.lora import init_lora
-from qlora_jax._src.surgery.config import ALL_LINEAR, LoraConfig, QuantConfig
 from qlora_jax._src.surgery.report import QLoRAReport, ReplacedLayer
-from qlora_jax._src.surgery.targets import HEAD_NAMES
 
 __all__ = ["DenseLayer", "dense_layers", "convert_params"]
 

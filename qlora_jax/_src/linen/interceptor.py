@@ -18,8 +18,8 @@ import flax.linen as nn
 import numpy as np
 from flax.linen import dtypes as linen_dtypes
 
+from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.linen.layers import FROZEN, QLoRABase, compute_dtype, dense_forward
-from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 
 __all__ = ["SUPPORTED_MODULES", "qlora_interceptor", "unsupported_reason"]
 

@@ -25,11 +25,11 @@ import numpy as np
 from flax.linen import dtypes as linen_dtypes
 from jax import lax
 
+from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.formats.blockwise import quantize
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn.lora import init_lora, lora_delta
 from qlora_jax._src.ops.qmatmul import qdot_general
-from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 
 __all__ = ["FROZEN", "ADAPTER_NAMES", "QLoRADense", "QLoRADenseGeneral", "dense_forward", "compute_dtype",
            "normalize_axes"]

@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.formats.blockwise import quantize_streaming
 from qlora_jax._src.formats.bnb import from_bnb
 from qlora_jax._src.formats.qarray import QuantizedArray
@@ -30,7 +31,6 @@ from qlora_jax._src.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.models.safetensors_io import DTYPES, SafetensorsReader
 from qlora_jax._src.surgery.apply import apply_qlora
-from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
 
 __all__ = ["from_pretrained", "load_config", "load_tokenizer", "hf_name_to_path"]
 
@@ -248,7 +248,7 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
     if quant is None and lora is None:
         return model
     stacked = {"/".join(key[:-1]): kernels.pop(key).array() for key in list(kernels)}
-    model, _ = apply_qlora(model, quant=quant, lora=lora, rngs=rngs or nnx.Rngs(0), kernels=stacked)
+    model = apply_qlora(model, quant=quant, lora=lora, rngs=rngs or nnx.Rngs(0), kernels=stacked)
     return model
 
 

@@ -3,7 +3,7 @@
 from qlora_jax._src.nn.einsum import QLoRAEinsum, QuantEinsum
 from qlora_jax._src.nn.general import QLoRALinearGeneral, QuantLinearGeneral
 from qlora_jax._src.nn.linear import QLoRALinear, QuantLinear
-from qlora_jax._src.nn.lora import INITS, init_lora, lora_delta, lora_einsum, lora_scale
+from qlora_jax._src.nn.lora import init_lora, lora_delta, lora_einsum
 from qlora_jax._src.nn.variables import FrozenWeight, QuantizedWeight
 
 # Every layer type over a frozen kernel, and those of them with a LoRA adapter.
@@ -12,7 +12,6 @@ QLORA_LAYERS: tuple[type, ...] = (QLoRALinear, QLoRALinearGeneral, QLoRAEinsum)
 
 __all__ = [
     "FROZEN_LAYERS",
-    "INITS",
     "QLORA_LAYERS",
     "FrozenWeight",
     "QLoRAEinsum",
@@ -25,5 +24,4 @@ __all__ = [
     "init_lora",
     "lora_delta",
     "lora_einsum",
-    "lora_scale",
 ]

@@ -12,12 +12,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
-from qlora_jax._src.nn.lora import INITS, init_lora, lora_scale
+from qlora_jax._src.config import LoraConfig
+from qlora_jax._src.nn.lora import init_lora
 
 __all__ = ["AdapterMixin"]
 
@@ -25,9 +25,10 @@ __all__ = ["AdapterMixin"]
 class AdapterMixin:
     """Creates the adapter variables and applies dropout to the adapter input (a mixin for NNX layers).
 
-    Sets `lora_a`, `lora_b` (`nnx.LoRAParam`), `rank`, `alpha`, `rslora`,
-    `scale`, `dropout_rate`, `deterministic` and `rngs` (the dropout
-    `nnx.RngStream`, split per stacked layer, or None without dropout).
+    Takes a `LoraConfig` (its `targets` play no part in one layer) and sets
+    `lora_a`, `lora_b` (`nnx.LoRAParam`), `rank`, `alpha`, `rslora`, `scale`,
+    `dropout_rate`, `deterministic` and `rngs` (the dropout `nnx.RngStream`,
+    split per stacked layer, or None without dropout).
     """
 
     def _init_adapter(
@@ -36,32 +37,22 @@ class AdapterMixin:
         out_shape: tuple[int, ...],
         stack_shape: tuple[int, ...],
         *,
-        rank: int,
-        alpha: float,
-        dropout: float,
-        rslora: bool,
-        init: str,
+        lora: LoraConfig,
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ) -> None:
-        if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank <= 0:
-            raise ValueError(f"rank: must be a positive integer, got {rank!r}")
-        if not (isinstance(alpha, (int, float, np.number)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha: must be a positive number, got {alpha!r}")
-        if not (isinstance(dropout, (int, float, np.number)) and 0.0 <= dropout < 1.0):
-            raise ValueError(f"dropout: must lie in [0, 1), got {dropout!r}")
-        if init not in INITS:
-            raise ValueError(f"init: unknown LoRA init {init!r}; expected one of {INITS}")
-        rank = int(rank)
-        a, b = init_lora(rngs["params"](), math.prod(in_shape), math.prod(out_shape), rank, init=init,
+        if not isinstance(lora, LoraConfig):
+            raise TypeError(f"lora: expected a LoraConfig, got {type(lora).__name__}")
+        rank = lora.rank
+        a, b = init_lora(rngs["params"](), math.prod(in_shape), math.prod(out_shape), rank, init=lora.init,
                          stack_shape=stack_shape, dtype=param_dtype)
         self.lora_a = nnx.LoRAParam(a.reshape(*stack_shape, *in_shape, rank))  # [*stack, *in, r]
         self.lora_b = nnx.LoRAParam(b.reshape(*stack_shape, rank, *out_shape))  # [*stack, r, *out]
         self.rank = rank
-        self.alpha = float(alpha)
-        self.rslora = bool(rslora)
-        self.scale = lora_scale(self.rank, self.alpha, self.rslora)
-        self.dropout_rate = float(dropout)
+        self.alpha = float(lora.alpha)
+        self.rslora = lora.rslora
+        self.scale = lora.scale
+        self.dropout_rate = lora.dropout
         self.deterministic = False
         if self.dropout_rate > 0:
             key = rngs["dropout"]()

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from qlora_jax._src.config import LoraConfig
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn.adapter import AdapterMixin
@@ -205,7 +206,7 @@ class QLoRAEinsum(QuantEinsum, AdapterMixin):
         >>> from flax import nnx
         >>> from qlora_jax.nnx import QLoRAEinsum
         >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (4, 16, 64)), "nf4", contract_axes=(0, 1))
-        >>> layer = QLoRAEinsum("...nh,nhd->...d", q, rank=8, alpha=16, rngs=nnx.Rngs(0))
+        >>> layer = QLoRAEinsum("...nh,nhd->...d", q, lora=qj.LoraConfig(rank=8, alpha=16), rngs=nnx.Rngs(0))
         >>> layer.lora_a.shape, layer.lora_b.shape
         ((4, 16, 8), (8, 64))
         >>> layer(jnp.ones((2, 4, 16))).shape
@@ -218,11 +219,7 @@ class QLoRAEinsum(QuantEinsum, AdapterMixin):
         kernel: QuantizedArray | jax.Array,
         bias: jax.Array | None = None,
         *,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        init: str = "default",
+        lora: LoraConfig,
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         precision: lax.PrecisionLike = None,
@@ -234,24 +231,21 @@ class QLoRAEinsum(QuantEinsum, AdapterMixin):
             einsum_str: As `QuantEinsum`.
             kernel: As `QuantEinsum`.
             bias: As `QuantEinsum`.
-            rank: Adapter rank, > 0.
-            alpha: `lora_alpha`, > 0.
-            dropout: Dropout probability of the adapter input, in [0, 1).
-            rslora: Scale by `alpha / √rank` instead of `alpha / rank`.
-            init: "default" (kaiming-uniform A, fan-in `prod(in)`) or "gaussian".
+            lora: The adapter: `rank`, `alpha`, `dropout` (of the adapter
+                input), `rslora`, `init` (fan-in `prod(in)`); `targets` is ignored.
             dtype: Compute dtype, or None for the input's dtype.
             param_dtype: Dtype of the adapter factors.
             precision: `lax` precision of the dots.
             rngs: `nnx.Rngs`; "params" draws A, "dropout" seeds dropout.
 
         Raises:
-            ValueError: Bad rank, alpha, dropout or init, or as `QuantEinsum`.
+            TypeError: `lora` is not a `LoraConfig`.
+            ValueError: As `QuantEinsum`.
         """
         super().__init__(einsum_str, kernel, bias, dtype=dtype, precision=precision)
         in_shape = tuple(self.kernel_shape[i] for i in self.contract_axes)
         out_shape = tuple(d for i, d in enumerate(self.kernel_shape) if i not in self.contract_axes)
-        self._init_adapter(in_shape, out_shape, self.stack_shape, rank=rank, alpha=alpha, dropout=dropout,
-                           rslora=rslora, init=init, param_dtype=param_dtype, rngs=rngs)
+        self._init_adapter(in_shape, out_shape, self.stack_shape, lora=lora, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, einsum_str: str | None = None, *,
                  deterministic: bool | None = None) -> jax.Array:

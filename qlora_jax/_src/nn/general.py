@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from qlora_jax._src.config import LoraConfig
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn.adapter import AdapterMixin
@@ -193,7 +194,7 @@ class QLoRALinearGeneral(QuantLinearGeneral, AdapterMixin):
         >>> from flax import nnx
         >>> from qlora_jax.nnx import QLoRALinearGeneral
         >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (64, 4, 16)), "nf4")
-        >>> layer = QLoRALinearGeneral(q, rank=8, alpha=16, rngs=nnx.Rngs(0))
+        >>> layer = QLoRALinearGeneral(q, lora=qj.LoraConfig(rank=8, alpha=16), rngs=nnx.Rngs(0))
         >>> layer.lora_a.shape, layer.lora_b.shape
         ((64, 8), (8, 4, 16))
         >>> layer(jnp.ones((2, 64))).shape
@@ -207,11 +208,7 @@ class QLoRALinearGeneral(QuantLinearGeneral, AdapterMixin):
         *,
         axis: int | Sequence[int] = -1,
         out_features: int | Sequence[int] | None = None,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        init: str = "default",
+        lora: LoraConfig,
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         precision: lax.PrecisionLike = None,
@@ -224,22 +221,20 @@ class QLoRALinearGeneral(QuantLinearGeneral, AdapterMixin):
             bias: As `QuantLinearGeneral`.
             axis: As `QuantLinearGeneral`.
             out_features: As `QuantLinearGeneral`.
-            rank: Adapter rank, > 0.
-            alpha: `lora_alpha`, > 0.
-            dropout: Dropout probability of the adapter input, in [0, 1).
-            rslora: Scale by `alpha / √rank` instead of `alpha / rank`.
-            init: "default" (kaiming-uniform A, fan-in `prod(in)`) or "gaussian".
+            lora: The adapter: `rank`, `alpha`, `dropout` (of the adapter
+                input), `rslora`, `init` (fan-in `prod(in)`); `targets` is ignored.
             dtype: Compute dtype, or None for the input's dtype.
             param_dtype: Dtype of the adapter factors.
             precision: `lax` precision of the dots.
             rngs: `nnx.Rngs`; "params" draws A, "dropout" seeds dropout.
 
         Raises:
-            ValueError: Bad rank, alpha, dropout or init, or as `QuantLinearGeneral`.
+            TypeError: `lora` is not a `LoraConfig`.
+            ValueError: As `QuantLinearGeneral`.
         """
         super().__init__(kernel, bias, axis=axis, out_features=out_features, dtype=dtype, precision=precision)
-        self._init_adapter(self.in_features, self.out_features, self.stack_shape, rank=rank, alpha=alpha,
-                           dropout=dropout, rslora=rslora, init=init, param_dtype=param_dtype, rngs=rngs)
+        self._init_adapter(self.in_features, self.out_features, self.stack_shape, lora=lora,
+                           param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         """As `QuantLinearGeneral`, plus the adapter; `deterministic` overrides the attribute."""

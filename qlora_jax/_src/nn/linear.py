@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from qlora_jax._src.config import LoraConfig
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn.adapter import AdapterMixin
@@ -169,7 +170,7 @@ class QLoRALinear(QuantLinear, AdapterMixin):
         >>> from flax import nnx
         >>> from qlora_jax.nnx import QLoRALinear, QuantLinear
         >>> q = qj.quantize(jax.random.normal(jax.random.key(0), (128, 64)), "nf4")
-        >>> layer = QLoRALinear(q, rank=8, alpha=16, rngs=nnx.Rngs(0))
+        >>> layer = QLoRALinear(q, lora=qj.LoraConfig(rank=8, alpha=16), rngs=nnx.Rngs(0))
         >>> layer.lora_a.shape, layer.lora_b.shape, layer.scale
         ((128, 8), (8, 64), 2.0)
         >>> x = jnp.ones((2, 128))
@@ -182,11 +183,7 @@ class QLoRALinear(QuantLinear, AdapterMixin):
         kernel: QuantizedArray | jax.Array,
         bias: jax.Array | None = None,
         *,
-        rank: int,
-        alpha: float,
-        dropout: float = 0.0,
-        rslora: bool = False,
-        init: str = "default",
+        lora: LoraConfig,
         dtype: jnp.dtype | None = None,
         param_dtype: jnp.dtype = jnp.float32,
         precision: lax.PrecisionLike = None,
@@ -197,11 +194,8 @@ class QLoRALinear(QuantLinear, AdapterMixin):
         Args:
             kernel: As `QuantLinear`.
             bias: As `QuantLinear`.
-            rank: Adapter rank, > 0.
-            alpha: `lora_alpha`, > 0.
-            dropout: Dropout probability of the adapter input, in [0, 1).
-            rslora: Scale by `alpha / √rank` instead of `alpha / rank`.
-            init: "default" (kaiming-uniform A) or "gaussian" (A ~ N(0, 1/rank²)).
+            lora: The adapter: `rank`, `alpha`, `dropout` (of the adapter
+                input), `rslora`, `init`; `targets` is ignored.
             dtype: Compute dtype, or None for the input's dtype.
             param_dtype: Dtype of the adapter factors.
             precision: `lax` precision of the dots.
@@ -209,11 +203,12 @@ class QLoRALinear(QuantLinear, AdapterMixin):
                 stream seeds the dropout keys (each falls back to "default").
 
         Raises:
-            ValueError: Bad rank, alpha, dropout or init, or as `QuantLinear`.
+            TypeError: `lora` is not a `LoraConfig`.
+            ValueError: As `QuantLinear`.
         """
         super().__init__(kernel, bias, dtype=dtype, precision=precision)
-        self._init_adapter((self.in_features,), (self.out_features,), self.stack_shape, rank=rank, alpha=alpha,
-                           dropout=dropout, rslora=rslora, init=init, param_dtype=param_dtype, rngs=rngs)
+        self._init_adapter((self.in_features,), (self.out_features,), self.stack_shape, lora=lora,
+                           param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         """`x [..., in]` → `[..., out]` in the compute dtype; `deterministic` overrides the attribute."""

@@ -1,4 +1,4 @@
-"""LoRA as pure functions: the adapter's output, its scaling and its init.
+"""LoRA as pure functions: the adapter's output and its init (the scaling, `lora_scale`, is in `config`).
 
 Low-rank adaptation (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large
 Language Models") adds `s · B(A(x))` to a frozen layer. The conventions are
@@ -20,12 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qlora_jax._src.config import INITS
 from qlora_jax._src.nn.spec import einsum_kernel_axes, split_einsum
 
-__all__ = ["INITS", "lora_delta", "lora_einsum", "lora_scale", "init_lora"]
-
-# Adapter initializations: PEFT's `init_lora_weights=True` and "gaussian".
-INITS: tuple[str, ...] = ("default", "gaussian")
+__all__ = ["lora_delta", "lora_einsum", "init_lora"]
 
 
 def lora_delta(
@@ -158,25 +156,6 @@ def lora_einsum(
     hs = "".join(c for c in xs if c not in k_in) + r  # x's kept axes (and `...`), then the rank
     h = jnp.einsum(f"{xs},{k_in}{r}->{hs}", x, a.astype(x.dtype), precision=precision)  # [..., r]
     return jnp.einsum(f"{hs},{r}{k_out}->{out}", h, b.astype(x.dtype), precision=precision) * scale
-
-
-def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
-    """PEFT's scaling: `alpha / rank`, or `alpha / √rank` with rsLoRA.
-
-    Args:
-        rank: The adapter rank `r`.
-        alpha: `lora_alpha`.
-        rslora: Rank-stabilized scaling.
-
-    Returns:
-        The scale as a Python float (weakly typed in JAX arithmetic).
-
-    Example:
-        >>> from qlora_jax.nnx import lora_scale
-        >>> lora_scale(16, 32), lora_scale(16, 32, rslora=True)
-        (2.0, 8.0)
-    """
-    return float(alpha) / (math.sqrt(rank) if rslora else float(rank))
 
 
 def init_lora(

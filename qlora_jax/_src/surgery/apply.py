@@ -9,7 +9,6 @@ model is touched, so a failing call leaves it as it was.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -17,10 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES, quantize, quantize_streaming
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn import (
-    QLORA_LAYERS,
     QLoRAEinsum,
     QLoRALinear,
     QLoRALinearGeneral,
@@ -28,8 +27,6 @@ from qlora_jax._src.nn import (
     QuantLinear,
     QuantLinearGeneral,
 )
-from qlora_jax._src.surgery.config import LoraConfig, QuantConfig
-from qlora_jax._src.surgery.report import QLoRAReport, ReplacedLayer
 from qlora_jax._src.surgery.targets import (
     LinearSite,
     find_heads,
@@ -51,8 +48,8 @@ def apply_qlora(
     lora: LoraConfig | None,
     rngs: nnx.Rngs | None = None,
     kernels: Mapping[str, QuantizedArray] | None = None,
-) -> tuple[nnx.Module, QLoRAReport]:
-    """Replaces the linear layers of `model` **in place** and reports what changed.
+) -> nnx.Module:
+    """Replaces the linear layers of `model` **in place** and returns it.
 
     Linear layers are `nnx.Linear` (→ `QuantLinear` / `QLoRALinear`),
     `nnx.LinearGeneral` without `batch_axis` (→ `QuantLinearGeneral` /
@@ -73,8 +70,8 @@ def apply_qlora(
     size. Embeddings and other layer types are never replaced; neither is a
     linear layer whose computation cannot be reproduced (custom
     `dot_general` / `einsum_op` / `promote_dtype`, `preferred_element_type`,
-    `batch_axis`): it is reported in `report.skipped`, and targeting it by
-    name or regex is an error. An N-D kernel is quantized with its input axes
+    `batch_axis`): `qlora_report(model).skipped` lists it, and targeting it
+    by name or regex is an error. An N-D kernel is quantized with its input axes
     as `contract_axes` (the axes summed against the input) and gets
     adapters A `[*in, r]`, B `[r, *out]`. Layers stacked by `nnx.vmap`
     (kernel `[L, in, out]`, applied with `nnx.scan`) get a `QuantizedArray`
@@ -100,9 +97,9 @@ def apply_qlora(
             each falls back to "default". Required when `lora` is given.
 
     Returns:
-        `(model, report)`: the same `model` object, and a `QLoRAReport` of the
-        replaced layers (paths, kernel shapes, parameter counts, bytes before
-        and after) and of the linear layers left alone.
+        The same `model` object. `qlora_report(model)` tells what it holds
+        now: the replaced layers (paths, kernel shapes, parameter counts,
+        bytes before and after) and the linear layers left alone.
 
     Raises:
         ValueError: Both configs None; a target that matches no layer, a
@@ -115,7 +112,7 @@ def apply_qlora(
     Example:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
-        >>> from qlora_jax.nnx import LoraConfig, QuantConfig, apply_qlora
+        >>> from qlora_jax.nnx import LoraConfig, QuantConfig, apply_qlora, qlora_report
         >>> class MLP(nnx.Module):
         ...     def __init__(self, rngs):
         ...         self.up = nnx.Linear(128, 256, rngs=rngs)
@@ -123,8 +120,8 @@ def apply_qlora(
         ...         self.head = nnx.Linear(128, 10, rngs=rngs)
         ...     def __call__(self, x):
         ...         return self.head(self.down(jnp.tanh(self.up(x))))
-        >>> model, report = apply_qlora(MLP(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=8),
-        ...                             rngs=nnx.Rngs(1))
+        >>> model = apply_qlora(MLP(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=8), rngs=nnx.Rngs(1))
+        >>> report = qlora_report(model)
         >>> report.paths, type(model.up).__name__, type(model.head).__name__
         (('down', 'up'), 'QLoRALinear', 'Linear')
         >>> report.bytes_before, report.bytes_after  # float32 kernels -> NF4 (double quant) + float32 adapters
@@ -143,7 +140,7 @@ def apply_qlora(
     if lora is not None and not isinstance(rngs, nnx.Rngs):
         raise TypeError(f"rngs: an nnx.Rngs is needed to initialise the adapters, got {type(rngs).__name__}")
 
-    sites, others = find_linears(model)
+    sites, _ = find_linears(model)
     heads = find_heads(model, sites)
     adapted = {s.name for s in match_targets(model, lora.targets, sites, heads)} if lora is not None else set()
     quantized = {s.name for s in sites if s.name not in heads and s.problem is None} | adapted \
@@ -165,19 +162,12 @@ def apply_qlora(
     for site in plan:  # every check before the first change
         _check_site(site, quant if site.name in quantized else None, aliases)
 
-    new_layers, rows = [], []
-    for site in plan:
-        layer = _build_layer(site, quant if site.name in quantized else None,
-                             lora if site.name in adapted else None, rngs, kernels.get(site.name))
-        new_layers.append(layer)
-        rows.append(_report_row(site, layer))
+    new_layers = [_build_layer(site, quant if site.name in quantized else None,
+                               lora if site.name in adapted else None, rngs, kernels.get(site.name))
+                  for site in plan]
     for site, layer in zip(plan, new_layers, strict=True):
         replace_node(model, site.path, layer, aliases)  # a shared layer stays shared
-    skipped = [(name, reason) for name, reason in heads.items() if name not in adapted]
-    skipped += [(s.name, f"{s.kind} cannot be replaced: {s.problem}") for s in sites
-                if s.problem is not None and s.name not in adapted and s.name not in heads]
-    skipped += others
-    return model, QLoRAReport(layers=tuple(rows), skipped=tuple(skipped))
+    return model
 
 
 def quantize_kernel(
@@ -292,26 +282,10 @@ def _build_layer(site: LinearSite, quant: QuantConfig | None, lora: LoraConfig |
                                  kernel_ndim=len(site.logical_shape))
     dtype = quant.compute_dtype if quant is not None and quant.compute_dtype is not None else m.dtype
     common = dict(dtype=dtype, precision=m.precision)
-    adapter = {} if lora is None else dict(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
-                                           rslora=lora.rslora, init=lora.init, rngs=rngs)
+    adapter = {} if lora is None else dict(lora=lora, rngs=rngs)
     if site.kind == "Linear":
         return (QuantLinear if lora is None else QLoRALinear)(weight, bias, **common, **adapter)
     if site.kind == "LinearGeneral":
         return (QuantLinearGeneral if lora is None else QLoRALinearGeneral)(
             weight, bias, axis=m.axis, out_features=m.out_features, **common, **adapter)
     return (QuantEinsum if lora is None else QLoRAEinsum)(m.einsum_str, weight, bias, **common, **adapter)
-
-
-def _report_row(site: LinearSite, layer: nnx.Module) -> ReplacedLayer:
-    kernel = site.module.kernel.get_value()  # may be abstract when `kernels` supplied it
-    stored = layer.kernel.get_value()
-    after = stored.nbytes if isinstance(stored, QuantizedArray) else int(stored.nbytes)
-    lora_params = 0
-    if isinstance(layer, QLORA_LAYERS):
-        lora_params = int(layer.lora_a[...].size + layer.lora_b[...].size)
-        after += int(layer.lora_a[...].nbytes + layer.lora_b[...].nbytes)
-    return ReplacedLayer(path=site.name, layer=type(layer).__name__, kernel_shape=site.kernel_shape,
-                         quantized=layer.quantized, base_params=int(math.prod(kernel.shape)),
-                         lora_params=lora_params,
-                         bytes_before=int(math.prod(kernel.shape)) * np.dtype(kernel.dtype).itemsize,
-                         bytes_after=int(after))

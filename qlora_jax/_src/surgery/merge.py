@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from qlora_jax._src.config import QuantConfig
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES, dequantize
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn import (
@@ -35,7 +36,6 @@ from qlora_jax._src.nn import (
     QuantLinearGeneral,
 )
 from qlora_jax._src.surgery.apply import quantize_kernel
-from qlora_jax._src.surgery.config import QuantConfig
 from qlora_jax._src.surgery.targets import child, node_aliases, path_str, replace_node
 
 __all__ = ["MergedLayer", "MergeReport", "merge_lora", "unmerge_lora"]
@@ -52,8 +52,8 @@ class MergedLayer:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> from qlora_jax.nnx import LoraConfig, QuantConfig, apply_qlora, merge_lora
-        >>> model, _ = apply_qlora(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), quant=QuantConfig(),
-        ...                        lora=LoraConfig(rank=2, targets=["0"]), rngs=nnx.Rngs(1))
+        >>> model = apply_qlora(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), quant=QuantConfig(),
+        ...                     lora=LoraConfig(rank=2, targets=["0"]), rngs=nnx.Rngs(1))
         >>> model, report = merge_lora(model)
         >>> row = report.layers[0]
         >>> row.path, row.layer, row.merged, row.kernel_shape, row.folded, row.dtype, row.requant_error
@@ -87,8 +87,8 @@ class MergeReport:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> from qlora_jax.nnx import LoraConfig, QuantConfig, apply_qlora, merge_lora
-        >>> model, _ = apply_qlora(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), quant=QuantConfig(),
-        ...                        lora=LoraConfig(rank=2, targets=["0"]), rngs=nnx.Rngs(1))
+        >>> model = apply_qlora(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), quant=QuantConfig(),
+        ...                     lora=LoraConfig(rank=2, targets=["0"]), rngs=nnx.Rngs(1))
         >>> _, report = merge_lora(model, requantize=QuantConfig(fmt="int8"))
         >>> report.paths, report.layers[0].merged, 0 < report.max_requant_error < 0.02
         (('layers/0',), 'QuantLinear', True)
@@ -167,8 +167,8 @@ def merge_lora(
         >>> from flax import nnx
         >>> from qlora_jax.nnx import LoraConfig, QuantConfig, apply_qlora, merge_lora
         >>> model = nnx.Sequential(nnx.Linear(128, 64, rngs=nnx.Rngs(0)), nnx.Linear(64, 10, rngs=nnx.Rngs(1)))
-        >>> model, _ = apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(rank=4, targets=["0"]),
-        ...                        rngs=nnx.Rngs(2))
+        >>> model = apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(rank=4, targets=["0"]),
+        ...                     rngs=nnx.Rngs(2))
         >>> model.layers[0].lora_b[...] = jnp.full((4, 64), 0.01)
         >>> x = jnp.ones((2, 128))
         >>> y = model(x)
@@ -254,8 +254,8 @@ def unmerge_lora(model: nnx.Module, report: MergeReport) -> nnx.Module:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> from qlora_jax.nnx import LoraConfig, QuantConfig, apply_qlora, merge_lora, unmerge_lora
-        >>> model, _ = apply_qlora(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), quant=QuantConfig(),
-        ...                        lora=LoraConfig(rank=2, targets=["0"]), rngs=nnx.Rngs(1))
+        >>> model = apply_qlora(nnx.Sequential(nnx.Linear(64, 8, rngs=nnx.Rngs(0))), quant=QuantConfig(),
+        ...                     lora=LoraConfig(rank=2, targets=["0"]), rngs=nnx.Rngs(1))
         >>> codes = model.layers[0].kernel.get_value().codes
         >>> model, report = merge_lora(model)
         >>> model = unmerge_lora(model, report)

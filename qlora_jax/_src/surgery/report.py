@@ -1,15 +1,30 @@
-"""What `apply_qlora` did: one row per replaced layer, with sizes before and after."""
+"""What a model's QLoRA layers hold: one row per replaced layer, with sizes before and after.
+
+`qlora_report(model)` reads it from the model itself, at any time (right
+after `apply_qlora`, after loading a checkpoint, during training): the layers
+over a frozen kernel are the rows, and the linear-like layers still in float
+are listed with the reason they were left alone.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import Any
 
-__all__ = ["ReplacedLayer", "QLoRAReport"]
+import numpy as np
+from flax import nnx
+
+from qlora_jax._src.formats.qarray import QuantizedArray
+from qlora_jax._src.nn import FROZEN_LAYERS, QLORA_LAYERS
+from qlora_jax._src.surgery.targets import LinearSite, find_heads, find_linears, path_str
+
+__all__ = ["ReplacedLayer", "QLoRAReport", "qlora_report"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ReplacedLayer:
-    """One linear layer that `apply_qlora` replaced. Biases are unchanged and not counted.
+    """One layer over a frozen kernel (made by `apply_qlora` or by hand). Biases are not counted.
 
     Example:
         >>> from qlora_jax.nnx import ReplacedLayer
@@ -24,7 +39,7 @@ class ReplacedLayer:
     quantized: bool  # whether the kernel is now packed
     base_params: int  # elements of the kernel
     lora_params: int  # elements of lora_a and lora_b
-    bytes_before: int  # bytes of the float kernel
+    bytes_before: int  # bytes of the kernel in its original float dtype (`QuantizedArray.dtype`)
     bytes_after: int  # bytes of the kernel as stored now (packed or float) plus the adapter
 
 
@@ -35,7 +50,9 @@ class QLoRAReport:
     Attributes:
         layers: One `ReplacedLayer` per replaced layer, in path order.
         skipped: `(path, reason)` of linear-like layers not replaced: output
-            heads and unsupported types.
+            heads, layers whose computation cannot be reproduced, unsupported
+            types, and supported layers left in float because no LoRA target
+            named them (plain LoRA, `quant=None`).
 
     Example:
         >>> from qlora_jax.nnx import QLoRAReport, ReplacedLayer
@@ -84,3 +101,78 @@ class QLoRAReport:
                      f"{self.bytes_after:>12,}")
         lines += [f"left as is: {path} ({reason})" for path, reason in self.skipped]
         return "\n".join(lines)
+
+
+def qlora_report(model: nnx.Module) -> QLoRAReport:
+    """The QLoRA layers of `model` and the linear-like layers left as they were.
+
+    Computed from the model alone: one `ReplacedLayer` per layer over a
+    frozen kernel (`QuantLinear`, `QLoRALinear`, `QuantLinearGeneral`,
+    `QLoRALinearGeneral`, `QuantEinsum`, `QLoRAEinsum`; a shared layer once),
+    with its parameter counts and its bytes before (the kernel's original
+    float dtype, which a `QuantizedArray` records) and after (packed kernel
+    plus adapter). The output head is found as `apply_qlora` finds it.
+
+    Args:
+        model: Any NNX module, e.g. after `apply_qlora`.
+
+    Returns:
+        A `QLoRAReport`; `str()` of it is a table.
+
+    Raises:
+        TypeError: `model` is not an `nnx.Module`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from qlora_jax.nnx import LoraConfig, QuantConfig, apply_qlora, qlora_report
+        >>> class MLP(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.up = nnx.Linear(128, 256, rngs=rngs)
+        ...         self.down = nnx.Linear(256, 128, rngs=rngs)
+        ...         self.head = nnx.Linear(128, 10, rngs=rngs)
+        >>> model = apply_qlora(MLP(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=8), rngs=nnx.Rngs(1))
+        >>> report = qlora_report(model)
+        >>> report.paths, report.skipped
+        (('down', 'up'), (('head', "output head (named 'head')"),))
+        >>> report.bytes_before, report.bytes_after  # float32 kernels -> NF4 (double quant) + float32 adapters
+        (262144, 58392)
+    """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"model: expected an nnx.Module, got {type(model).__name__}")
+    sites, others = find_linears(model)
+    replaced = [(tuple(path), m) for path, m in nnx.iter_modules(model) if path and isinstance(m, FROZEN_LAYERS)]
+    # Heads among all linear layers, replaced or not: the same choice apply_qlora made on the original model.
+    heads = find_heads(model, sites + [_site(path, m) for path, m in replaced])
+    names = {path_str(path) for path, _ in replaced}
+    skipped = [(name, reason) for name, reason in heads.items() if name not in names]
+    for s in sites:
+        if s.name in heads:
+            continue
+        if s.problem is not None:
+            skipped.append((s.name, f"{s.kind} cannot be replaced: {s.problem}"))
+        else:
+            skipped.append((s.name, f"float {s.kind}, not a LoRA target"))
+    skipped += others
+    return QLoRAReport(layers=tuple(_row(path, m) for path, m in replaced), skipped=tuple(skipped))
+
+
+def _site(path: tuple[Any, ...], m: nnx.Module) -> LinearSite:
+    """A replaced layer seen as the linear layer it was."""
+    return LinearSite(path, m, tuple(m.stack_shape), tuple(m.kernel_shape), tuple(m.contract_axes))
+
+
+def _row(path: tuple[Any, ...], m: nnx.Module) -> ReplacedLayer:
+    stored = m.kernel.get_value()  # a QuantizedArray or a float kernel [*stack, *kernel_shape]
+    kernel_shape = (*m.stack_shape, *m.kernel_shape)
+    base_params = math.prod(kernel_shape)
+    after = int(stored.nbytes)
+    lora_params = 0
+    if isinstance(m, QLORA_LAYERS):
+        lora_params = int(m.lora_a[...].size + m.lora_b[...].size)
+        after += int(m.lora_a[...].nbytes + m.lora_b[...].nbytes)
+    dtype = stored.dtype  # QuantizedArray.dtype: the dtype the kernel had before quantization
+    return ReplacedLayer(path=path_str(path), layer=type(m).__name__, kernel_shape=kernel_shape,
+                         quantized=isinstance(stored, QuantizedArray), base_params=base_params,
+                         lora_params=lora_params, bytes_before=base_params * np.dtype(dtype).itemsize,
+                         bytes_after=after)

@@ -27,11 +27,10 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 from jax import lax
 
-from qlora_jax._src.nn import FROZEN_LAYERS
+from qlora_jax._src.config import ALL_LINEAR, HEAD_NAMES
 from qlora_jax._src.nn.spec import einsum_kernel_axes, einsum_problem, split_einsum
-from qlora_jax._src.surgery.config import ALL_LINEAR
 
-__all__ = ["SUPPORTED_MODULES", "HEAD_NAMES", "LinearSite", "find_linears", "unsupported_reason", "find_heads",
+__all__ = ["SUPPORTED_MODULES", "LinearSite", "find_linears", "unsupported_reason", "find_heads",
            "match_targets", "path_str", "child", "set_child", "node_aliases", "replace_node"]
 
 # Module types apply_qlora replaces, and with what.
@@ -40,8 +39,6 @@ SUPPORTED_MODULES: dict[type, str] = {
     nnx.LinearGeneral: "QLoRALinearGeneral (targeted) or QuantLinearGeneral (quantized only); no batch_axis",
     nnx.Einsum: "QLoRAEinsum (targeted) or QuantEinsum (quantized only)",
 }
-# Last path components that mark an output head, excluded from "all-linear" and from quantization.
-HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,8 +89,8 @@ def find_linears(model: nnx.Module) -> tuple[list[LinearSite], list[tuple[str, s
     Returns:
         `(sites, others)`: sites in nnx's path order (each with its `problem`,
         if any); `others` are `(path, reason)` of modules that hold a kernel
-        but are not replaced: unsupported types (subclasses of `nnx.Linear`,
-        `Conv`, ...) and layers already converted by `apply_qlora`.
+        but are never replaced: unsupported types (subclasses of `nnx.Linear`,
+        `Conv`, ...). Layers already converted by `apply_qlora` are in neither.
 
     Raises:
         ValueError: A layer whose kernel does not have the shape its attributes say.
@@ -104,8 +101,6 @@ def find_linears(model: nnx.Module) -> tuple[list[LinearSite], list[tuple[str, s
             continue
         if type(module) in SUPPORTED_MODULES:
             sites.append(_site(tuple(path), module))
-        elif isinstance(module, FROZEN_LAYERS):
-            others.append((path_str(path), f"already a {type(module).__name__}"))
         elif isinstance(module, (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.ConvTranspose)):
             others.append((path_str(path), f"{type(module).__name__} is not supported"))
     return sites, others
