@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import qlora_jax as qj
+from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.nn import (
     QLoRAEinsum,
     QLoRALinearGeneral,
@@ -25,7 +26,7 @@ from qlora_jax._src.nn import (
     lora_delta,
     lora_einsum,
 )
-from qlora_jax._src.surgery import LoraConfig, QuantConfig, apply_qlora
+from qlora_jax._src.surgery import apply_qlora, qlora_report
 
 D, H, HD = 64, 4, 16
 
@@ -87,8 +88,10 @@ def _run_all(model, xs):
 
 
 def test_fresh_adapter_is_bit_identical_to_the_quantized_base(zoo):
-    quantized, qrep = apply_qlora(zoo(), quant=QuantConfig(), lora=None)
-    qlora, rep = apply_qlora(zoo(), quant=QuantConfig(), lora=LoraConfig(rank=4, dropout=0.1), rngs=nnx.Rngs(1))
+    quantized = apply_qlora(zoo(), quant=QuantConfig(), lora=None)
+    qrep = qlora_report(quantized)
+    qlora = apply_qlora(zoo(), quant=QuantConfig(), lora=LoraConfig(rank=4, dropout=0.1), rngs=nnx.Rngs(1))
+    rep = qlora_report(qlora)
     assert qrep.paths == rep.paths == tuple(sorted(CASES))
     kinds = {r.path: r.layer for r in rep.layers}
     assert kinds == {"join_heads": "QLoRALinearGeneral", "middle": "QLoRALinearGeneral", "out": "QLoRAEinsum",
@@ -108,7 +111,8 @@ def test_fresh_float_lora_is_bit_identical_to_the_original_layers(zoo):
     base = zoo()
     xs = {name: _x(name) for name in CASES}
     expected = _run_all(base, xs)
-    model, report = apply_qlora(base, quant=None, lora=LoraConfig(rank=4), rngs=nnx.Rngs(1))
+    model = apply_qlora(base, quant=None, lora=LoraConfig(rank=4), rngs=nnx.Rngs(1))
+    report = qlora_report(model)
     assert model is base and len(report.layers) == len(CASES) and not any(r.quantized for r in report.layers)
     ours = _run_all(model, xs)
     for name in CASES:
@@ -122,8 +126,8 @@ def test_fresh_float_lora_is_bit_identical_to_the_original_layers(zoo):
 
 
 def test_outputs_match_a_float64_reference_with_a_nonzero_adapter(zoo):
-    model, _ = apply_qlora(zoo(), quant=QuantConfig(), lora=LoraConfig(rank=4, alpha=8, dropout=0.2),
-                           rngs=nnx.Rngs(1))
+    model = apply_qlora(zoo(), quant=QuantConfig(), lora=LoraConfig(rank=4, alpha=8, dropout=0.2),
+                        rngs=nnx.Rngs(1))
     model.eval()
     xs = {name: _x(name, seed=i) for i, name in enumerate(CASES)}
     for i, name in enumerate(CASES):
@@ -157,7 +161,8 @@ def test_lora_einsum_is_lora_delta_for_a_matrix_kernel():
 def test_bfloat16_compute_dtype_and_the_quantized_layout():
     kernel = jax.random.normal(jax.random.key(0), (H, HD, D))
     q = qj.quantize(kernel, "nf4", 64, double_quant=True, contract_axes=(0, 1))
-    layer = QLoRAEinsum("bsnh,nhd->bsd", q, jnp.zeros(D), rank=4, alpha=8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    layer = QLoRAEinsum("bsnh,nhd->bsd", q, jnp.zeros(D), lora=LoraConfig(rank=4, alpha=8), dtype=jnp.bfloat16,
+                        rngs=nnx.Rngs(0))
     assert layer.contract_axes == (0, 1) and layer.lora_a.shape == (H, HD, 4) and layer.lora_b.shape == (4, D)
     y = layer(jnp.ones((2, 3, H, HD)))
     assert y.dtype == jnp.bfloat16 and layer.lora_a[...].dtype == jnp.float32
@@ -192,7 +197,8 @@ class Attention(nnx.Module):
 
 def test_attention_block_trains_adapters_only():
     model = nnx.jit(lambda: Attention(nnx.Rngs(0)))()
-    model, report = apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(rank=4, alpha=8), rngs=nnx.Rngs(1))
+    model = apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(rank=4, alpha=8), rngs=nnx.Rngs(1))
+    report = qlora_report(model)
     assert report.paths == ("k", "o", "q", "v") and ("head", "output head (named 'head')") in report.skipped
     assert type(model.q) is QLoRALinearGeneral and type(model.o) is QLoRAEinsum
     x = jax.random.normal(jax.random.key(2), (4, 6, D))
@@ -253,7 +259,8 @@ def test_stacked_general_and_einsum_layers_under_scan():
     n = 3
     model = nnx.jit(lambda: Stack(n, nnx.Rngs(0)))()
     biases = {k: _np(getattr(model.blocks, k).bias[...]) for k in ("up", "down")}
-    model, report = apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(rank=2, alpha=4), rngs=nnx.Rngs(1))
+    model = apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(rank=2, alpha=4), rngs=nnx.Rngs(1))
+    report = qlora_report(model)
     assert {r.path: r.kernel_shape for r in report.layers} == {"blocks/up": (n, D, H, HD),
                                                                "blocks/down": (n, H, HD, D)}
     up, down = model.blocks.up, model.blocks.down
@@ -287,7 +294,8 @@ class Odd(nnx.Module):
 
 def test_unsupported_configurations_are_skipped_or_refused_by_name():
     base = nnx.jit(lambda: Odd(nnx.Rngs(0)))()
-    model, report = apply_qlora(nnx.clone(base), quant=None, lora=LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    model = apply_qlora(nnx.clone(base), quant=None, lora=LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    report = qlora_report(model)
     assert report.paths == ("fc", "narrow") and type(model.batched) is nnx.LinearGeneral
     skipped = dict(report.skipped)
     assert skipped["batched"] == ("LinearGeneral cannot be replaced: it has batch_axis {0: 2}, which is not "
@@ -304,7 +312,7 @@ def test_unsupported_configurations_are_skipped_or_refused_by_name():
                                          r"multiple of QuantConfig.block_size=64.*kernel axes \(0, 1\)"):
         apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(targets=["fc"]), rngs=nnx.Rngs(1))
     assert type(model.fc) is nnx.Linear  # checked before any change
-    _, report = apply_qlora(model, quant=QuantConfig(block_size=32), lora=None)
+    report = qlora_report(apply_qlora(model, quant=QuantConfig(block_size=32), lora=None))
     assert report.paths == ("fc", "narrow")
 
 
@@ -332,5 +340,5 @@ def test_layer_constructors_name_the_bad_argument():
     with pytest.raises(ValueError, match=r"einsum_str: 'bh,dh->bd' does not sum kernel axes \(0,\)"):
         layer(jnp.ones((2, HD)), "bh,dh->bd")
     assert layer(jnp.ones((2, D)), "xd,dh->xh").shape == (2, HD)  # another spec, same kernel axes: fine
-    with pytest.raises(ValueError, match=r"rank: must be a positive integer"):
-        QLoRALinearGeneral(q, rank=0, alpha=1, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"lora: expected a LoraConfig, got dict"):
+        QLoRALinearGeneral(q, lora={"rank": 4}, rngs=nnx.Rngs(0))

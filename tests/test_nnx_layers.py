@@ -15,8 +15,9 @@ import pytest
 from flax import nnx
 
 import qlora_jax as qj
+from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.nn import FrozenWeight, QLoRALinear, QuantizedWeight, QuantLinear, lora_delta
-from qlora_jax._src.surgery import LoraConfig, QuantConfig, apply_qlora
+from qlora_jax._src.surgery import apply_qlora, qlora_report
 
 D, HIDDEN, VOCAB = 64, 128, 97
 
@@ -87,9 +88,11 @@ def _at(model, path):
 def test_fresh_adapter_is_bit_identical_to_the_quantized_model(targets):
     base = TinyTransformer(nnx.Rngs(0))
     tokens = _tokens()
-    quantized, qrep = apply_qlora(nnx.clone(base), quant=QuantConfig(), lora=None)
-    qlora, rep = apply_qlora(nnx.clone(base), quant=QuantConfig(), lora=LoraConfig(rank=4, dropout=0.1,
-                                                                                  targets=targets), rngs=nnx.Rngs(1))
+    quantized = apply_qlora(nnx.clone(base), quant=QuantConfig(), lora=None)
+    qrep = qlora_report(quantized)
+    qlora = apply_qlora(nnx.clone(base), quant=QuantConfig(), lora=LoraConfig(rank=4, dropout=0.1,
+                                                                             targets=targets), rngs=nnx.Rngs(1))
+    rep = qlora_report(qlora)
     # Every Linear but the head is quantized either way, with the same codes.
     expected_quantized = ["k_proj", "mlp/down_proj", "mlp/gate_proj", "mlp/up_proj", "o_proj", "q_proj", "v_proj"]
     assert sorted(qrep.paths) == sorted(rep.paths) == expected_quantized
@@ -118,12 +121,16 @@ def test_fresh_float_lora_is_bit_identical_to_the_original_model(targets):
     base = TinyTransformer(nnx.Rngs(0))
     tokens = _tokens()
     expected = base(tokens)
-    model, report = apply_qlora(base, quant=None, lora=LoraConfig(rank=4, targets=targets), rngs=nnx.Rngs(1))
+    model = apply_qlora(base, quant=None, lora=LoraConfig(rank=4, targets=targets), rngs=nnx.Rngs(1))
+    report = qlora_report(model)
     assert model is base  # in place
     assert all(r.layer == "QLoRALinear" and not r.quantized for r in report.layers)
     assert all(r.bytes_after == r.bytes_before + 4 * r.lora_params for r in report.layers)
-    if targets != "all-linear":  # the others stay float nnx.Linear
+    if targets != "all-linear":  # the others stay float nnx.Linear, and the report says why
         assert type(model.k_proj) is nnx.Linear and type(model.mlp["down_proj"]) is QLoRALinear
+        assert ("k_proj", "float Linear, not a LoRA target") in report.skipped
+        assert report.paths == ("mlp/down_proj", "q_proj")
+    assert qlora_report(nnx.clone(model)) == report  # read from the model alone
     assert isinstance(model.q_proj.kernel, FrozenWeight) and not isinstance(model.q_proj.kernel, nnx.Param)
     np.testing.assert_array_equal(model(tokens), expected)
 
@@ -133,7 +140,7 @@ def test_qlora_layer_matches_quant_layer_and_reference():
     bias = jax.random.normal(jax.random.key(1), (32,))
     q = qj.quantize(kernel, "nf4", 64, double_quant=True)
     x = jax.random.normal(jax.random.key(2), (3, 5, 128))
-    layer = QLoRALinear(q, bias, rank=4, alpha=8, dropout=0.5, rngs=nnx.Rngs(0))
+    layer = QLoRALinear(q, bias, lora=LoraConfig(rank=4, alpha=8, dropout=0.5), rngs=nnx.Rngs(0))
     base = QuantLinear(q, bias)
     np.testing.assert_array_equal(layer(x), base(x))  # dropout active, B = 0
     ref = np.asarray(x, np.float64) @ np.asarray(qj.dequantize(q), np.float64) + np.asarray(bias, np.float64)
@@ -146,24 +153,25 @@ def test_qlora_layer_matches_quant_layer_and_reference():
     np.testing.assert_allclose(lora_delta(x, layer.lora_a[...], layer.lora_b[...], 2.0),
                                np.asarray(x, np.float64) @ a @ b * 2.0, rtol=1e-5, atol=1e-5)
     # Compute dtype: bfloat16 in, bfloat16 out, float32 adapters.
-    y16 = QLoRALinear(q, bias, rank=4, alpha=8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(x)
+    y16 = QLoRALinear(q, bias, lora=LoraConfig(rank=4, alpha=8), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))(x)
     assert y16.dtype == jnp.bfloat16 and layer.lora_a[...].dtype == jnp.float32
 
 
 def test_output_head_detection():
     # Named heads.
     for name in ("lm_head", "head", "output"):
-        _, rep = apply_qlora(TinyTransformer(nnx.Rngs(0), head_name=name), quant=QuantConfig(),
-                             lora=LoraConfig(rank=2), rngs=nnx.Rngs(1))
+        rep = qlora_report(apply_qlora(TinyTransformer(nnx.Rngs(0), head_name=name), quant=QuantConfig(),
+                                       lora=LoraConfig(rank=2), rngs=nnx.Rngs(1)))
         assert name not in rep.paths and rep.skipped[0][0] == name
     # Unnamed: the Linear whose output size is the embedding's vocabulary size.
-    _, rep = apply_qlora(TinyTransformer(nnx.Rngs(0), head_name="unembed"), quant=QuantConfig(),
-                         lora=LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    rep = qlora_report(apply_qlora(TinyTransformer(nnx.Rngs(0), head_name="unembed"), quant=QuantConfig(),
+                                   lora=LoraConfig(rank=2), rngs=nnx.Rngs(1)))
     assert "unembed" not in rep.paths and rep.skipped == (
         ("unembed", f"output head (out={VOCAB} is an embedding's vocabulary size)"),)
     # An explicitly targeted head gets an adapter (and is quantized with it).
-    model, rep = apply_qlora(TinyMLP(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=2, targets=["head"]),
-                             rngs=nnx.Rngs(1))
+    model = apply_qlora(TinyMLP(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=2, targets=["head"]),
+                        rngs=nnx.Rngs(1))
+    rep = qlora_report(model)
     assert type(model.head) is QLoRALinear and type(model.up) is QuantLinear and rep.skipped == ()
     # Once converted, nothing is left for "all-linear".
     with pytest.raises(ValueError, match=r"'all-linear' matches no layer"):
@@ -178,8 +186,9 @@ class WithOtherKernels(nnx.Module):
 
 
 def test_unsupported_layer_types_are_reported_and_refused_as_targets():
-    model, rep = apply_qlora(WithOtherKernels(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=2),
-                             rngs=nnx.Rngs(1))
+    model = apply_qlora(WithOtherKernels(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=2),
+                        rngs=nnx.Rngs(1))
+    rep = qlora_report(model)
     assert rep.paths == ("fc",) and type(model.conv) is nnx.Conv
     assert set(rep.skipped) == {("conv", "Conv is not supported"),
                                 ("lora", "LoRALinear is not supported")}
@@ -209,8 +218,9 @@ def test_optimizer_trains_adapters_only(which):
     else:
         model, loss_fn = TinyTransformer(nnx.Rngs(0)), _lm_loss
         batch = _tokens(1, (4, 16))
-    model, report = apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(rank=4, alpha=8, dropout=0.05),
-                                rngs=nnx.Rngs(1))
+    model = apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(rank=4, alpha=8, dropout=0.05),
+                        rngs=nnx.Rngs(1))
+    report = qlora_report(model)
     model.train()
     packed = _kernels(model, QuantizedWeight)
     params = _kernels(model, _BASE_PARAMS)
@@ -277,8 +287,8 @@ def _ours_from_peft(layer, rank, alpha, dropout, rslora):
     model = OneLinear(w.shape[1], w.shape[0], nnx.Rngs(0))
     model.fc.kernel[...] = jnp.asarray(w.T)
     model.fc.bias[...] = jnp.asarray(layer.base_layer.bias.detach().numpy())
-    model, _ = apply_qlora(model, quant=None, lora=LoraConfig(rank=rank, alpha=alpha, dropout=dropout,
-                                                              targets=["fc"], rslora=rslora), rngs=nnx.Rngs(1))
+    model = apply_qlora(model, quant=None, lora=LoraConfig(rank=rank, alpha=alpha, dropout=dropout,
+                                                           targets=["fc"], rslora=rslora), rngs=nnx.Rngs(1))
     model.fc.lora_a[...] = jnp.asarray(layer.lora_A["default"].weight.detach().numpy().T)
     model.fc.lora_b[...] = jnp.asarray(layer.lora_B["default"].weight.detach().numpy().T)
     return model
@@ -290,7 +300,7 @@ def test_init_statistics_match_peft(init):
     _, layer = _peft_linear(n_in, 16, r=rank, lora_alpha=rank, init_lora_weights=True if init == "default" else init)
     theirs = layer.lora_A["default"].weight.detach().numpy().T  # [in, r]
     assert not layer.lora_B["default"].weight.detach().numpy().any()
-    ours = QLoRALinear(jnp.zeros((n_in, 16)), rank=rank, alpha=rank, init=init, rngs=nnx.Rngs(0))
+    ours = QLoRALinear(jnp.zeros((n_in, 16)), lora=LoraConfig(rank=rank, alpha=rank, init=init), rngs=nnx.Rngs(0))
     a = np.asarray(ours.lora_a[...])
     assert a.shape == theirs.shape and not np.asarray(ours.lora_b[...]).any()
     if init == "default":  # U(-1/sqrt(in), 1/sqrt(in)): std bound / sqrt(3)
@@ -397,8 +407,9 @@ def test_scanned_stack_matches_per_layer_reference(remat):
     n, d, rank = 3, 128, 4
     model = ScannedStack(n, d, nnx.Rngs(0), remat=remat)
     kernels, biases = np.asarray(model.blocks.fc.kernel[...]), np.asarray(model.blocks.fc.bias[...])
-    model, report = apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(rank=rank, alpha=8, dropout=0.1),
-                                rngs=nnx.Rngs(1))
+    model = apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(rank=rank, alpha=8, dropout=0.1),
+                        rngs=nnx.Rngs(1))
+    report = qlora_report(model)
     assert report.layers[0].kernel_shape == (n, d, d) and report.layers[0].lora_params == n * 2 * d * rank
     fc = model.blocks.fc
     q = fc.kernel.get_value()
@@ -429,8 +440,8 @@ def test_scanned_gradient_step_keeps_no_dequantized_weights():
     """8 scanned 1024 x 1024 QLoRA layers (rank 4): the compiled gradient step's temporaries stay below
     4 float32 weights (16 MiB); the same scan over `x @ dequantize(q)` keeps every layer's weight (> 32 MiB)."""
     n, d = 8, 1024
-    model, _ = apply_qlora(ScannedStack(n, d, nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=4),
-                           rngs=nnx.Rngs(1))
+    model = apply_qlora(ScannedStack(n, d, nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=4),
+                        rngs=nnx.Rngs(1))
     x = jnp.ones((8, d))
     grad_fn, lora, rest = _split_grad_fn(model)
     ours = grad_fn.lower(lora, rest, x).compile().memory_analysis().temp_size_in_bytes
@@ -519,7 +530,8 @@ def test_unblockable_layer_names_its_path_and_shape():
         apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(targets=["fc"]), rngs=nnx.Rngs(1))
     assert type(model.fc) is nnx.Linear and type(model.odd) is nnx.Linear  # checked before any change
     # Float LoRA has no blocks; block 32 does not divide 100 either, but plain LoRA on `odd` works.
-    model, report = apply_qlora(model, quant=None, lora=LoraConfig(targets=["odd"]), rngs=nnx.Rngs(1))
+    model = apply_qlora(model, quant=None, lora=LoraConfig(targets=["odd"]), rngs=nnx.Rngs(1))
+    report = qlora_report(model)
     assert report.paths == ("odd",)
 
 
@@ -536,7 +548,8 @@ class Shared(nnx.Module):
 
 
 def test_shared_layers_stay_shared_and_tied_weights_are_refused():
-    model, report = apply_qlora(Shared(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    model = apply_qlora(Shared(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    report = qlora_report(model)
     assert report.paths == ("a", "c") and type(model.a) is QLoRALinear and model.b is model.a
     model = Shared(nnx.Rngs(0), tie_kernel=True)
     with pytest.raises(ValueError, match=r"a: its kernel is shared with c/kernel \(tied weights\)"):
@@ -555,8 +568,8 @@ def test_bad_arguments():
     q = qj.quantize(jnp.ones((64, 8)), "nf4")
     with pytest.raises(ValueError, match=r"bias: shape \(7,\), expected \(8,\)"):
         QuantLinear(q, jnp.zeros(7))
-    with pytest.raises(ValueError, match=r"rank: must be a positive integer"):
-        QLoRALinear(q, rank=0, alpha=1, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"lora: expected a LoraConfig, got dict"):
+        QLoRALinear(q, lora={"rank": 4, "alpha": 8}, rngs=nnx.Rngs(0))
     stacked = QuantLinear(jax.tree.map(lambda *a: jnp.stack(a), q, q))
     with pytest.raises(ValueError, match=r"QuantLinear: the kernel has stack dimensions \(2,\); call the layer "
                                          r"inside nnx.scan"):
