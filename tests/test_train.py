@@ -143,11 +143,13 @@ def test_grad_accum_gives_the_update_of_the_whole_batch():
         model.eval()  # the same (no) dropout masks for the whole batch and its halves
         config = TrainConfig(total_steps=10, lr=1e-2, grad_accum=grad_accum)
         optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
-        metrics = [qj.train.train_step(model, optimizer, batch, config) for _ in range(3)]
+        metrics = [qj.train.train_step(model, optimizer, batch, micro_batches=grad_accum) for _ in range(3)]
         runs[grad_accum] = (model, optimizer, metrics)
-    for m1, m2 in zip(runs[1][2], runs[2][2], strict=True):
+    schedule = qj.train.make_schedule(config)
+    for count, (m1, m2) in enumerate(zip(runs[1][2], runs[2][2], strict=True)):
         for key in ("loss", "grad_norm", "lr", "tokens"):
             np.testing.assert_allclose(float(m2[key]), float(m1[key]), rtol=1e-6, err_msg=key)
+        assert float(m1["lr"]) == float(schedule(count))  # the schedule at the update's count, read from the state
     for a, b in zip(_leaves(runs[1][0], nnx.LoRAParam), _leaves(runs[2][0], nnx.LoRAParam), strict=True):
         np.testing.assert_allclose(b, a, atol=1e-6, rtol=0)
     for a, b in zip(jax.tree.leaves(nnx.state(runs[1][1])), jax.tree.leaves(nnx.state(runs[2][1])), strict=True):
@@ -171,12 +173,31 @@ def test_step_metrics_match_an_independent_computation():
     norm = math.sqrt(sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)))
     loss = float(nnx.jit(_reference_loss)(model, batch))
     optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
-    m = [qj.train.train_step(model, optimizer, batch, config) for _ in range(3)]
+    m = [qj.train.train_step(model, optimizer, batch) for _ in range(3)]
     np.testing.assert_allclose(float(m[0]["loss"]), loss, rtol=1e-6)
     np.testing.assert_allclose(float(m[0]["grad_norm"]), norm, rtol=1e-5)  # before clipping (norm >> 1e-4)
     assert norm > 100 * config.max_grad_norm
     assert [float(x["lr"]) for x in m] == pytest.approx([0.0, 5e-3, 1e-2])  # 2 warmup steps, as transformers
     assert float(m[0]["tokens"]) == float(batch["weights"].sum())
+
+
+def test_train_step_takes_any_optax_transformation():
+    """No config: plain SGD updates as by hand and reports no `lr`; an injected learning rate is reported."""
+    batch = _tiny_batch(seed=2)
+    model = _tiny()
+    grads = nnx.jit(nnx.grad(_reference_loss, argnums=nnx.DiffState(0, nnx.LoRAParam)))(model, batch)
+    want = [np.asarray(p) - 0.5 * np.asarray(g) for p, g in zip(jax.tree.leaves(nnx.state(model, nnx.LoRAParam)),
+                                                                jax.tree.leaves(grads), strict=True)]
+    metrics = qj.train.train_step(model, nnx.Optimizer(model, optax.sgd(0.5), wrt=nnx.LoRAParam), batch)
+    assert sorted(metrics) == ["grad_norm", "loss", "tokens"]
+    for a, b in zip(want, _leaves(model, nnx.LoRAParam), strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    schedule = optax.linear_schedule(1e-3, 4e-3, transition_steps=3)
+    tx = optax.inject_hyperparams(optax.adam)(learning_rate=schedule)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+    with jax.numpy_dtype_promotion("standard"):
+        lrs = [float(qj.train.train_step(model, optimizer, batch)["lr"]) for _ in range(3)]
+        assert lrs == pytest.approx([float(schedule(i)) for i in range(3)])
 
 
 def test_only_lora_params_change_and_packed_codes_stay_bit_identical():
@@ -249,7 +270,8 @@ def test_trainer_step_walks_the_graph_once_and_matches_train_step(monkeypatch, t
         walks.clear()
         got = trainer.train_step(batch)
         mine = len(walks)
-        want = qj.train.train_step(reference, optimizer, batch, TINY_CONFIG)
+        want = qj.train.train_step(reference, optimizer, batch, micro_batches=TINY_CONFIG.grad_accum,
+                                   loss_chunk=TINY_CONFIG.loss_chunk)
         assert float(got["loss"]) == float(want["loss"]) and float(got["grad_norm"]) == float(want["grad_norm"])
         for kind in (nnx.LoRAParam, nnx.RngState):
             for a, b in zip(_leaves(model, kind), _leaves(reference, kind), strict=True):
@@ -403,17 +425,20 @@ def test_bad_batches_and_models_raise_clear_errors():
     optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
     batch = _tiny_batch()
     with pytest.raises(ValueError, match=r"missing \['weights'\]"):
-        qj.train.train_step(model, optimizer, {k: v for k, v in batch.items() if k != "weights"}, config)
+        qj.train.train_step(model, optimizer, {k: v for k, v in batch.items() if k != "weights"})
     with pytest.raises(ValueError, match=r"unknown keys \['labels'\]"):
-        qj.train.train_step(model, optimizer, dict(batch, labels=batch["targets"]), config)
+        qj.train.train_step(model, optimizer, dict(batch, labels=batch["targets"]))
     with pytest.raises(ValueError, match=r"batch\['targets'\]: shape \(4, 7\)"):
-        qj.train.train_step(model, optimizer, dict(batch, targets=batch["targets"][:, :7]), config)
+        qj.train.train_step(model, optimizer, dict(batch, targets=batch["targets"][:, :7]))
+    with pytest.raises(ValueError, match="4 rows cannot be split into micro_batches=3"):
+        qj.train.train_step(model, optimizer, batch, micro_batches=3)
+    for bad in (0, 1.0, True):
+        with pytest.raises(ValueError, match="micro_batches: must be an integer >= 1"):
+            qj.train.train_step(model, optimizer, batch, micro_batches=bad)
     with pytest.raises(ValueError, match="4 rows cannot be split into TrainConfig.grad_accum=3"):
-        qj.train.train_step(model, optimizer, batch, config)
-    with pytest.raises(ValueError, match="made by make_optimizer for another TrainConfig"):
-        qj.train.train_step(model, optimizer, batch, dataclasses.replace(config, grad_accum=1))
+        qj.train.Trainer(model, config).train_step(batch)
     with pytest.raises(TypeError, match="config: expected a TrainConfig"):
-        qj.train.train_step(model, optimizer, batch, {"lr": 1e-3})
+        qj.train.Trainer(model, {"lr": 1e-3})
     with pytest.raises(ValueError, match="no nnx.LoRAParam"):
         qj.train.Trainer(TinyLM(nnx.Rngs(0)), config)
     with pytest.raises(ValueError, match="batches is empty"):

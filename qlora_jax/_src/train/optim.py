@@ -65,7 +65,10 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping at `config.max_grad_norm` (unless None), then AdamW on `make_schedule(config)`.
 
     Wrap it for the adapters with `nnx.Optimizer(model, make_optimizer(config),
-    wrt=nnx.LoRAParam)` (`Trainer` does). `init` and `update` run under
+    wrt=nnx.LoRAParam)` (`Trainer` does). AdamW is wrapped in
+    `optax.inject_hyperparams`, so the learning rate of the latest update
+    lives in the optimizer state under the name `learning_rate`, where
+    `train_step` reads its `lr` metric. `init` and `update` run under
     standard dtype promotion (optax mixes its int32 step count with Python
     floats), so the transformation also works where
     `jax_numpy_dtype_promotion` is "strict". Equal configs give the same
@@ -85,30 +88,25 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
         >>> updates, _ = tx.update({"w": jnp.asarray([30.0, 40.0])}, tx.init(params), params)
         >>> [round(float(u), 4) for u in updates["w"]]  # Adam's first step moves each weight by -lr
         [-0.1, -0.1]
+        >>> make_optimizer(TrainConfig(total_steps=10)) is make_optimizer(TrainConfig(total_steps=10))
+        True
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
     return _make_optimizer(config)
 
 
-def optimizer_config(tx: optax.GradientTransformation) -> TrainConfig | None:
-    """The config `make_optimizer` made `tx` for, or None for any other transformation."""
-    return _CONFIGS.get(id(tx))
-
-
-_CONFIGS: dict[int, TrainConfig] = {}  # id of each transformation `make_optimizer` returned -> its config
-
-
-@functools.cache  # kept for the process's lifetime, so the ids in _CONFIGS stay unique
+@functools.cache
 def _make_optimizer(config: TrainConfig) -> optax.GradientTransformationExtraArgs:
     # One object per config: `nnx.Optimizer` keeps `tx` in its static graph, so a new (equal) transformation
     # would make `train_step` compile again for every new optimizer.
-    adamw = optax.adamw(make_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay)
+    def adamw(learning_rate):
+        return optax.adamw(learning_rate, b1=config.b1, b2=config.b2, eps=config.eps,
+                           weight_decay=config.weight_decay)
+
+    adamw = optax.inject_hyperparams(adamw)(learning_rate=make_schedule(config))
     tx = adamw if config.max_grad_norm is None else optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
-    tx = _standard_promotion(tx)
-    _CONFIGS[id(tx)] = config
-    return tx
+    return _standard_promotion(tx)
 
 
 def _standard_promotion(tx: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:

@@ -1,10 +1,12 @@
-"""The jitted training and evaluation steps.
+"""The jitted training and evaluation steps: one train step for `train_step`, `Trainer` and the memory report.
 
-A step differentiates only the `nnx.LoRAParam` variables (`nnx.DiffState`),
-so the packed 4-bit base is never differentiated or updated. The loss is the
-weighted token-level cross entropy `Σ w·ce / Σ w`; with `grad_accum > 1`
-the batch is cut into micro-batches whose gradients of `Σ w·ce` and counts
-`Σ w` are summed before dividing, which gives the update of the whole batch.
+A step differentiates only the variables the optimizer was made for
+(`nnx.Optimizer`'s `wrt`, e.g. `nnx.LoRAParam`; `nnx.DiffState`), so the
+packed 4-bit base is never differentiated or updated. Any optax
+transformation works. The loss is the weighted token-level cross entropy
+`Σ w·ce / Σ w`; with `micro_batches > 1` the batch is cut into micro-batches
+whose gradients of `Σ w·ce` and counts `Σ w` are summed before dividing,
+which gives the update of the whole batch.
 Dropout keys come from the model's own RNG state (advanced in place), which
 `qj.checkpoint` saves, so a resumed run draws the same masks.
 """
@@ -17,11 +19,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
-from qlora_jax._src.train.config import TrainConfig
 from qlora_jax._src.train.loss import masked_cross_entropy
-from qlora_jax._src.train.optim import make_schedule, optimizer_config
 
 __all__ = ["train_step", "eval_step", "evaluate", "BATCH_KEYS", "MODEL_INPUT_KEYS"]
 
@@ -33,42 +34,53 @@ MODEL_INPUT_KEYS: tuple[str, ...] = ("positions", "segment_ids", "attention_mask
 Batch = Mapping[str, Any]
 
 
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, config: TrainConfig) -> dict[str, jax.Array]:
-    """One optimizer update of the adapters on `batch`, in place.
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, *, micro_batches: int = 1,
+               loss_chunk: int | None = 1024) -> dict[str, jax.Array]:
+    """One optimizer update of the `optimizer.wrt` variables (e.g. the adapters) on `batch`, in place.
 
     The model runs as it is: in training mode (the default; `model.train()`)
-    its adapters apply dropout with keys drawn from its RNG state. The
-    optimizer update runs under standard dtype promotion, so the step works
-    when `jax_numpy_dtype_promotion` is "strict". Each call walks the model's
-    and optimizer's graphs (about 10 ms of Python); `Trainer.train_step` runs
-    the same step bound to its model and optimizer once.
+    its adapters apply dropout with keys drawn from its RNG state. Works with
+    any optax transformation; the update runs under standard dtype promotion,
+    so the step works when `jax_numpy_dtype_promotion` is "strict". Each call
+    walks the model's and optimizer's graphs in Python; `Trainer.train_step`
+    runs the same step bound to its model and optimizer once.
 
     Args:
-        model: A model with `nnx.LoRAParam` adapters (e.g. after `apply_qlora`)
-            called as `model(input_ids, positions=..., segment_ids=...)` →
-            logits `[batch, seq, vocab]`.
-        optimizer: `nnx.Optimizer(model, make_optimizer(config), wrt=nnx.LoRAParam)`.
+        model: A model with the variables `optimizer` updates (e.g.
+            `nnx.LoRAParam` adapters after `apply_qlora`) called as
+            `model(input_ids, positions=..., segment_ids=...)` → logits
+            `[batch, seq, vocab]`.
+        optimizer: An `nnx.Optimizer` of `model`, e.g.
+            `nnx.Optimizer(model, make_optimizer(config), wrt=nnx.LoRAParam)`
+            or one of any optax transformation.
         batch: `input_ids`, `targets` (the next token), `weights` (0 for
             tokens without loss) and optionally `positions`, `segment_ids`,
             `attention_mask`; arrays `[batch, seq]` (numpy or jax), with
-            `batch` divisible by `config.grad_accum`.
-        config: The `TrainConfig` the optimizer was made with (a static
-            argument: the step compiles once per config and batch shape);
-            it sets `grad_accum` and the reported `lr` (for an optimizer of
-            your own, the `lr` metric follows this config's schedule).
+            `batch` divisible by `micro_batches`.
+        micro_batches: Gradient accumulation: the batch runs as this many
+            equal slices of rows, one after another, whose gradients are
+            summed into one update of the whole batch (a static argument;
+            `Trainer` passes `TrainConfig.grad_accum`).
+        loss_chunk: With a model that has `hidden_states` and
+            `logits_from_hidden` (as `CausalLM`), the loss is computed over
+            chunks of this many tokens (`chunked_cross_entropy`), so the
+            logits of only one chunk exist at once; None: from the whole
+            logits (static; `Trainer` passes `TrainConfig.loss_chunk`).
 
     Returns:
         Scalars (jax arrays, not yet synchronized): `loss` (weighted mean
         token cross entropy), `grad_norm` (global norm before clipping),
-        `lr` (the learning rate of this update) and `tokens` (`Σ weights`).
+        `tokens` (`Σ weights`) and, when the optimizer state holds one
+        `learning_rate` hyperparameter (`optax.inject_hyperparams`, as in
+        `make_optimizer`), `lr`: the learning rate of this update.
 
     Raises:
         ValueError: A missing or unknown batch key, arrays of different
-            shapes, a batch size not divisible by `config.grad_accum`, or an
-            optimizer that `make_optimizer` made for another config.
+            shapes, `micro_batches` not a positive integer, or a batch size
+            not divisible by it.
 
     Example:
-        >>> import numpy as np, qlora_jax as qj
+        >>> import numpy as np, optax, qlora_jax as qj
         >>> from flax import nnx
         >>> class TinyLM(nnx.Module):  # any model called as model(input_ids, ...) -> logits
         ...     def __init__(self, rngs):
@@ -83,17 +95,15 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, config
         >>> optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
         >>> ids = np.arange(16, dtype=np.int32).reshape(2, 8)
         >>> batch = {"input_ids": ids, "targets": (ids + 1) % 16, "weights": np.ones((2, 8), np.float32)}
-        >>> metrics = qj.train.train_step(model, optimizer, batch, config)
-        >>> sorted(metrics), float(metrics["tokens"]), int(optimizer.step[...])
-        (['grad_norm', 'loss', 'lr', 'tokens'], 16.0, 1)
+        >>> metrics = qj.train.train_step(model, optimizer, batch, micro_batches=2)
+        >>> sorted(metrics), float(metrics["tokens"]), float(metrics["lr"]), int(optimizer.step[...])
+        (['grad_norm', 'loss', 'lr', 'tokens'], 16.0, 0.001, 1)
+        >>> sgd = nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.LoRAParam)  # any optax transformation
+        >>> sorted(qj.train.train_step(model, sgd, batch))  # no learning rate in its state: no `lr`
+        ['grad_norm', 'loss', 'tokens']
     """
-    if not isinstance(config, TrainConfig):
-        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
-    made_for = optimizer_config(optimizer.tx)
-    if made_for is not None and made_for != config:
-        raise ValueError(f"config: the optimizer was made by make_optimizer for another TrainConfig ({made_for}); "
-                         f"pass that config, not {config}")
-    return _train_step(model, optimizer, check_batch(batch, config.grad_accum), config)
+    batch = check_batch(batch, micro_batches)
+    return _train_step(model, optimizer, batch, micro_batches=micro_batches, loss_chunk=loss_chunk)
 
 
 def eval_step(model: nnx.Module, batch: Batch) -> dict[str, jax.Array]:
@@ -188,17 +198,17 @@ def _loss_sums(model: nnx.Module, batch: dict[str, jax.Array],
     return loss_sum, (loss_sum, weight_sum)
 
 
-def _train_step_impl(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, jax.Array],
-                     config: TrainConfig) -> dict[str, jax.Array]:
+def _train_step_impl(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], *,
+                     micro_batches: int = 1, loss_chunk: int | None = None) -> dict[str, jax.Array]:
     def loss_fn(model: nnx.Module, batch: dict[str, jax.Array]):
-        return _loss_sums(model, batch, loss_chunk=config.loss_chunk)
+        return _loss_sums(model, batch, loss_chunk=loss_chunk)
 
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)
-    if config.grad_accum == 1:
+    if micro_batches == 1:
         (_, (loss_sum, weight_sum)), grads = grad_fn(model, batch)
     else:
-        micro = {k: v.reshape(config.grad_accum, v.shape[0] // config.grad_accum, *v.shape[1:])
-                 for k, v in batch.items()}  # [grad_accum, micro_batch, seq]
+        micro = {k: v.reshape(micro_batches, v.shape[0] // micro_batches, *v.shape[1:])
+                 for k, v in batch.items()}  # [micro_batches, micro_batch, seq]
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
         def accumulate(carry, micro_batch):
@@ -210,25 +220,45 @@ def _train_step_impl(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[st
         zero = jnp.zeros((), jnp.float32)
         _, grads, loss_sum, weight_sum = accumulate((model, zeros, zero, zero), micro)
     denom = jnp.where(weight_sum > 0, weight_sum, 1.0)  # an all-masked batch gives zero gradients, not NaN
-    grads = jax.tree.map(lambda g: g / denom, grads)
-    lr = make_schedule(config)(optimizer.step[...])
+    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
     with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and float moments
         optimizer.update(model, grads)
-    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-    return {"loss": loss_sum / denom, "grad_norm": grad_norm, "lr": lr, "tokens": weight_sum}
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+    metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": weight_sum}
+    lr = learning_rate(optimizer)
+    if lr is not None:
+        metrics["lr"] = lr
+    return metrics
+
+
+def learning_rate(optimizer: nnx.Optimizer) -> jax.Array | None:
+    """The `learning_rate` hyperparameter in `optimizer`'s state (the latest update's), or None.
+
+    Set by `optax.inject_hyperparams` (as in `make_optimizer`); None when the
+    state holds no such value or more than one.
+    """
+    state = nnx.as_pure(optimizer.opt_state)
+    try:
+        value = optax.tree_utils.tree_get(state, "learning_rate",
+                                          filtering=lambda _, v: isinstance(v, (jax.Array, np.ndarray)))
+    except KeyError:  # several learning rates (e.g. two injected transformations): none is the step's
+        return None
+    return None if value is None else jnp.asarray(value)
 
 
 # `graph_updates=False`: the step hands back only the variables it changes (adapters, optimizer state, RNG
 # counts); with NNX's default every variable of the model, the packed base included, would be written out anew.
-_train_step = nnx.jit(_train_step_impl, static_argnames="config", graph_updates=False)
+_train_step = nnx.jit(_train_step_impl, static_argnames=("micro_batches", "loss_chunk"), graph_updates=False)
 
 
 def bound_train_step(model: nnx.Module, optimizer: nnx.Optimizer) -> Callable[..., dict[str, jax.Array]]:
-    """`train_step` for this model and optimizer, called as `step(batch, config=config)`.
+    """The train step for this model and optimizer, called as `step(batch, micro_batches=..., loss_chunk=...)`.
 
-    Flattens the model's and optimizer's graphs once (`nnx.jit_partial`)
-    instead of on every call: `train_step` spends about 10 ms of Python per
-    call on that, as much as a small model's whole step. The structure is
+    The one jitted step of the library: `Trainer` runs it and the memory
+    report (`step_memory`) compiles it (`step.lower(batch, ...)`, also for
+    a model and optimizer made with `nnx.eval_shape`). It computes what
+    `train_step` computes, but flattens the model's and optimizer's graphs
+    once (`nnx.jit_partial`) instead of on every call. The structure is
     fixed when this is called: variables keep being read and updated in
     place, but later changes to the modules themselves (`model.eval()`, new
     submodules) are not seen; call it again after them. `Trainer` does.
@@ -239,8 +269,8 @@ def bound_train_step(model: nnx.Module, optimizer: nnx.Optimizer) -> Callable[..
     copy of what it changes. Arrays taken from the model before a step are
     invalid after it (a NumPy view keeps its buffer from being donated).
     """
-    return nnx.jit_partial(_train_step_impl, model, optimizer, static_argnames="config", graph=True,
-                           graph_updates=False, donate_argnums=(0,))
+    return nnx.jit_partial(_train_step_impl, model, optimizer, static_argnames=("micro_batches", "loss_chunk"),
+                           graph=True, graph_updates=False, donate_argnums=(0,))
 
 
 @nnx.jit(graph_updates=False)
@@ -253,7 +283,14 @@ def _eval_view(model: nnx.Module) -> nnx.Module:
     return nnx.with_attributes(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
 
 
-def check_batch(batch: Batch, grad_accum: int) -> dict[str, Any]:
+def check_batch(batch: Batch, micro_batches: int, name: str = "micro_batches") -> dict[str, Any]:
+    """`batch` as a dict, checked: its keys, `[batch, seq]` shapes, and rows divisible by `micro_batches`.
+
+    `name` is how the error messages call `micro_batches` (e.g. "TrainConfig.grad_accum").
+    """
+    if isinstance(micro_batches, (bool, np.bool_)) or not isinstance(micro_batches, (int, np.integer)) \
+            or micro_batches < 1:
+        raise ValueError(f"{name}: must be an integer >= 1, got {micro_batches!r}")
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch: expected a mapping of arrays, got {type(batch).__name__}")
     missing = [k for k in BATCH_KEYS if k not in batch]
@@ -268,7 +305,6 @@ def check_batch(batch: Batch, grad_accum: int) -> dict[str, Any]:
     for key, value in batch.items():
         if tuple(np.shape(value)) != shape:
             raise ValueError(f"batch[{key!r}]: shape {tuple(np.shape(value))} differs from input_ids' {shape}")
-    if shape[0] % grad_accum:
-        raise ValueError(f"batch: {shape[0]} rows cannot be split into TrainConfig.grad_accum={grad_accum} "
-                         "equal micro-batches")
+    if shape[0] % micro_batches:
+        raise ValueError(f"batch: {shape[0]} rows cannot be split into {name}={micro_batches} equal micro-batches")
     return dict(batch)

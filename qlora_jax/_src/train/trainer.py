@@ -98,19 +98,19 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, jax.Array]:
         """One update on `batch`; returns `loss`, `grad_norm`, `lr`, `tokens` (see `qj.train.train_step`).
 
-        The same step as `qj.train.train_step`, without its per-call walk over
-        the model's and optimizer's graphs (about 10 ms of Python): the step is
-        bound to the trainer's model and optimizer at its first call and bound
+        The same step as `qj.train.train_step` with `micro_batches=config.grad_accum`
+        and `loss_chunk=config.loss_chunk`, without its per-call walk over the
+        model's and optimizer's graphs in Python: the step is bound to the trainer's model and optimizer at its first call and bound
         again when a module's mode changes (`model.train()` / `model.eval()`);
         `restore` and `shard_model` write into the same variables, which the
         bound step reads. Replace `trainer.model`'s modules only through a new
         `Trainer`.
         """
-        batch = check_batch(batch, self.config.grad_accum)
+        batch = check_batch(batch, self.config.grad_accum, "TrainConfig.grad_accum")
         if self._step is None or _modes(self._modules) != self._modes:
             self._modules = [module for _, module in nnx.iter_modules(self.model)]
             self._step, self._modes = bound_train_step(self.model, self.optimizer), _modes(self._modules)
-        return self._step(batch, config=self.config)
+        return self._step(batch, micro_batches=self.config.grad_accum, loss_chunk=self.config.loss_chunk)
 
     def evaluate(self, batches: Iterable[Batch]) -> dict[str, float]:
         """`loss`, `perplexity` and `tokens` over `batches`, without dropout (see `qj.train.evaluate`)."""
