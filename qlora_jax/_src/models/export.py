@@ -1,8 +1,9 @@
 """`save_merged`: a fine-tuned model as a plain Hugging Face checkpoint.
 
-Every quantized projection is dequantized exactly (`codebook[code] * absmax`
-in float32), its LoRA update `s · A @ B` is added in float32, and the result
-is written in the requested dtype — the base is never re-quantized. The
+Every quantized projection is merged by `merged_kernel` (the function
+`merge_lora` uses): dequantized exactly (`codebook[code] * absmax` in
+float32), its LoRA update `s · A @ B` added in float32, and the result cast to
+the requested dtype once — the base is never re-quantized. The
 output is `config.json` plus safetensors (sharded with an index when larger
 than `max_shard_bytes`), loadable by `transformers.AutoModelForCausalLM`.
 """
@@ -16,16 +17,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax._src.formats.blockwise import dequantize
-from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.models.safetensors_io import save_safetensors
-from qlora_jax._src.nn.linear import QLoRALinear, QuantLinear
+from qlora_jax._src.nn.linear import QuantLinear
+from qlora_jax._src.surgery.merge import merged_kernel
 
 __all__ = ["save_merged", "merged_tensors"]
 
@@ -71,19 +70,10 @@ def _linear_tensors(layer, index: int | None, dtype: np.dtype) -> Iterator[tuple
         return x if index is None else x[index]
 
     if isinstance(layer, QuantLinear):
-        kernel = layer.kernel.get_value()
-        if isinstance(kernel, QuantizedArray):
-            kernel = jax.tree.map(pick, kernel)
-            w = dequantize(kernel, jnp.float32)
-        else:
-            w = pick(kernel).astype(jnp.float32)
-        if isinstance(layer, QLoRALinear):
-            a = pick(layer.lora_a[...]).astype(jnp.float32)
-            b = pick(layer.lora_b[...]).astype(jnp.float32)
-            w = w + (a @ b) * np.float32(layer.scale)
+        w = merged_kernel(layer, dtype, index=index)  # [in, out]
     else:
-        w = pick(layer.kernel[...]).astype(jnp.float32)
-    yield "weight", np.asarray(w).T.astype(dtype)
+        w = pick(layer.kernel[...]).astype(dtype)
+    yield "weight", np.ascontiguousarray(np.asarray(w).T)
     if layer.bias is not None:
         yield "bias", np.asarray(pick(layer.bias[...])).astype(dtype)
 
