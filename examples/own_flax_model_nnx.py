@@ -3,7 +3,8 @@
 `qj.apply_qlora` replaces the model's `nnx.Linear` layers in place (every one but
 the output head is stored as packed NF4 codes; the targets get LoRA adapters),
 `nnx.Optimizer(..., wrt=nnx.LoRAParam)` trains the adapters only, and
-`merge_lora` folds them into float kernels, giving a plain Flax model back.
+`merge_lora` folds them into float kernels, giving a plain Flax model back
+(`unmerge_lora(model, original)` would put the QLoRA layers back).
 
 Run: python examples/own_flax_model_nnx.py
 """
@@ -14,7 +15,7 @@ import optax
 from flax import nnx
 
 import qlora_jax as qj
-from qlora_jax.nnx import merge_lora
+from qlora_jax.nnx import merge_lora, merge_report
 
 
 class Block(nnx.Module):
@@ -62,8 +63,9 @@ def main() -> None:
     print(f"loss after training:  {after:.4f}")
 
     outputs = model(x)
-    model, merge_report = merge_lora(model)  # float kernels = dequantized base + s * A @ B; a plain Flax model
-    print(merge_report)
+    original = nnx.clone(model)  # shares the arrays (no copy): the layers unmerge_lora(model, original) puts back
+    model = merge_lora(model)  # in place: float kernels = dequantized base + s * A @ B; a plain Flax model
+    print(merge_report(model, original))
     difference = float(jnp.max(jnp.abs(model(x) - outputs)))
     print(f"merged model: {type(model.up).__name__} layers, max |output difference| {difference:.2e}")
 
