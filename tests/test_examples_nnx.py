@@ -18,5 +18,6 @@ def test_own_flax_model_example_trains_and_merges():
     assert after < 0.5 * before, out
     assert re.search(r"^up\s+QLoRALinear\s+\(128, 256\)", out, re.M), out  # the apply_qlora report
     assert "left as is: head (output head (named 'head'))" in out
+    assert re.search(r"^up\s+QLoRALinear\s+Linear\s+\(128, 256\)\s+yes\s+float32\s+-$", out, re.M), out  # merge_report
     difference = float(re.search(r"merged model: Linear layers, max \|output difference\| ([\d.e+-]+)", out).group(1))
     assert difference < 1e-4, out
