@@ -7,10 +7,10 @@ costs one elementwise pass over the weight (and `in · out · r` multiply-adds
 for `A @ B`), and a training step saves, per layer: the `[tokens, out]`
 product `(x A) B` and its sum with `x W` in the forward pass, and the
 `[tokens, in]` product `(g Bᵀ) Aᵀ` and its sum with `g Wᵀ` in the backward
-pass. On CPU, where these thin products run far below the machine's matmul
-rate, that is about a tenth of a QLoRA step. It pays where the step has more
-activations than weights (see `can_merge`), not when decoding a token at a
-time.
+pass. Thin products of rank r use a matmul unit poorly (on CPU especially),
+so the merged product shortens a step where the step has more activations
+than weights (see `can_merge`), not when decoding a token at a time; the
+measured effect is in `benchmarks/README.md`.
 
 Only for float32: in bfloat16 or float16 the adapter's update, orders of
 magnitude smaller than the weight, would be rounded away in the sum.

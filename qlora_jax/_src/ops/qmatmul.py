@@ -380,17 +380,16 @@ def _xla_product(q: QuantizedArray, op: _Op, out_dtype: np.dtype):
     """`x -> dot_general(x, kernel)` with the kernel dequantized in the compute dtype.
 
     The weight is contracted in its storage order (`[out, in]` for a 2-D
-    kernel): that is as fast as `[in, out]` and saves a transposed copy, which
-    costs more than the dequantization itself on CPU. On CPU a 4-bit kernel in
-    row layout skips interleaving the high and low nibbles of each byte (about
-    a quarter of the time of a matrix-vector product): for fewer than
-    `_PERMUTED_MIN_ROWS` rows of `x` it is dequantized as its even and odd
-    input columns, multiplied with `x[..., 0::2]` and `x[..., 1::2]`; for more,
-    as one kernel with its input columns permuted (the even ones first, then the
-    odd ones), contracted in one full-width product with `x`'s columns permuted
-    the same way, which is faster there but materializes the kernel's nibbles
+    kernel), which saves a transposed copy of it. On CPU a 4-bit kernel in
+    row layout skips interleaving the high and low nibbles of each byte: for
+    fewer than `_PERMUTED_MIN_ROWS` rows of `x` it is dequantized as its even
+    and odd input columns, multiplied with `x[..., 0::2]` and `x[..., 1::2]`;
+    for more, as one kernel with its input columns permuted (the even ones
+    first, then the odd ones), contracted in one full-width product with `x`'s
+    columns permuted the same way, which materializes the kernel's nibbles
     (one byte per weight). Up to `_CHUNKED_MAX_ROWS` rows of `x`, `_forward`
     runs a large kernel's halves in chunks instead (`_chunked_split_product`).
+    Timings of these choices are in `benchmarks/README.md`.
     """
     if _cpu_halves(q, op) == "split":
         even, odd = dequantize_halves(q, op.compute_dtype)  # [out, in // 2] each
@@ -453,9 +452,8 @@ def _chunked_split_product(q: QuantizedArray, op: _Op, rows: int, out_dtype: np.
     over chunks of `rows` output rows in a loop, each chunk dequantized right before its two products.
 
     Dequantizing the whole kernel first writes it to memory and reads it back for the product; a chunk of
-    about `_CHUNK_BYTES` is read back from cache. Measured on 2 cores (AVX-512, A/B in one process): x [1-64, K]
-    times NF4 kernels of 2048-11008 inputs and outputs 3-26% faster (mostly 10-25%), 5-12% at 128 rows; from
-    256 rows of x on the products dominate and chunks gain nothing.
+    about `_CHUNK_BYTES` is read back from cache. For many rows of x the products dominate and chunks gain
+    nothing, hence `_CHUNKED_MAX_ROWS` (timings: `benchmarks/README.md`).
     """
     n_out = q.codes.shape[-2]
     codes = q.codes.reshape(n_out // rows, rows, -1)  # [chunks, rows, in // 2]
