@@ -225,15 +225,18 @@ def test_requantize_is_explicit_and_reports_its_error(qlora_net):
 # -- (3) unmerge --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("requantize", [None, QuantConfig(fmt="int8")])
-def test_unmerge_restores_the_original_codes_bit_for_bit(qlora_net, requantize):
+@pytest.mark.parametrize(("requantize", "dtype"), [(None, None), (QuantConfig(fmt="int8"), None),
+                                                   (None, jnp.bfloat16), (QuantConfig(fmt="nf4"), jnp.bfloat16)])
+def test_unmerge_restores_the_original_codes_bit_for_bit(qlora_net, requantize, dtype):
     model = qlora_net()
     packed, adapters = _packed(model), jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
     expected = _forward(model, X)
     original = nnx.clone(model)
     for _ in range(2):  # `original` is left as it was: merge and unmerge again
-        merged = merge_lora(model, requantize=requantize)
-        assert merge_report(merged, original).paths == (("heads", "out", "up") if requantize is None else ("out", "up"))
+        merged = merge_lora(model, requantize=requantize, dtype=dtype)
+        report = merge_report(merged, original)
+        assert report.paths == (("heads", "out", "up") if requantize is None else ("out", "up"))
+        assert {r.dtype for r in report.layers} == {np.dtype(dtype or np.float32)}
         restored = unmerge_lora(merged, original)
         assert restored is model and restored.up_alias is restored.up
         assert [type(restored.up).__name__, type(restored.heads).__name__, type(restored.out).__name__] == \
