@@ -381,7 +381,8 @@ def run_child(args: argparse.Namespace) -> dict[str, Any]:
     if args.step == "trainer":
         from qlora_jax._src.train.step import bound_train_step
 
-        lowered = bound_train_step(trainer.model, trainer.optimizer).lower(batch, config=trainer.config)
+        lowered = bound_train_step(trainer.model, trainer.optimizer).lower(
+            batch, micro_batches=trainer.config.grad_accum, loss_chunk=trainer.config.loss_chunk)
     else:
         lowered = user_step.lower(model, optimizer, batch)
     analysis = lowered.compile().memory_analysis()

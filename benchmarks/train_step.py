@@ -178,7 +178,8 @@ def jax_step(path: Path, shape: Shape, quantized: bool, batch: dict[str, np.ndar
     graphdef, state = nnx.split((model, trainer.optimizer))
 
     def pure(state, batch):  # the same step as a function of arrays, for its jaxpr
-        return qj.train.train_step(*nnx.merge(graphdef, state), batch, config)
+        return qj.train.train_step(*nnx.merge(graphdef, state), batch, micro_batches=config.grad_accum,
+                                   loss_chunk=config.loss_chunk)
 
     issued = dot_flops(jax.make_jaxpr(pure)(state, batch).jaxpr)
     return run, issued, run()  # the first call compiles

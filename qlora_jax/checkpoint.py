@@ -1,4 +1,4 @@
-"""Orbax checkpoints of a fine-tuning run: adapters, optimizer state, step and extras.
+"""Orbax checkpoints of a fine-tuning run: adapters, RNG and optimizer state, step, data position and config.
 
 Example:
     >>> import tempfile, qlora_jax as qj
@@ -6,6 +6,6 @@ Example:
     True
 """
 
-from qlora_jax._src.checkpoint import latest_step, restore, save
+from qlora_jax._src.checkpoint import CheckpointMetadata, latest_step, metadata, restore, save
 
-__all__ = ["latest_step", "restore", "save"]
+__all__ = ["CheckpointMetadata", "latest_step", "metadata", "restore", "save"]

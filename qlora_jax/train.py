@@ -1,4 +1,4 @@
-"""Fine-tuning: TrainConfig, AdamW + schedules, jitted train/eval steps, exact resume.
+"""Fine-tuning: TrainConfig, AdamW + schedules, jitted train/eval steps and `Trainer` (checkpoints: `qj.checkpoint`).
 
 Example:
     >>> from qlora_jax.train import TrainConfig

@@ -1,5 +1,9 @@
 """Orbax checkpoints: adapters and optimizer state round-trip exactly; an
-interrupted save leaves the previous checkpoint intact."""
+interrupted save leaves the previous checkpoint intact; the metadata (step,
+extra, data state, config) reads without a model, and a different config is
+refused before anything is restored."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -54,8 +58,10 @@ def test_adapters_and_optimizer_round_trip(tmp_path, include_base):
     fresh, fresh_opt = _run(seed=5, steps=1)  # same structure, different values
     assert not all(np.array_equal(a, b) for a, b in zip(_leaves(nnx.state(fresh, nnx.LoRAParam)),
                                                           _leaves(nnx.state(model, nnx.LoRAParam)), strict=True))
-    step, extra = qj.checkpoint.restore(tmp_path, fresh, fresh_opt)
-    assert step == 2 and extra == {"data_position": 17}
+    meta = qj.checkpoint.restore(tmp_path, fresh, fresh_opt)
+    assert (meta.step, meta.extra, meta.include_base, meta.has_optimizer) == (2, {"data_position": 17},
+                                                                             include_base, True)
+    assert meta == qj.checkpoint.metadata(tmp_path)
     for kind in (nnx.LoRAParam, nnx.RngState):
         for a, b in zip(_leaves(nnx.state(fresh, kind)), _leaves(nnx.state(model, kind)), strict=True):
             np.testing.assert_array_equal(a, b)
@@ -80,7 +86,8 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path):
         qj.checkpoint.save(tmp_path, model, optimizer, step=2, extra={"bad": object()})  # fails mid-save
     assert qj.checkpoint.latest_step(tmp_path) == 1
     fresh, fresh_opt = _run(seed=3)
-    assert qj.checkpoint.restore(tmp_path, fresh, fresh_opt) == (1, {"ok": True})
+    meta = qj.checkpoint.restore(tmp_path, fresh, fresh_opt)
+    assert (meta.step, meta.extra) == (1, {"ok": True})
     for a, b in zip(_leaves(nnx.state(fresh, nnx.LoRAParam)), before, strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -92,3 +99,26 @@ def test_restore_errors(tmp_path):
     qj.checkpoint.save(tmp_path, model, step=1)
     with pytest.raises(ValueError, match="saved without optimizer state"):
         qj.checkpoint.restore(tmp_path, model, optimizer)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        qj.checkpoint.metadata(tmp_path / "none")
+    with pytest.raises(TypeError, match="config: expected a dataclass instance"):
+        qj.checkpoint.save(tmp_path, model, step=2, config={"lr": 1.0})
+
+
+def test_metadata_and_config_check_without_touching_the_model(tmp_path):
+    model, optimizer = _run()
+    config = qj.train.TrainConfig(total_steps=10)
+    state = np.random.default_rng(3).bit_generator.state
+    qj.checkpoint.save(tmp_path, model, optimizer, step=4, data_state=state, config=config, extra={"a": [1, 2]})
+    qj.checkpoint.save(tmp_path, model, optimizer, step=6, data_state={"row": 9}, config=config)
+    meta = qj.checkpoint.metadata(tmp_path, step=4)  # no model needed
+    assert (meta.step, meta.extra, meta.data_state) == (4, {"a": [1, 2]}, state)
+    assert qj.train.TrainConfig(**meta.config) == config
+    assert qj.checkpoint.metadata(tmp_path).step == 6  # the latest
+    fresh, fresh_opt = _run(seed=3)
+    before = _leaves(nnx.state(fresh))
+    with pytest.raises(ValueError, match=r"4: saved with a different TrainConfig.*'lr': \(0.0002, 0.001\)"):
+        qj.checkpoint.restore(tmp_path, fresh, fresh_opt, step=4, config=dataclasses.replace(config, lr=1e-3))
+    for a, b in zip(before, _leaves(nnx.state(fresh)), strict=True):  # refused before touching it
+        np.testing.assert_array_equal(a, b)
+    assert qj.checkpoint.restore(tmp_path, fresh, fresh_opt, config=config).data_state == {"row": 9}

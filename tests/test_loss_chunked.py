@@ -42,8 +42,8 @@ def _assert_close(actual, expected, rtol=1e-6):
 def _lora_head(dropout=0.0):
     """A QLoRA output head (`[HIDDEN, VOCAB]`, NF4) with non-zero B, as `apply_qlora` makes for a targeted lm_head."""
     kernel = jax.random.normal(jax.random.key(3), (HIDDEN, VOCAB)) * 0.3
-    head = qj.nnx.QLoRALinear(qj.quantize(kernel, "nf4", block_size=32), rank=4, alpha=8, dropout=dropout,
-                              rngs=nnx.Rngs(params=4, dropout=5))
+    head = qj.nnx.QLoRALinear(qj.quantize(kernel, "nf4", block_size=32),
+                              lora=qj.LoraConfig(rank=4, alpha=8, dropout=dropout), rngs=nnx.Rngs(params=4, dropout=5))
     head.lora_b.set_value(jax.random.normal(jax.random.key(6), head.lora_b.get_value().shape) * 0.2)
     return head
 
@@ -187,8 +187,8 @@ def _causal_lm(tied, vocab=256, hidden=64, dropout=0.0):
     cfg = qj.models.ModelConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=128, num_layers=2,
                                 num_heads=4, num_kv_heads=2, tie_word_embeddings=tied)
     targets = ["q_proj", "v_proj", "down_proj"] + ([] if tied else ["lm_head"])
-    model, _ = qj.apply_qlora(qj.models.CausalLM(cfg, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(block_size=32),
-                              lora=qj.LoraConfig(rank=4, alpha=8, targets=targets, dropout=dropout), rngs=nnx.Rngs(1))
+    model = qj.apply_qlora(qj.models.CausalLM(cfg, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(block_size=32),
+                           lora=qj.LoraConfig(rank=4, alpha=8, targets=targets, dropout=dropout), rngs=nnx.Rngs(1))
     for path, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         if path[-1] == "lora_b":  # non-zero B: every adapter changes the loss
             v.set_value(jax.random.normal(jax.random.key(len(path)), v.get_value().shape) * 0.05)
@@ -273,13 +273,15 @@ def test_compiled_step_never_holds_the_full_logits():
 def test_checkpoint_without_loss_chunk_resumes(tmp_path):
     """A checkpoint whose stored TrainConfig predates `loss_chunk` restores under today's config (the new field
     is not compared), and a real difference is still refused."""
-    from qlora_jax._src import checkpoint
+    import dataclasses
 
     head = _lora_head()
     config = qj.train.TrainConfig(total_steps=10)
     optimizer = nnx.Optimizer(head, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
-    old = {k: v for k, v in config.to_dict().items() if k != "loss_chunk"}
-    checkpoint.save(tmp_path, head, optimizer, 3, {"data": {"row": 7}, "train_config": old})
-    assert qj.train.restore(tmp_path, head, optimizer, config=config) == (3, {"row": 7})
+    old_fields = {k: v for k, v in config.to_dict().items() if k != "loss_chunk"}
+    old = dataclasses.make_dataclass("TrainConfig", list(old_fields))(**old_fields)  # TrainConfig before loss_chunk
+    qj.checkpoint.save(tmp_path, head, optimizer, step=3, data_state={"row": 7}, config=old)
+    meta = qj.checkpoint.restore(tmp_path, head, optimizer, config=config)
+    assert (meta.step, meta.data_state) == (3, {"row": 7})
     with pytest.raises(ValueError, match=r"different TrainConfig.*'lr'"):
-        qj.train.restore(tmp_path, head, optimizer, config=qj.train.TrainConfig(total_steps=10, lr=1e-3))
+        qj.checkpoint.restore(tmp_path, head, optimizer, config=qj.train.TrainConfig(total_steps=10, lr=1e-3))

@@ -209,8 +209,8 @@ def test_layers_recompute_no_product_and_keep_less(monkeypatch, qk_norm):
     cfg = models.ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                              num_kv_heads=2, qk_norm=qk_norm)
     model = models.CausalLM(cfg, rngs=nnx.Rngs(0))
-    model, _ = qj.apply_qlora(model, quant=qj.QuantConfig(block_size=32),
-                              lora=qj.LoraConfig(rank=4, alpha=8, targets="all-linear"), rngs=nnx.Rngs(1))
+    model = qj.apply_qlora(model, quant=qj.QuantConfig(block_size=32),
+                           lora=qj.LoraConfig(rank=4, alpha=8, targets="all-linear"), rngs=nnx.Rngs(1))
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
     ids = jnp.arange(64).reshape(2, 32) % 64
 
@@ -235,9 +235,9 @@ def test_dropout_keys_advance_through_the_scanned_layers():
 
     cfg = models.ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                              num_kv_heads=2)
-    model, _ = qj.apply_qlora(models.CausalLM(cfg, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(block_size=32),
-                              lora=qj.LoraConfig(rank=4, alpha=8, targets="all-linear", dropout=0.5),
-                              rngs=nnx.Rngs(1))
+    model = qj.apply_qlora(models.CausalLM(cfg, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(block_size=32),
+                           lora=qj.LoraConfig(rank=4, alpha=8, targets="all-linear", dropout=0.5),
+                           rngs=nnx.Rngs(1))
     for path, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)):
         if path[-1] == "lora_b":
             v.set_value(jnp.full_like(v.get_value(), 0.1))
@@ -251,7 +251,7 @@ def test_dropout_keys_advance_through_the_scanned_layers():
     optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
     batch = {"input_ids": np.asarray(ids), "targets": np.asarray(ids), "weights": np.ones((2, 16), np.float32)}
     before = counts()
-    qj.train.train_step(model, optimizer, batch, config)
+    qj.train.train_step(model, optimizer, batch)
     assert len(before) > 0 and np.all(counts() == before + 1)
 
 

@@ -56,9 +56,9 @@ def test_compiled_step_outputs_only_what_it_changes(flavour):
     config = qj.train.TrainConfig(total_steps=4)
     optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
     if flavour == "function":
-        lowered = _train_step.lower(model, optimizer, batch, config)
+        lowered = _train_step.lower(model, optimizer, batch)
     elif flavour == "trainer":
-        lowered = bound_train_step(model, optimizer).lower(batch, config=config)
+        lowered = bound_train_step(model, optimizer).lower(batch, micro_batches=1, loss_chunk=config.loss_chunk)
     elif flavour == "readme":
         lowered = nnx.jit(_readme_step, graph_updates=False, donate_argnums=1).lower(model, optimizer, batch)
     else:

@@ -391,7 +391,7 @@ def test_restore_refuses_a_different_config_and_round_trips_the_data_state(tmp_p
     for a, b in zip(_leaves(model, nnx.LoRAParam), _leaves(same.model, nnx.LoRAParam), strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(FileNotFoundError):
-        qj.train.restore(tmp_path / "empty", model, trainer.optimizer, config=config)
+        qj.checkpoint.restore(tmp_path / "empty", model, trainer.optimizer, config=config)
 
 
 @pytest.mark.parametrize("field,value", [

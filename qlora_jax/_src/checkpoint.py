@@ -1,4 +1,12 @@
-"""Orbax checkpoints of a fine-tuning run: adapters, optimizer state, step, extras.
+"""Orbax checkpoints of a fine-tuning run: adapters, RNG and optimizer state, step, data position, config.
+
+One directory per run, one subdirectory per step. Besides the arrays a
+checkpoint holds JSON metadata: the step, a free-form `extra` dict, the data
+pipeline's position (`data_state`) and the run's config (e.g. `TrainConfig`),
+which `restore` compares with the continuing run's before it changes
+anything. Restoring all of it and replaying the same batches gives
+bit-identical adapters and optimizer state to a run that was never
+interrupted; `metadata` reads the metadata without a model.
 
 The frozen base is normally not saved (it is rebuilt from its source
 checkpoint); `include_base=True` saves every other variable too (packed codes
@@ -9,6 +17,7 @@ when complete, so an interrupted save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-__all__ = ["save", "restore", "latest_step"]
+__all__ = ["CheckpointMetadata", "save", "restore", "latest_step", "metadata"]
 
 _TRAINABLE = nnx.LoRAParam
 
@@ -40,45 +49,88 @@ def _parts(model: nnx.Module, optimizer: nnx.Optimizer | None, include_base: boo
     return {name: state for name, state in parts.items() if jax.tree.leaves(state)}
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointMetadata:
+    """What a checkpoint holds besides its arrays; returned by `metadata` and `restore`.
+
+    Attributes:
+        step: The checkpoint's step.
+        extra: The `extra` dict given to `save` (`{}` when none).
+        data_state: The `data_state` given to `save` (None when none),
+            after a JSON round trip (tuples come back as lists).
+        config: The fields of the `config` given to `save`, as a dict
+            (`TrainConfig(**config)` rebuilds a `TrainConfig`), or None.
+        include_base: Whether the frozen base was saved.
+        has_optimizer: Whether optimizer state was saved.
+    """
+
+    step: int
+    extra: dict[str, Any]
+    data_state: Any
+    config: dict[str, Any] | None
+    include_base: bool
+    has_optimizer: bool
+
+
 def save(
     directory: str | os.PathLike,
     model: nnx.Module,
     optimizer: nnx.Optimizer | None = None,
+    *,
     step: int = 0,
     extra: dict[str, Any] | None = None,
-    *,
+    data_state: Any = None,
+    config: Any = None,
     include_base: bool = False,
     max_to_keep: int | None = 3,
 ) -> Path:
-    """Saves adapters (+ RNG state), optimizer state and `extra` as step `step`.
+    """Saves adapters, RNG state, optimizer state and metadata as step `step`.
 
     Args:
-        directory: The run's checkpoint directory (one subdirectory per step).
-        model: The model; its `nnx.LoRAParam` variables and RNG state are saved.
-        optimizer: An `nnx.Optimizer`, or None.
-        step: The step number of this checkpoint.
-        extra: JSON-serializable metadata (e.g. data position, config).
+        directory: The run's checkpoint directory (one subdirectory per step;
+            a save that is interrupted leaves the previous ones intact).
+        model: The model; its `nnx.LoRAParam` adapters and RNG state (dropout
+            keys and counts) are saved, not the frozen base.
+        optimizer: An `nnx.Optimizer` (moments, counts, step), or None.
+        step: The step number of this checkpoint (updates applied so far).
+        extra: JSON-serializable metadata of your own.
+        data_state: JSON-serializable position of the data pipeline, e.g.
+            `Batcher.state()` or `np.random.Generator.bit_generator.state`.
+        config: The run's config, a dataclass such as `TrainConfig`; its
+            fields are stored so that `restore` can refuse a different one.
         include_base: Also save every other variable (the quantized base).
         max_to_keep: Keep this many latest checkpoints (None: all).
 
     Returns:
         The step's directory.
 
+    Raises:
+        TypeError: `config` is not a dataclass instance, or the metadata is
+            not JSON-serializable.
+
     Example:
         >>> import tempfile, jax.numpy as jnp, qlora_jax as qj
         >>> from flax import nnx
-        >>> layer = qj.nnx.QLoRALinear(qj.quantize(jnp.ones((64, 64)), "nf4"), rank=2, alpha=2, rngs=nnx.Rngs(0))
+        >>> model = qj.nnx.QLoRALinear(qj.quantize(jnp.ones((64, 8)), "nf4"), lora=qj.LoraConfig(rank=2, alpha=4),
+        ...                            rngs=nnx.Rngs(0))
+        >>> config = qj.train.TrainConfig(total_steps=100)
+        >>> optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
         >>> d = tempfile.mkdtemp()
-        >>> qj.checkpoint.save(d, layer, step=3, extra={"epoch": 1}).name
-        '3'
-        >>> qj.checkpoint.restore(d, layer)
-        (3, {'epoch': 1})
+        >>> qj.checkpoint.save(d, model, optimizer, step=5, data_state={"epoch": 0, "row": 40}, config=config).name
+        '5'
+        >>> meta = qj.checkpoint.restore(d, model, optimizer, config=config)
+        >>> meta.step, meta.data_state, meta.config["total_steps"]
+        (5, {'epoch': 0, 'row': 40}, 100)
     """
+    if config is not None and (not dataclasses.is_dataclass(config) or isinstance(config, type)):
+        raise TypeError(f"config: expected a dataclass instance such as TrainConfig, got {type(config).__name__}")
     directory = Path(directory).absolute()
     items = {name: ocp.args.StandardSave(_split_keys(nnx.to_pure_dict(state)))
              for name, state in _parts(model, optimizer, include_base).items()}
-    items["extra"] = ocp.args.JsonSave({"extra": extra or {}, "include_base": include_base,
-                                        "optimizer": optimizer is not None, "parts": sorted(items)})
+    items["extra"] = ocp.args.JsonSave({
+        "extra": extra or {}, "data_state": data_state,
+        "config": None if config is None else dataclasses.asdict(config),
+        "include_base": include_base, "optimizer": optimizer is not None, "parts": sorted(items)})
     with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)) as manager:
         manager.save(int(step), args=ocp.args.Composite(**items), force=True)
@@ -101,65 +153,137 @@ def latest_step(directory: str | os.PathLike) -> int | None:
         return manager.latest_step()
 
 
+def metadata(directory: str | os.PathLike, *, step: int | None = None) -> CheckpointMetadata:
+    """Reads a checkpoint's step, `extra`, data state and config, without a model.
+
+    Args:
+        directory: The run's checkpoint directory.
+        step: The step to read; default the latest complete one.
+
+    Returns:
+        A `CheckpointMetadata`.
+
+    Raises:
+        FileNotFoundError: No complete checkpoint in `directory`.
+
+    Example:
+        >>> import tempfile, jax.numpy as jnp, qlora_jax as qj
+        >>> from flax import nnx
+        >>> model = qj.nnx.QLoRALinear(qj.quantize(jnp.ones((64, 8)), "nf4"), lora=qj.LoraConfig(rank=2, alpha=4),
+        ...                            rngs=nnx.Rngs(0))
+        >>> d = tempfile.mkdtemp()
+        >>> _ = qj.checkpoint.save(d, model, step=7, extra={"note": "warm start"}, data_state=[3, 1])
+        >>> meta = qj.checkpoint.metadata(d)
+        >>> meta.step, meta.extra, meta.data_state, meta.config, meta.has_optimizer
+        (7, {'note': 'warm start'}, [3, 1], None, False)
+    """
+    directory = Path(directory).absolute()
+    step = _step(directory, step)
+    with ocp.CheckpointManager(directory) as manager:
+        return _metadata(step, _read_json(manager, step))
+
+
 def restore(
     directory: str | os.PathLike,
     model: nnx.Module,
     optimizer: nnx.Optimizer | None = None,
+    *,
     step: int | None = None,
-) -> tuple[int, dict[str, Any]]:
-    """Restores a checkpoint into `model` (and `optimizer`) in place.
+    config: Any = None,
+) -> CheckpointMetadata:
+    """Restores a checkpoint into `model` (and `optimizer`) in place and returns its metadata.
 
-    The model must have the same structure as the saved one (build it the same
-    way, e.g. `from_pretrained` with the same configs). Arrays are placed with
-    the shardings of the current model's variables, so a checkpoint saved on
-    one mesh restores on another.
+    Build the model and optimizer exactly as for the original run (same base
+    weights, `apply_qlora` and optimizer), restore, then continue from batch
+    `step` with the returned `data_state`. Arrays are placed with the
+    shardings of the current model's variables, so a checkpoint saved on one
+    mesh restores on another.
 
     Args:
         directory: The run's checkpoint directory.
         model: The model to fill.
         optimizer: The optimizer to fill, or None.
-        step: The step to restore; default the latest.
+        step: The step to restore; default the latest complete one.
+        config: The continuing run's config (e.g. `TrainConfig`), compared
+            field by field with the saved one before anything is restored
+            (fields the saved config lacks, added later, are not compared);
+            None: no check.
 
     Returns:
-        `(step, extra)`.
+        The `CheckpointMetadata` of the restored step.
 
     Raises:
-        FileNotFoundError: No checkpoint in `directory`.
-        ValueError: The checkpoint lacks optimizer state that was asked for, or
-            its arrays do not fit the model (names the variable).
+        FileNotFoundError: No complete checkpoint in `directory`.
+        ValueError: `config` differs from the saved config (the fields are
+            named), the checkpoint lacks optimizer state that was asked for,
+            or its arrays do not fit the model (names the variable).
 
     Example:
         See `save`.
     """
     directory = Path(directory).absolute()
-    step = latest_step(directory) if step is None else int(step)
-    if step is None:
-        raise FileNotFoundError(f"{directory}: no complete checkpoint")
+    step = _step(directory, step)
+    where = directory / str(step)
     with ocp.CheckpointManager(directory) as manager:
-        meta = manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
-        if optimizer is not None and not meta["optimizer"]:
-            raise ValueError(f"{directory / str(step)}: saved without optimizer state")
-        parts = _parts(model, optimizer, meta["include_base"])
-        if not set(parts) <= set(meta["parts"]):
-            raise ValueError(f"{directory / str(step)}: holds {meta['parts']}, this model and optimizer have "
-                             f"{sorted(parts)}")
+        raw = _read_json(manager, step)
+        meta = _metadata(step, raw)
+        if config is not None:
+            _check_config(where, meta.config, config)
+        if optimizer is not None and not meta.has_optimizer:
+            raise ValueError(f"{where}: saved without optimizer state")
+        parts = _parts(model, optimizer, meta.include_base)
+        if not set(parts) <= set(raw["parts"]):
+            raise ValueError(f"{where}: holds {raw['parts']}, this model and optimizer have {sorted(parts)}")
         targets = {name: _split_keys(nnx.to_pure_dict(state)) for name, state in parts.items()}
         abstract = {name: jax.tree.map(_abstract, t) for name, t in targets.items()}
         try:
             restored = manager.restore(step, args=ocp.args.Composite(
                 **{name: ocp.args.StandardRestore(a) for name, a in abstract.items()}))
         except (ValueError, KeyError) as e:
-            raise ValueError(f"{directory / str(step)}: does not fit this model: {e}") from e
+            raise ValueError(f"{where}: does not fit this model: {e}") from e
     for name, state in parts.items():
         leaves, treedef = jax.tree.flatten(nnx.to_pure_dict(state))
         new = jax.tree.leaves(restored[name])
         if len(new) != len(leaves):
-            raise ValueError(f"{directory / str(step)}: {name} has {len(new)} arrays, the model {len(leaves)}")
+            raise ValueError(f"{where}: {name} has {len(new)} arrays, the model {len(leaves)}")
         fixed = [jax.random.wrap_key_data(n, impl=jax.random.key_impl(o)) if _is_key(o) else n
                  for o, n in zip(leaves, new, strict=True)]
         nnx.replace_by_pure_dict(state, jax.tree.unflatten(treedef, fixed))
         nnx.update(optimizer if name == "optimizer" else model, state)
-    return step, meta["extra"]
+    return meta
+
+
+def _step(directory: Path, step: int | None) -> int:
+    """`step`, or the latest complete one; FileNotFoundError when there is none."""
+    step = latest_step(directory) if step is None else int(step)
+    if step is None:
+        raise FileNotFoundError(f"{directory}: no complete checkpoint")
+    return step
+
+
+def _read_json(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+    """The step's JSON item, as `save` wrote it."""
+    return manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+
+
+def _metadata(step: int, meta: dict[str, Any]) -> CheckpointMetadata:
+    return CheckpointMetadata(step=step, extra=meta["extra"], data_state=meta.get("data_state"),
+                              config=meta.get("config"), include_base=meta["include_base"],
+                              has_optimizer=meta["optimizer"])
+
+
+def _check_config(where: Path, saved: dict[str, Any] | None, config: Any) -> None:
+    """Raises ValueError naming the fields where `config` differs from the `saved` fields."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config: expected a dataclass instance such as TrainConfig, got {type(config).__name__}")
+    if saved is None:
+        return
+    # Fields added to the config after the checkpoint was written (e.g. TrainConfig.loss_chunk) are not compared.
+    given = {k: v for k, v in dataclasses.asdict(config).items() if k in saved}
+    if saved != given:
+        diff = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
+        raise ValueError(f"{where}: saved with a different {type(config).__name__}; (saved, given): {diff}. "
+                         "Pass config=None to restore anyway")
 
 
 def _abstract(x: Any) -> Any:

@@ -30,7 +30,7 @@ def main(flavour: str) -> None:
     cfg = ModelConfig(vocab_size=512, hidden_size=1024, intermediate_size=4096, num_layers=8, num_heads=8,
                       num_kv_heads=8)
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
-    model, _ = qj.apply_qlora(model, quant=None, lora=qj.LoraConfig(rank=2, dropout=0.1), rngs=nnx.Rngs(1))
+    model = qj.apply_qlora(model, quant=None, lora=qj.LoraConfig(rank=2, dropout=0.1), rngs=nnx.Rngs(1))
     frozen = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model, qj.nnx.FrozenWeight)))
     ids = np.arange(32, dtype=np.int32).reshape(1, 32) % cfg.vocab_size
     batch = {"input_ids": ids, "targets": (ids + 1) % cfg.vocab_size, "weights": np.ones((1, 32), np.float32)}
@@ -40,7 +40,7 @@ def main(flavour: str) -> None:
         step = lambda: trainer.train_step(batch)["loss"]  # noqa: E731
     elif flavour == "function":
         optimizer = nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam)
-        step = lambda: qj.train.train_step(model, optimizer, batch, config)["loss"]  # noqa: E731
+        step = lambda: qj.train.train_step(model, optimizer, batch)["loss"]  # noqa: E731
     else:
         optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.LoRAParam)
 

@@ -1,9 +1,8 @@
-"""Fine-tuning: `TrainConfig`, the AdamW optimizer and schedules, jitted train/eval steps, exact resume."""
+"""Fine-tuning: `TrainConfig`, the AdamW optimizer and schedules, jitted train/eval steps, `Trainer`."""
 
 from qlora_jax._src.train.config import SCHEDULES, TrainConfig
 from qlora_jax._src.train.loss import chunked_cross_entropy, masked_cross_entropy
 from qlora_jax._src.train.optim import make_optimizer, make_schedule
-from qlora_jax._src.train.resume import restore, save
 from qlora_jax._src.train.step import BATCH_KEYS, MODEL_INPUT_KEYS, eval_step, evaluate, train_step
 from qlora_jax._src.train.trainer import Trainer
 
@@ -19,7 +18,5 @@ __all__ = [
     "make_optimizer",
     "make_schedule",
     "masked_cross_entropy",
-    "restore",
-    "save",
     "train_step",
 ]

@@ -96,7 +96,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: Batch, *, mic
         >>> ids = np.arange(16, dtype=np.int32).reshape(2, 8)
         >>> batch = {"input_ids": ids, "targets": (ids + 1) % 16, "weights": np.ones((2, 8), np.float32)}
         >>> metrics = qj.train.train_step(model, optimizer, batch, micro_batches=2)
-        >>> sorted(metrics), float(metrics["tokens"]), float(metrics["lr"]), int(optimizer.step[...])
+        >>> sorted(metrics), float(metrics["tokens"]), round(float(metrics["lr"]), 6), int(optimizer.step[...])
         (['grad_norm', 'loss', 'lr', 'tokens'], 16.0, 0.001, 1)
         >>> sgd = nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.LoRAParam)  # any optax transformation
         >>> sorted(qj.train.train_step(model, sgd, batch))  # no learning rate in its state: no `lr`

@@ -10,7 +10,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from qlora_jax._src.train import resume
+from qlora_jax._src import checkpoint
 from qlora_jax._src.train.config import TrainConfig
 from qlora_jax._src.train.optim import make_optimizer
 from qlora_jax._src.train.step import Batch, bound_train_step, check_batch, evaluate
@@ -119,20 +119,19 @@ class Trainer:
     def save(self, directory: str | os.PathLike, data_state: Any = None, *, max_to_keep: int | None = 3) -> Path:
         """Saves adapters, RNG and optimizer state, the config and `data_state` as step `self.step`.
 
-        Returns the step's directory (see `qj.train.save`).
+        Returns the step's directory (see `qj.checkpoint.save`).
         """
-        return resume.save(directory, self.model, self.optimizer, self.step, data_state, config=self.config,
-                           max_to_keep=max_to_keep)
+        return checkpoint.save(directory, self.model, self.optimizer, step=self.step, data_state=data_state,
+                               config=self.config, max_to_keep=max_to_keep)
 
     def restore(self, directory: str | os.PathLike, *, step: int | None = None) -> Any:
         """Restores the latest (or the given) step in place and returns its `data_state`.
 
         Raises `ValueError` when the checkpoint was saved with a different
-        `TrainConfig` (see `qj.train.restore`).
+        `TrainConfig`, before anything is restored (see `qj.checkpoint.restore`).
         """
         # Restored values go into the same variables (`nnx.update`): the bound step reads them, uncompiled again.
-        _, data_state = resume.restore(directory, self.model, self.optimizer, step=step, config=self.config)
-        return data_state
+        return checkpoint.restore(directory, self.model, self.optimizer, step=step, config=self.config).data_state
 
 
 def _modes(modules: list[nnx.Module]) -> tuple[Any, ...]:
