@@ -101,8 +101,16 @@ def save_merged(
         The directory.
 
     Example:
-        >>> from qlora_jax.models import save_merged  # doctest: +SKIP
-        >>> save_merged(model, "out/merged", dtype=jnp.bfloat16)  # doctest: +SKIP
+        >>> import tempfile
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from qlora_jax.models import CausalLM, ModelConfig, save_merged
+        >>> cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=1,
+        ...                   num_kv_heads=1, tie_word_embeddings=True)
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     out = save_merged(CausalLM(cfg, rngs=nnx.Rngs(0)), f"{tmp}/merged", dtype=jnp.bfloat16)
+        ...     sorted(f.name for f in out.iterdir())
+        ['config.json', 'model.safetensors']
     """
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
