@@ -210,7 +210,7 @@ def _build(config: Any, method: str, rank: int, remat: bool) -> Any:
     if METHODS[method][0] == "full":
         return model
     lora = LoraConfig(rank=rank, alpha=2.0 * rank, targets="all-linear")
-    model, _ = apply_qlora(model, quant=_quant_config(method), lora=lora, rngs=nnx.Rngs(1))
+    model = apply_qlora(model, quant=_quant_config(method), lora=lora, rngs=nnx.Rngs(1))
     return model
 
 

@@ -33,9 +33,9 @@ class Block(nnx.Module):
 
 def main() -> None:
     model = Block(128, 256, 16, nnx.Rngs(0))
-    model, report = qj.apply_qlora(model, quant=qj.QuantConfig(fmt="nf4", block_size=64, double_quant=True),
-                                   lora=qj.LoraConfig(rank=8, alpha=16, dropout=0.05), rngs=nnx.Rngs(1))
-    print(report)
+    model = qj.apply_qlora(model, quant=qj.QuantConfig(fmt="nf4", block_size=64, double_quant=True),
+                           lora=qj.LoraConfig(rank=8, alpha=16, dropout=0.05), rngs=nnx.Rngs(1))
+    print(qj.qlora_report(model))  # paths, kernel shapes, parameter counts, bytes before and after
 
     # A toy task: match a fixed random function of the input.
     kx, kw = jax.random.split(jax.random.key(2))

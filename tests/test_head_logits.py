@@ -49,7 +49,7 @@ def test_causal_lm_with_16_bit_head_keeps_no_float32_copy_of_it(tied):
 
     def build(param_dtype):
         model = CausalLM(cfg, dtype=jnp.float32, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-        return qj.apply_qlora(model, quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=2), rngs=nnx.Rngs(1))[0]
+        return qj.apply_qlora(model, quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=2), rngs=nnx.Rngs(1))
 
     ids = np.arange(8, dtype=np.int32).reshape(1, 8)
 
@@ -80,7 +80,7 @@ def test_bfloat16_compute_on_the_cpu_converts_the_head_a_chunk_at_a_time(tied):
     cfg = ModelConfig(vocab_size=32768, hidden_size=256, intermediate_size=512, num_layers=1, num_heads=4,
                       num_kv_heads=4, tie_word_embeddings=tied)
     model = CausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    model = qj.apply_qlora(model, quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=2), rngs=nnx.Rngs(1))[0]
+    model = qj.apply_qlora(model, quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=2), rngs=nnx.Rngs(1))
     ids = np.arange(8, dtype=np.int32).reshape(1, 8)
     h = model.hidden_states(ids)
     assert h.dtype == jnp.bfloat16

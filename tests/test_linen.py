@@ -362,7 +362,8 @@ def test_mask_works_on_an_nnx_state():
             self.fc = nnx.Linear(D, D, rngs=rngs)
             self.head = nnx.Linear(D, 4, rngs=rngs)
 
-    model, report = qj.apply_qlora(Net(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=4), rngs=nnx.Rngs(1))
+    model = qj.apply_qlora(Net(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=4), rngs=nnx.Rngs(1))
+    report = qj.qlora_report(model)
     state = nnx.state(model, nnx.Param)
     assert jax.tree.leaves(lora_mask(state)) == [False, True, True, False, False]  # fc/bias, fc/lora_*, head/*
     tx = masked(optax.adamw(1e-2), state)

@@ -12,7 +12,7 @@ from flax import nnx
 import qlora_jax as qj
 from qlora_jax._src.nn import linear as linear_module
 from qlora_jax._src.ops.merged import can_merge, lora_matmul
-from qlora_jax.nnx import QLoRALinear
+from qlora_jax.nnx import LoraConfig, QLoRALinear
 
 SCALE = 1.5
 
@@ -56,7 +56,7 @@ def test_layer_merged_equals_separate_adapter(quantized, monkeypatch):
     path gives the same outputs and gradients (to float32 rounding)."""
     w, x, _, _, r = _operands(128, 64)
     kernel = qj.quantize(w, "nf4", block_size=64, double_quant=True) if quantized else w
-    layer = QLoRALinear(kernel, jnp.linspace(-1, 1, 64), rank=4, alpha=6, rngs=nnx.Rngs(0))
+    layer = QLoRALinear(kernel, jnp.linspace(-1, 1, 64), lora=LoraConfig(rank=4, alpha=6), rngs=nnx.Rngs(0))
     layer.lora_b[...] = jax.random.normal(jax.random.key(7), layer.lora_b.shape) * 0.3
     assert can_merge(x, layer.kernel.get_value())
 
@@ -87,12 +87,12 @@ def test_dropout_and_half_precision_keep_the_separate_adapter(monkeypatch):
     calls = []
     real = linear_module.lora_matmul
     monkeypatch.setattr(linear_module, "lora_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
-    layer = QLoRALinear(q, rank=4, alpha=8, dropout=0.1, rngs=nnx.Rngs(0))
+    layer = QLoRALinear(q, lora=LoraConfig(rank=4, alpha=8, dropout=0.1), rngs=nnx.Rngs(0))
     layer(x)  # training mode, dropout active: the adapter input differs from x
     assert not calls
     layer(x, deterministic=True)  # no dropout: merged
     assert len(calls) == 1
-    half = QLoRALinear(q, rank=4, alpha=8, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    half = QLoRALinear(q, lora=LoraConfig(rank=4, alpha=8), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     half(x)  # bfloat16 would round the adapter's update away in W + s·A@B
     assert len(calls) == 1
     assert not can_merge(x.astype(jnp.bfloat16), q)

@@ -22,8 +22,8 @@ MESHES = [({"fsdp": 8}, "fsdp"), ({"data": 2, "tensor": 4}, "tp"), ({"fsdp": 2, 
 
 
 def _model(config=CONFIG):
-    model, _ = qj.apply_qlora(CausalLM(config, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(double_quant=True),
-                              lora=qj.LoraConfig(rank=8, alpha=16), rngs=nnx.Rngs(1))
+    model = qj.apply_qlora(CausalLM(config, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(double_quant=True),
+                           lora=qj.LoraConfig(rank=8, alpha=16), rngs=nnx.Rngs(1))
     state = nnx.state(model, nnx.LoRAParam)  # non-zero B, so that A has gradients too
     keys = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(state))))
     nnx.update(model, jax.tree.map(lambda x: 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), state))
@@ -75,8 +75,8 @@ def test_remat_step_keeps_every_array_where_it_was(cpu_devices):
     back, resharded)."""
     config = ModelConfig(vocab_size=128, hidden_size=512, intermediate_size=512, num_layers=2, num_heads=4,
                          num_kv_heads=2, max_position_embeddings=64)
-    model, _ = qj.apply_qlora(CausalLM(config, remat=True, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(double_quant=True),
-                              lora=qj.LoraConfig(rank=8, alpha=16), rngs=nnx.Rngs(1))
+    model = qj.apply_qlora(CausalLM(config, remat=True, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(double_quant=True),
+                           lora=qj.LoraConfig(rank=8, alpha=16), rngs=nnx.Rngs(1))
     mesh = qj.make_mesh({"fsdp": 8}, cpu_devices)
     trainer = qj.train.Trainer(model, TRAIN)
     qj.shard_model(trainer.model, mesh, "fsdp", optimizer=trainer.optimizer)
