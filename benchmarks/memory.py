@@ -215,10 +215,10 @@ def _build(config: Any, method: str, rank: int, remat: bool) -> Any:
 
 
 def _optimizer() -> Any:
-    """AdamW as `step_memory` builds it (moments in the trained variables' dtype)."""
-    import optax
+    """AdamW as `step_memory` and `Trainer` build it (`make_optimizer`; moments in the trained variables' dtype)."""
+    from qlora_jax.train import TrainConfig, make_optimizer
 
-    return optax.adamw(2e-4, weight_decay=0.0)
+    return make_optimizer(TrainConfig(total_steps=1, warmup_ratio=0.0))
 
 
 def _moment_bytes(opt_state: Any) -> tuple[int, int]:
@@ -330,7 +330,7 @@ def rss_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     from flax import nnx
 
-    from qlora_jax._src.memory import _make_step  # the very step `step_memory` compiles
+    from qlora_jax._src.train.step import bound_train_step  # the very step `step_memory` compiles, Trainer runs
 
     jax.block_until_ready(jnp.zeros(8) + 1)  # initialize the backend before the baseline
     rss_imports = _proc_status("VmRSS")
@@ -338,19 +338,15 @@ def rss_worker(spec: dict[str, Any]) -> dict[str, Any]:
     method = spec["method"]
     model = _build(config, method, spec["rank"], spec["remat"])
     wrt = nnx.Param if METHODS[method][0] == "full" else nnx.LoRAParam
-    graphdef, trainable, rest = nnx.split(model, wrt, ...)
-    del model
-    tx = _optimizer()
-    opt_state = tx.init(trainable)
-    moments, state_bytes = _moment_bytes(opt_state)
-    trained_params = sum(int(x.size) for x in jax.tree.leaves(trainable))
+    optimizer = nnx.Optimizer(model, _optimizer(), wrt=wrt)
+    moments, state_bytes = _moment_bytes(nnx.as_pure(optimizer.opt_state))
+    trained_params = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, wrt)))
     rng = np.random.default_rng(0)
     shape = (1, spec["seq_len"])  # [batch, seq]
     batch = {"input_ids": jnp.asarray(rng.integers(0, config.vocab_size, shape), jnp.int32),
              "targets": jnp.asarray(rng.integers(0, config.vocab_size, shape), jnp.int32),
              "weights": jnp.ones(shape, jnp.float32)}
-    compiled = jax.jit(_make_step(graphdef, tx), donate_argnums=(0, 2)).lower(trainable, rest, opt_state,
-                                                                              batch).compile()
+    compiled = bound_train_step(model, optimizer).lower(batch, micro_batches=1, loss_chunk=None).compile()
     analysis = compiled.memory_analysis()
     gc.collect()
     live_bytes = sum(int(x.nbytes) for x in jax.live_arrays())
@@ -360,8 +356,7 @@ def rss_worker(spec: dict[str, Any]) -> dict[str, Any]:
     rss_ready_trimmed = _proc_status("VmRSS")
     losses = []
     for _ in range(spec["steps"]):
-        trainable, opt_state, loss = compiled(trainable, rest, opt_state, batch)
-        losses.append(float(loss))  # waits for the step
+        losses.append(float(compiled(batch)["loss"]))  # waits for the step (model and optimizer updated in place)
     peak_steps = _proc_status("VmHWM") if reset else None
     lifetime = max(x for x in (peak_before, peak_steps, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
                    if x is not None)

@@ -1,23 +1,22 @@
 """Memory of a fine-tuning step: the QLoRA paper's accounting next to the compiled step.
 
-For full fine-tuning, 16-bit LoRA and QLoRA, the model is built abstractly
-(`nnx.eval_shape`: nothing allocated), the train step (forward, backward with
-respect to the trainable variables, AdamW update, trainable state donated) is
-compiled for abstract inputs, and `compiled.memory_analysis()` says what it
-needs. So a 7B or 70B configuration is reported on any machine.
+For full fine-tuning, 16-bit LoRA and QLoRA, the model and its optimizer are
+built abstractly (`nnx.eval_shape`: nothing allocated), the train step that
+`Trainer` runs (`bound_train_step`: forward, backward with respect to the
+trainable variables, `make_optimizer`'s clipped AdamW update, state donated)
+is compiled for abstract inputs, and `compiled.memory_analysis()` says what
+it needs. So a 7B or 70B configuration is reported on any machine.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from qlora_jax._src.config import LoraConfig, QuantConfig
@@ -25,6 +24,9 @@ from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.nn.variables import FrozenWeight, QuantizedWeight
 from qlora_jax._src.surgery.apply import apply_qlora
+from qlora_jax._src.train.config import TrainConfig
+from qlora_jax._src.train.optim import make_optimizer
+from qlora_jax._src.train.step import bound_train_step
 
 __all__ = ["METHODS", "PRESETS", "MethodMemory", "step_memory", "memory_table"]
 
@@ -97,14 +99,17 @@ class MethodMemory:
 
 
 def _abstract_model(config: ModelConfig, method: str, quant: QuantConfig, lora: LoraConfig, dtype, remat: bool,
-                    remat_group: int = 1):
+                    remat_group: int = 1) -> tuple[nnx.Module, nnx.Optimizer]:
+    """The model of `method` and its `Trainer` optimizer, built abstractly (ShapeDtypeStruct values)."""
+    wrt = nnx.Param if method == "full" else nnx.LoRAParam
+    tx = make_optimizer(TrainConfig(total_steps=1, warmup_ratio=0.0))  # Trainer's AdamW, default clipping
+
     def build():
         model = CausalLM(config, dtype=dtype, param_dtype=dtype, remat=remat, remat_group=remat_group,
                          rngs=nnx.Rngs(0))
-        if method == "full":
-            return model
-        model = apply_qlora(model, quant=quant if method == "qlora" else None, lora=lora, rngs=nnx.Rngs(1))
-        return model
+        if method != "full":
+            model = apply_qlora(model, quant=quant if method == "qlora" else None, lora=lora, rngs=nnx.Rngs(1))
+        return model, nnx.Optimizer(model, tx, wrt=wrt)
 
     return nnx.eval_shape(build)
 
@@ -131,7 +136,11 @@ def step_memory(
     loss_chunk: int | None = None,
     remat_group: int = 1,
 ) -> MethodMemory:
-    """Compiles one train step of `method` for abstract shapes and measures it.
+    """Compiles `Trainer`'s train step of `method` for abstract shapes and measures it.
+
+    The step is `bound_train_step`, the one `Trainer.train_step` runs, with
+    `make_optimizer`'s AdamW (`TrainConfig` defaults) over the trainable
+    variables (`nnx.Param` for "full", `nnx.LoRAParam` otherwise).
 
     Args:
         config: The architecture.
@@ -164,11 +173,9 @@ def step_memory(
         raise ValueError(f"method: {method!r} is not one of {METHODS}")
     quant = quant or QuantConfig(fmt="nf4", block_size=64, double_quant=True)
     lora = LoraConfig(rank=rank, alpha=alpha, targets="all-linear")
-    model = _abstract_model(config, method, quant, lora, dtype, remat, remat_group)
-    wrt = nnx.Param if method == "full" else nnx.LoRAParam
-    graphdef, trainable, rest = nnx.split(model, wrt, ...)
-    tx = optax.adamw(2e-4, weight_decay=0.0)
-    opt_state = jax.eval_shape(tx.init, trainable)
+    model, optimizer = _abstract_model(config, method, quant, lora, dtype, remat, remat_group)
+    trainable = nnx.state(model, optimizer.wrt)
+    opt_state = nnx.state(optimizer)
 
     linear = nnx.state(model, FrozenWeight) if method != "full" else _linear_kernels(model)
     quantized = nnx.state(model, QuantizedWeight)
@@ -191,8 +198,8 @@ def step_memory(
         "targets": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32),
         "weights": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32),
     }
-    step = _make_step(graphdef, tx, loss_chunk)
-    compiled = jax.jit(step, donate_argnums=(0, 2)).lower(trainable, rest, opt_state, batch).compile()
+    step = bound_train_step(model, optimizer)  # the step Trainer runs
+    compiled = step.lower(batch, micro_batches=1, loss_chunk=loss_chunk).compile()
     analysis = compiled.memory_analysis()
     return MethodMemory(
         method=method, linear_params=linear_params, linear_bytes=int(linear_bytes), other_params=other_params,
@@ -211,30 +218,6 @@ def linear_param_count(config: ModelConfig) -> int:
     d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
     per_layer = d * config.num_heads * hd * 2 + 2 * d * config.num_kv_heads * hd + 3 * d * f
     return config.num_layers * per_layer
-
-
-def _make_step(graphdef, tx: optax.GradientTransformation, loss_chunk: int | None = None) -> Callable:
-    from qlora_jax._src.train.loss import chunked_cross_entropy
-
-    def step(trainable, rest, opt_state, batch):
-        def loss_fn(trainable):
-            model = nnx.merge(graphdef, trainable, rest, copy=True)
-            if loss_chunk is None:
-                logits = model(batch["input_ids"])
-                ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-                return jnp.sum(ce * batch["weights"]) / jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-            hidden = model.hidden_states(batch["input_ids"])  # [batch, seq, hidden]
-            loss_sum, weight_sum = chunked_cross_entropy(hidden, model.logits_from_hidden, batch["targets"],
-                                                         batch["weights"], chunk_size=loss_chunk)
-            return loss_sum / jnp.maximum(weight_sum, 1.0)
-
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = tx.update(grads, opt_state, trainable)
-            trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, loss
-
-    return step
 
 
 def memory_table(rows: list[MethodMemory]) -> str:

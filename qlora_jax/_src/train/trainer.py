@@ -100,8 +100,9 @@ class Trainer:
 
         The same step as `qj.train.train_step` with `micro_batches=config.grad_accum`
         and `loss_chunk=config.loss_chunk`, without its per-call walk over the
-        model's and optimizer's graphs in Python: the step is bound to the trainer's model and optimizer at its first call and bound
-        again when a module's mode changes (`model.train()` / `model.eval()`);
+        model's and optimizer's graphs in Python: the step is bound to the
+        trainer's model and optimizer at its first call and bound again when a
+        module's mode changes (`model.train()` / `model.eval()`);
         `restore` and `shard_model` write into the same variables, which the
         bound step reads. Replace `trainer.model`'s modules only through a new
         `Trainer`.
