@@ -177,12 +177,12 @@ def test_second_ctrl_c_abandons_the_save_in_progress(run, monkeypatch, capsys):
     original = checkpoint_module.save
     calls = []
 
-    def save(directory, model, optimizer=None, step=0, *a, **k):
+    def save(directory, model, optimizer=None, *, step=0, **k):
         calls.append(step)
         if step == 4:
             Path(directory, "4.orbax-checkpoint-tmp-123").mkdir()  # what a cut-short Orbax write leaves
             _send_sigint(2)
-        return original(directory, model, optimizer, step, *a, **k)
+        return original(directory, model, optimizer, step=step, **k)
 
     monkeypatch.setattr(checkpoint_module, "save", save)
     argv_every = [*argv[:argv.index("--save-every") + 1], "1", *argv[argv.index("--save-every") + 2:]]
