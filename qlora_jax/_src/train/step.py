@@ -199,7 +199,7 @@ def _loss_sums(model: nnx.Module, batch: dict[str, jax.Array],
 
 
 def _train_step_impl(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], *,
-                     micro_batches: int = 1, loss_chunk: int | None = None) -> dict[str, jax.Array]:
+                     micro_batches: int = 1, loss_chunk: int | None = 1024) -> dict[str, jax.Array]:
     def loss_fn(model: nnx.Module, batch: dict[str, jax.Array]):
         return _loss_sums(model, batch, loss_chunk=loss_chunk)
 
@@ -225,13 +225,13 @@ def _train_step_impl(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[st
         optimizer.update(model, grads)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": weight_sum}
-    lr = learning_rate(optimizer)
+    lr = _learning_rate(optimizer)
     if lr is not None:
         metrics["lr"] = lr
     return metrics
 
 
-def learning_rate(optimizer: nnx.Optimizer) -> jax.Array | None:
+def _learning_rate(optimizer: nnx.Optimizer) -> jax.Array | None:
     """The `learning_rate` hyperparameter in `optimizer`'s state (the latest update's), or None.
 
     Set by `optax.inject_hyperparams` (as in `make_optimizer`); None when the
@@ -252,7 +252,7 @@ _train_step = nnx.jit(_train_step_impl, static_argnames=("micro_batches", "loss_
 
 
 def bound_train_step(model: nnx.Module, optimizer: nnx.Optimizer) -> Callable[..., dict[str, jax.Array]]:
-    """The train step for this model and optimizer, called as `step(batch, micro_batches=..., loss_chunk=...)`.
+    """The train step for this model and optimizer, called as `step(batch, *, micro_batches=1, loss_chunk=1024)`.
 
     The one jitted step of the library: `Trainer` runs it and the memory
     report (`step_memory`) compiles it (`step.lower(batch, ...)`, also for
