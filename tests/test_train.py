@@ -200,6 +200,22 @@ def test_train_step_takes_any_optax_transformation():
         assert lrs == pytest.approx([float(schedule(i)) for i in range(3)])
 
 
+def test_equal_configs_give_one_optimizer_and_one_compiled_step():
+    """`make_optimizer` caches by config (no registry): a new optimizer of an equal config reuses the step."""
+    from qlora_jax._src.train.step import _train_step
+
+    config = TrainConfig(total_steps=7, lr=1e-3)
+    assert qj.train.make_optimizer(config) is qj.train.make_optimizer(TrainConfig(total_steps=7, lr=1e-3))
+    assert qj.train.make_optimizer(config) is not qj.train.make_optimizer(TrainConfig(total_steps=7, lr=2e-3))
+    batch = _tiny_batch(seed=4)
+    model = _tiny()
+    qj.train.train_step(model, nnx.Optimizer(model, qj.train.make_optimizer(config), wrt=nnx.LoRAParam), batch)
+    compiled = _train_step.jitted_fn._cache_size()
+    equal = TrainConfig(total_steps=7, lr=1e-3)
+    qj.train.train_step(model, nnx.Optimizer(model, qj.train.make_optimizer(equal), wrt=nnx.LoRAParam), batch)
+    assert _train_step.jitted_fn._cache_size() == compiled
+
+
 def test_only_lora_params_change_and_packed_codes_stay_bit_identical():
     model = _tiny(dropout=0.1)
     base = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # embeddings, biases, head (LoRAParam is a Param)
@@ -217,7 +233,7 @@ def test_only_lora_params_change_and_packed_codes_stay_bit_identical():
     assert trainer.step == 3
 
 
-def test_trainer_wrt_param_trains_every_param_of_a_float_model():
+def test_trainer_wrt_param_trains_every_param_of_a_float_model(tmp_path):
     model = TinyLM(nnx.Rngs(0))  # no adapters: full training
     before = _leaves(model, nnx.Param)
     trainer = qj.train.Trainer(model, TINY_CONFIG, wrt=nnx.Param)
@@ -232,6 +248,13 @@ def test_trainer_wrt_param_trains_every_param_of_a_float_model():
     # The optimizer holds moments for every Param, not only adapters.
     mu = [x for path, x in nnx.to_flat_state(nnx.state(trainer.optimizer)) if "mu" in map(str, path)]
     assert sorted(x.shape for x in mu) == sorted(x.shape for x in after)
+    # A checkpoint holds what the trainer trains: every Param here.
+    trainer.save(tmp_path)
+    fresh = qj.train.Trainer(TinyLM(nnx.Rngs(1)), TINY_CONFIG, wrt=nnx.Param)
+    fresh.restore(tmp_path)
+    assert fresh.step == 5
+    for a, b in zip(after, _leaves(fresh.model, nnx.Param), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_loss_decreases_and_evaluate_leaves_the_model_alone():

@@ -28,7 +28,7 @@ from flax import nnx
 
 __all__ = ["CheckpointMetadata", "save", "restore", "latest_step", "metadata"]
 
-_TRAINABLE = nnx.LoRAParam
+_TRAINABLE = nnx.LoRAParam  # what is saved as "adapters" without an optimizer
 
 
 def _split_keys(tree: Any) -> Any:
@@ -41,11 +41,13 @@ def _is_key(x: Any) -> bool:
 
 
 def _parts(model: nnx.Module, optimizer: nnx.Optimizer | None, include_base: bool) -> dict[str, nnx.State]:
-    parts = {"adapters": nnx.state(model, _TRAINABLE), "rng": nnx.state(model, nnx.RngState)}
+    """The states saved: the trained variables (`optimizer.wrt`, else the adapters), RNG, optimizer, base."""
+    trained = _TRAINABLE if optimizer is None else optimizer.wrt
+    parts = {"adapters": nnx.state(model, trained), "rng": nnx.state(model, nnx.RngState)}
     if optimizer is not None:
         parts["optimizer"] = nnx.state(optimizer)
     if include_base:
-        parts["base"] = nnx.state(model, nnx.Not(nnx.Any(_TRAINABLE, nnx.RngState)))
+        parts["base"] = nnx.state(model, nnx.Not(nnx.Any(trained, nnx.RngState)))
     return {name: state for name, state in parts.items() if jax.tree.leaves(state)}
 
 
@@ -100,8 +102,9 @@ def save(
     Args:
         directory: The run's checkpoint directory (one subdirectory per step;
             a save that is interrupted leaves the previous ones intact).
-        model: The model; its `nnx.LoRAParam` adapters and RNG state (dropout
-            keys and counts) are saved, not the frozen base.
+        model: The model; the variables the optimizer trains (its `wrt`;
+            without an optimizer the `nnx.LoRAParam` adapters) and the RNG
+            state (dropout keys and counts) are saved, not the frozen base.
         optimizer: An `nnx.Optimizer` (moments, counts, step), or None.
         step: The step number of this checkpoint (updates applied so far).
         extra: JSON-serializable metadata of your own.
@@ -213,7 +216,8 @@ def restore(
     Args:
         directory: The run's checkpoint directory.
         model: The model to fill.
-        optimizer: The optimizer to fill, or None.
+        optimizer: The optimizer to fill, or None. The model's variables it
+            trains (its `wrt`) are restored; without it, the adapters.
         step: The step to restore; default the latest complete one.
         config: The continuing run's config (e.g. `TrainConfig`), compared
             field by field with the saved one before anything is restored
