@@ -107,13 +107,13 @@ LONG_REMAT_GROUP = 4  # the second setting of part 3: `CausalLM(remat_group=4)` 
 
 
 def model_config(name: str) -> Any:
-    """A `ModelConfig` by name: "tiny", "small" or a preset of `qlora_jax._src.memory.PRESETS`.
+    """A `ModelConfig` by name: "tiny", "small" or a preset of `qlora_jax.app.report.PRESETS`.
 
     Example:
         >>> model_config("tiny").num_layers
         2
     """
-    from qlora_jax._src.memory import PRESETS
+    from qlora_jax.app.report import PRESETS
     from qlora_jax.models import ModelConfig
 
     if name in SMALL_CONFIGS:
@@ -125,7 +125,7 @@ def model_config(name: str) -> Any:
 
 def config_names() -> list[str]:
     """Every configuration name `--configs` accepts."""
-    from qlora_jax._src.memory import PRESETS
+    from qlora_jax.app.report import PRESETS
 
     return [*SMALL_CONFIGS, *PRESETS]
 

@@ -114,7 +114,8 @@ def test_each_layer_keeps_only_its_bfloat16_input():
     bfloat16 by JAX, cost 2x that, and 4x from 16 layers on: a float32 copy of the whole stack.)"""
     import dataclasses
 
-    from qlora_jax._src.memory import PRESETS, step_memory
+    from qlora_jax._src.memory import step_memory
+    from qlora_jax.app.report import PRESETS
 
     seq, cfg = 8192, dataclasses.replace(PRESETS["llama-3-8b"], vocab_size=1024)
     temps = [step_memory(dataclasses.replace(cfg, num_layers=n), "qlora", seq_len=seq, loss_chunk=1024).temp_bytes

@@ -28,23 +28,9 @@ from qlora_jax._src.train.config import TrainConfig
 from qlora_jax._src.train.optim import make_optimizer
 from qlora_jax._src.train.step import bound_train_step
 
-__all__ = ["METHODS", "PRESETS", "MethodMemory", "step_memory", "memory_table"]
+__all__ = ["METHODS", "MethodMemory", "step_memory"]
 
-# Architectures of released models (config.json values), for reports without a download.
-PRESETS: dict[str, ModelConfig] = {
-    "llama-2-7b": ModelConfig(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                              num_layers=32, num_heads=32, num_kv_heads=32, rms_norm_eps=1e-5,
-                              max_position_embeddings=4096),
-    "llama-2-13b": ModelConfig(model_type="llama", vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                               num_layers=40, num_heads=40, num_kv_heads=40, rms_norm_eps=1e-5,
-                               max_position_embeddings=4096),
-    "llama-2-70b": ModelConfig(model_type="llama", vocab_size=32000, hidden_size=8192, intermediate_size=28672,
-                               num_layers=80, num_heads=64, num_kv_heads=8, rms_norm_eps=1e-5,
-                               max_position_embeddings=4096),
-    "llama-3-8b": ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                              num_layers=32, num_heads=32, num_kv_heads=8, rms_norm_eps=1e-5, rope_theta=500000.0,
-                              max_position_embeddings=8192),
-}
+# The methods `step_memory` measures: every weight trained, adapters over a 16-bit base, over a packed base.
 METHODS = ("full", "lora", "qlora")
 
 
@@ -218,35 +204,3 @@ def linear_param_count(config: ModelConfig) -> int:
     d, hd, f = config.hidden_size, config.head_dim, config.intermediate_size
     per_layer = d * config.num_heads * hd * 2 + 2 * d * config.num_kv_heads * hd + 3 * d * f
     return config.num_layers * per_layer
-
-
-def memory_table(rows: list[MethodMemory]) -> str:
-    """A Markdown table of `step_memory` results (GiB), one column per method.
-
-    Example:
-        >>> from qlora_jax._src.memory import memory_table
-        >>> memory_table([]).splitlines()[0]
-        '| |  |'
-    """
-    gib = 1024**3
-
-    def cell(x: float) -> str:
-        return f"{x / gib:.2f}"
-
-    lines = ["| | " + " | ".join(r.method for r in rows) + " |", "|---|" + "---|" * len(rows)]
-    spec = [
-        ("linear weights (GiB)", lambda r: cell(r.linear_bytes)),
-        ("  byte/param", lambda r: f"{r.linear_bytes_per_param:.4f}"),
-        ("embeddings, head, norms (GiB, 16-bit)", lambda r: cell(r.other_bytes)),
-        ("trainable params", lambda r: f"{r.trainable_params:,}"),
-        ("trainable (GiB)", lambda r: cell(r.trainable_bytes)),
-        ("gradients (GiB)", lambda r: cell(r.gradient_bytes)),
-        ("optimizer state (GiB)", lambda r: cell(r.optimizer_bytes)),
-        ("formula total (GiB)", lambda r: cell(r.formula_bytes)),
-        ("compiled: arguments (GiB)", lambda r: cell(r.argument_bytes)),
-        ("compiled: temporaries (GiB)", lambda r: cell(r.temp_bytes)),
-        ("compiled: step total (GiB)", lambda r: cell(r.compiled_total)),
-    ]
-    if rows:
-        lines += [f"| {name} | " + " | ".join(fn(r) for r in rows) + " |" for name, fn in spec]
-    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The application on top of the library: the `qlora-jax` command line, its finetune run, the demo, plots, the CPU runtime.
+"""The application on top of the library: the `qlora-jax` command, its finetune run, the demo, plots, CPU tuning.
 
 The library (`qlora_jax`, `qlora_jax._src`) never imports this package. What is
 here changes the process or talks to a person: `configure_cpu` sets JAX's

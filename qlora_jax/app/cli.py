@@ -40,30 +40,25 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 import qlora_jax as qj
-from qlora_jax.app.finetune import FinetuneArgs, initialize_distributed, run_finetune
-from qlora_jax._src.memory import METHODS, PRESETS, memory_table, step_memory
+from qlora_jax._src.memory import METHODS, step_memory
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.loading import load_config
+from qlora_jax.app import demo
+from qlora_jax.app.finetune import FinetuneArgs, initialize_distributed, run_finetune
 from qlora_jax.app.plan import RESERVE_BYTES, RESERVE_FRACTION, DoesNotFit, plan_fit, plan_table
+from qlora_jax.app.report import PRESETS, memory_table
 from qlora_jax.app.runtime import configure_cpu_for_command
 
 __all__ = ["main"]
 
-# One "layer" is an MLP pair: up [d_model, d_ff] and down [d_ff, d_model].
-DEMO_LAYERS = 2
-DEMO_SHAPES: tuple[tuple[int, int], ...] = ((1024, 2816), (2816, 1024))
-DEMO_FORMATS: tuple[str, ...] = ("nf4", "fp4", "int4", "int8")
-DEMO_BLOCK_SIZE = 64
 DEFAULT_OUTPUT = Path("qlora_jax_demo")
 
 
@@ -98,30 +93,31 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="qlora-jax", description="QLoRA tooling in JAX. Without a command, runs `demo`.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {qj.__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = commands.add_parser(
+    demo_cmd = commands.add_parser(
         "demo", help="QLoRA vs 32-bit LoRA on a small built-in model, on this machine, in a few minutes",
         description=("Pre-trains a small Llama-family stand-in base on a synthetic corpus (cached in --output), "
                      "fine-tunes it to reverse words with QLoRA (NF4 + double quant, rank-8 LoRA on all linear "
                      "layers) and with LoRA over the float32 base, and prints eval loss, exact-match accuracy, "
                      "base bytes/param, compiled step memory and median step time; writes loss.png and demo.json. "
-                     f"With --formats-only: quantizes a random Gaussian layer stack ({DEMO_LAYERS} layers, kernels "
-                     f"{' and '.join(_shape_str(s) for s in DEMO_SHAPES)}) to {', '.join(DEMO_FORMATS)} "
-                     f"(block {DEMO_BLOCK_SIZE}, with and without double quantization), prints bytes/param and "
-                     "the relative MSE against the float32 weights, checks that an NF4 kernel is unchanged by a "
-                     "bitsandbytes export/import round trip, and writes quantization.json."))
-    demo.add_argument("--seed", type=int, default=0, help="seed of the corpus, the base and the adapters, or of "
-                                                          "the random weights with --formats-only (default 0)")
-    demo.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                      help=f"folder for loss.png, demo.json and the cached base (default {DEFAULT_OUTPUT}/)")
-    demo.add_argument("--formats-only", action="store_true",
-                      help="only the quantization table of a random layer stack (writes quantization.json)")
-    demo.add_argument("--model", default=None,
-                      help="a Hugging Face checkpoint directory to fine-tune instead of the stand-in base")
-    demo.add_argument("--quick", action="store_true",
-                      help="tiny sizes and a few steps: a smoke test of the pipeline, not a result")
-    demo.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps of the stand-in base")
-    demo.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per method")
-    demo.set_defaults(func=_run_demo)
+                     f"With --formats-only: quantizes a random Gaussian layer stack ({demo.STACK_LAYERS} layers, "
+                     f"kernels {' and '.join(demo.shape_str(s) for s in demo.STACK_SHAPES)}) to "
+                     f"{', '.join(demo.STACK_FORMATS)} (block {demo.STACK_BLOCK_SIZE}, with and without double "
+                     "quantization), prints bytes/param and the relative MSE against the float32 weights, checks "
+                     "that an NF4 kernel is unchanged by a bitsandbytes export/import round trip, and writes "
+                     "quantization.json."))
+    demo_cmd.add_argument("--seed", type=int, default=0, help="seed of the corpus, the base and the adapters, or "
+                                                              "of the random weights with --formats-only (default 0)")
+    demo_cmd.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                          help=f"folder for loss.png, demo.json and the cached base (default {DEFAULT_OUTPUT}/)")
+    demo_cmd.add_argument("--formats-only", action="store_true",
+                          help="only the quantization table of a random layer stack (writes quantization.json)")
+    demo_cmd.add_argument("--model", default=None,
+                          help="a Hugging Face checkpoint directory to fine-tune instead of the stand-in base")
+    demo_cmd.add_argument("--quick", action="store_true",
+                          help="tiny sizes and a few steps: a smoke test of the pipeline, not a result")
+    demo_cmd.add_argument("--pretrain-steps", type=int, default=None, help="pre-training steps of the stand-in base")
+    demo_cmd.add_argument("--finetune-steps", type=int, default=None, help="fine-tuning steps per method")
+    demo_cmd.set_defaults(func=_run_demo)
 
     finetune = commands.add_parser(
         "finetune", help="QLoRA fine-tuning of a Hugging Face checkpoint on a JSONL file",
@@ -392,13 +388,11 @@ def _memory_flag(setting: str, value: Any) -> str:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    """The `demo` subcommand: the fine-tuning comparison, or with `--formats-only` the quantization table."""
+    """The `demo` subcommand (`qlora_jax.app.demo`): the fine-tuning comparison, or with `--formats-only` the
+    quantization table."""
     if args.formats_only:
-        return _run_formats(args)
-    from qlora_jax.app import demo
-
+        return 0 if demo.run_formats(args.output, args.seed) else 1
     configure_cpu_for_command()  # before JAX starts: training steps on the CPU reuse their memory
-
     cfg = demo.QUICK if args.quick else demo.DemoConfig()
     overrides = {"seed": args.seed, "pretrain_steps": args.pretrain_steps, "finetune_steps": args.finetune_steps}
     try:
@@ -412,112 +406,6 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"FAILED: the QLoRA base takes {qlora['bytes_per_param']:.4f} bytes/param (> 0.52)")
         return 1
     return 0
-
-
-def _run_formats(args: argparse.Namespace) -> int:
-    """`demo --formats-only`: bytes/param and error of every format on a random layer stack."""
-    kernels = demo_kernels(args.seed)
-    print(f"qlora-jax demo: {len(kernels)} random Gaussian kernels ({DEMO_LAYERS} layers of "
-          f"{' + '.join(_shape_str(s) for s in DEMO_SHAPES)}, {sum(k.size for k in kernels):,} float32 weights, "
-          f"seed {args.seed}), block size {DEMO_BLOCK_SIZE}\n")
-    rows = quantization_rows(kernels)
-    print(markdown_table(rows) + "\n")
-    identical = bnb_round_trip_identical(kernels[0])
-    print(f"bitsandbytes round trip (nf4, double_quant, to_bnb -> from_bnb, kernel {_shape_str(kernels[0].shape)}): "
-          + ("dequantizes to identical values" if identical else "MISMATCH: dequantized values differ"))
-    path = write_results(args.output, args.seed, rows, identical)
-    print(f"wrote {path}")
-    return 0 if identical else 1
-
-
-def demo_kernels(seed: int) -> list[jax.Array]:
-    """The demo's float32 standard-normal kernels `[in, out]`, layer by layer.
-
-    Example:
-        >>> [k.shape for k in demo_kernels(0)][:2]
-        [(1024, 2816), (2816, 1024)]
-    """
-    keys = jax.random.split(jax.random.key(seed), DEMO_LAYERS * len(DEMO_SHAPES))
-    shapes = [s for _ in range(DEMO_LAYERS) for s in DEMO_SHAPES]
-    return [jax.random.normal(key, shape, jnp.float32) for key, shape in zip(keys, shapes, strict=True)]
-
-
-def quantization_rows(kernels: Sequence[jax.Array]) -> list[dict[str, Any]]:
-    """Bytes/param and relative MSE of the whole stack per format and double_quant.
-
-    Example:
-        >>> rows = quantization_rows([jnp.ones((64, 64))])
-        >>> rows[0]["format"], rows[0]["bytes_per_param"]
-        ('nf4', 0.5625)
-    """
-    cases = [(fmt, dq) for fmt in DEMO_FORMATS for dq in (False, True)]
-    return [_measure(kernels, fmt, dq) for fmt, dq in tqdm(cases, desc="quantizing", unit="format")]
-
-
-def _measure(kernels: Sequence[jax.Array], fmt: str, double_quant: bool) -> dict[str, Any]:
-    """One table row: totals over all kernels of one format."""
-    nbytes, sq_err, sq_norm = 0, 0.0, 0.0
-    for kernel in kernels:
-        q = qj.quantize(kernel, fmt, DEMO_BLOCK_SIZE, double_quant)
-        nbytes += q.nbytes
-        err, norm = _squared_error(q, kernel)
-        sq_err, sq_norm = sq_err + float(err), sq_norm + float(norm)
-    return {"format": fmt, "double_quant": double_quant, "bytes_per_param": nbytes / sum(k.size for k in kernels),
-            "relative_mse": sq_err / sq_norm}
-
-
-@jax.jit
-def _squared_error(q: qj.QuantizedArray, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`sum((dequantize(q) - kernel)**2)` and `sum(kernel**2)`."""
-    err = qj.dequantize(q, jnp.float32) - kernel
-    return jnp.sum(err * err), jnp.sum(kernel * kernel)
-
-
-def bnb_round_trip_identical(kernel: jax.Array) -> bool:
-    """Whether `from_bnb(to_bnb(q))` dequantizes bit for bit like `q` (NF4, double quant).
-
-    Example:
-        >>> bnb_round_trip_identical(jnp.ones((128, 64)))
-        True
-    """
-    q = qj.quantize(kernel, "nf4", DEMO_BLOCK_SIZE, double_quant=True)
-    back = qj.from_bnb(qj.to_bnb(q))
-    a, b = np.asarray(qj.dequantize(q)), np.asarray(qj.dequantize(back))
-    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a.view(np.uint32), b.view(np.uint32))
-
-
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as a Markdown table.
-
-    Example:
-        >>> print(markdown_table([{"format": "nf4", "double_quant": True, "bytes_per_param": 0.5159,
-        ...                        "relative_mse": 0.00846}]).splitlines()[2])
-        | nf4 | True | 0.5159 | 8.460e-03 |
-    """
-    lines = ["| format | double_quant | bytes/param | relative MSE |", "|---|---|---|---|"]
-    lines += [f"| {r['format']} | {r['double_quant']} | {r['bytes_per_param']:.4f} | {r['relative_mse']:.3e} |"
-              for r in rows]
-    return "\n".join(lines)
-
-
-def write_results(output: Path, seed: int, rows: Sequence[dict[str, Any]], round_trip: bool) -> Path:
-    """Writes `quantization.json` into `output` (created if needed); returns its path.
-
-    Example:
-        >>> write_results(Path("/tmp/qj_demo"), 0, [], True).name
-        'quantization.json'
-    """
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / "quantization.json"
-    result = {"seed": seed, "block_size": DEMO_BLOCK_SIZE, "layers": DEMO_LAYERS,
-              "kernel_shapes": [_shape_str(s) for _ in range(DEMO_LAYERS) for s in DEMO_SHAPES],
-              "rows": list(rows), "bnb_round_trip_identical": round_trip}
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return path
-
-
-def _shape_str(shape: Sequence[int]) -> str:
-    return "x".join(str(d) for d in shape)
 
 
 if __name__ == "__main__":

@@ -84,9 +84,12 @@ def plot_curves(path: str | os.PathLike, curves: Mapping[str, tuple[Sequence[flo
 
     Example:
         >>> import tempfile, os
-        >>> import qlora_jax as qj
-        >>> qj.train.plot_curves(os.path.join(tempfile.mkdtemp(), "loss.png"), {"train": ([0, 1, 2], [3.0, 2.0, 1.5])},
-        ...                      title="loss per step", xlabel="step", ylabel="loss")
+        >>> from qlora_jax.app import plot_curves
+        >>> path = os.path.join(tempfile.mkdtemp(), "loss.png")
+        >>> plot_curves(path, {"train": ([0, 1, 2], [3.0, 2.0, 1.5])}, title="loss per step", xlabel="step",
+        ...             ylabel="loss")
+        >>> open(path, "rb").read(4)[1:]
+        b'PNG'
     """
     img = np.full((height, width, 3), 255, np.uint8)
     left, right = 60, 12

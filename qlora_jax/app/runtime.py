@@ -1,17 +1,18 @@
 """CPU runtime settings for training steps: dispatch on the calling thread, freed memory kept.
 
 XLA's CPU client allocates each execution's temporary buffer (for a training
-step: the activations kept for the backward pass, hundreds of MiB) when the
-execution starts and frees it when it ends. With JAX's default asynchronous
-dispatch the allocation runs on a worker thread, whose glibc arena serves any
-request over 64 MiB from a fresh `mmap`; the next step maps it again and
-faults in every page (measured: 52,900 page faults; removing them makes a QLoRA step of
-`benchmarks/train_step.py` 12.5% faster). `configure_cpu` runs executions on the calling
-thread (`jax_cpu_enable_async_dispatch=False`), where the allocation comes
-from glibc's main arena, and tells glibc to serve large requests from the
-heap and not to hand freed heap back to the OS (`mallopt`), so a step
-after the first reuses the pages of the ones before (now and then one still
-faults its temporaries in afresh: about 1 step in 15 on an idle 2-core VM).
+step: the activations kept for the backward pass) when the execution starts
+and frees it when it ends. With JAX's default asynchronous dispatch the
+allocation runs on a worker thread, whose glibc arena serves any request over
+64 MiB from a fresh `mmap`; the next step maps it again and faults in every
+page. `configure_cpu` runs executions on the calling thread
+(`jax_cpu_enable_async_dispatch=False`), where the allocation comes from
+glibc's main arena, and tells glibc to serve large requests from the heap and
+not to hand freed heap back to the OS (`mallopt`), so a step after the first
+mostly reuses the pages of the ones before (now and then one still faults its
+temporaries in afresh). What this saves is measured by
+`benchmarks/train_step.py` (page faults and step times, with and without
+`--default-runtime`); the numbers are in `benchmarks/README.md`.
 
 Both settings are process-wide: other libraries in the process (PyTorch)
 allocate the same way while they hold. They are the application's choice
@@ -52,7 +53,7 @@ class CpuRuntime:
             (False where the C library is not glibc or `GLIBC_TUNABLES` sets malloc parameters).
 
     Example:
-        >>> from qlora_jax import CpuRuntime
+        >>> from qlora_jax.app import CpuRuntime
         >>> CpuRuntime(synchronous=True, keep_freed_memory=False).synchronous
         True
     """
@@ -87,8 +88,8 @@ def configure_cpu(*, synchronous: bool = True, keep_freed_memory: bool = True) -
         RuntimeError: `synchronous=True` after JAX's backends were created with asynchronous dispatch.
 
     Example:
-        >>> import qlora_jax as qj
-        >>> qj.configure_cpu()  # doctest: +SKIP
+        >>> import qlora_jax.app
+        >>> qlora_jax.app.configure_cpu()  # doctest: +SKIP
         CpuRuntime(synchronous=True, keep_freed_memory=True)
     """
     global _keeping_freed_memory
@@ -99,7 +100,7 @@ def configure_cpu(*, synchronous: bool = True, keep_freed_memory: bool = True) -
             raise RuntimeError(
                 "configure_cpu(synchronous=True): JAX's backends already exist (created by the first JAX "
                 f"computation) with {_ASYNC_FLAG}=True, which a running client does not change; call "
-                "qlora_jax.configure_cpu() before any JAX computation, or pass synchronous=False")
+                "qlora_jax.app.configure_cpu() before any JAX computation, or pass synchronous=False")
     kept = False
     if keep_freed_memory and (libc := _glibc()) is not None:
         kept = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, -1))
