@@ -220,7 +220,7 @@ def _train_step_impl(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[st
         zero = jnp.zeros((), jnp.float32)
         _, grads, loss_sum, weight_sum = accumulate((model, zeros, zero, zero), micro)
     denom = jnp.where(weight_sum > 0, weight_sum, 1.0)  # an all-masked batch gives zero gradients, not NaN
-    grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+    grads = jax.tree.map(lambda g: (g.astype(jnp.float32) / denom).astype(g.dtype), grads)  # in each grad's dtype
     with jax.numpy_dtype_promotion("standard"):  # optax mixes int counts and float moments
         optimizer.update(model, grads)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
