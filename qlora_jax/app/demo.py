@@ -113,24 +113,44 @@ class DemoConfig:
                              f"(5 * max_word + 14 characters) to fit seq_len {self.seq_len}")
 
     def model_config(self, vocab_size: int = VOCAB_SIZE) -> qj.models.ModelConfig:
-        """The stand-in base's architecture."""
+        """The stand-in base's architecture.
+
+        Example:
+            >>> QUICK.model_config().hidden_size, QUICK.model_config().vocab_size
+            (64, 64)
+        """
         return qj.models.ModelConfig(vocab_size=vocab_size, hidden_size=self.hidden_size,
                                      intermediate_size=self.intermediate_size, num_layers=self.num_layers,
                                      num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
                                      max_position_embeddings=256)
 
     def pretrain_config(self) -> qj.train.TrainConfig:
-        """The pre-training's optimizer: AdamW with weight decay, clipped, cosine decay after a 5% warmup."""
+        """The pre-training's optimizer: AdamW with weight decay, clipped, cosine decay after a 5% warmup.
+
+        Example:
+            >>> DemoConfig().pretrain_config().warmup_steps
+            25
+        """
         return qj.train.TrainConfig(total_steps=self.pretrain_steps, lr=self.pretrain_lr, schedule="cosine",
                                     warmup_ratio=0.05, max_grad_norm=1.0, weight_decay=0.01, seed=self.seed)
 
     def finetune_config(self, steps: int) -> qj.train.TrainConfig:
-        """The adapters' optimizer: AdamW, clipped, constant after a 3% warmup."""
+        """The adapters' optimizer: AdamW, clipped, constant after a 3% warmup.
+
+        Example:
+            >>> DemoConfig().finetune_config(300).schedule, DemoConfig().finetune_config(300).warmup_steps
+            ('constant', 9)
+        """
         return qj.train.TrainConfig(total_steps=steps, lr=self.finetune_lr, warmup_ratio=0.03, max_grad_norm=1.0,
                                     seed=self.seed)
 
     def base_key(self) -> str:
-        """A hash of everything the pre-trained base depends on (its cache directory's name)."""
+        """A hash of everything the pre-trained base depends on (its cache directory's name).
+
+        Example:
+            >>> DemoConfig().base_key() == DemoConfig(finetune_steps=10).base_key() != QUICK.base_key()
+            True
+        """
         fields = {k: getattr(self, k) for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads",
                                                  "num_kv_heads", "seq_len", "batch_size", "pretrain_steps",
                                                  "pretrain_lr", "min_word", "max_word", "seed")}
@@ -315,12 +335,12 @@ def pretrain_base(cfg: DemoConfig, *, progress: bool = True) -> tuple[qj.models.
     return model, losses
 
 
-def save_base(path: Path, model: qj.models.CausalLM) -> None:
+def _save_base(path: Path, model: qj.models.CausalLM) -> None:
     """Saves every variable of `model` as a `qj.checkpoint` in `path` (complete or absent, never half written)."""
     qj.checkpoint.save(path, model, include_base=True)
 
 
-def load_base(path: Path, config: qj.models.ModelConfig) -> qj.models.CausalLM:
+def _load_base(path: Path, config: qj.models.ModelConfig) -> qj.models.CausalLM:
     """A `CausalLM` with the variables `save_base` wrote; raises `ValueError` when they do not fit `config`."""
     model = qj.models.CausalLM(config, rngs=nnx.Rngs(0))
     try:
@@ -333,8 +353,8 @@ def load_base(path: Path, config: qj.models.ModelConfig) -> qj.models.CausalLM:
 # ---------------------------------------------------------------- fine-tuning and scoring
 
 
-def accuracy(model: qj.models.CausalLM, tok: Any, prompts: Sequence[list[int]], answers: Sequence[str],
-             max_new_tokens: int) -> tuple[float, list[str]]:
+def _accuracy(model: qj.models.CausalLM, tok: Any, prompts: Sequence[list[int]], answers: Sequence[str],
+              max_new_tokens: int) -> tuple[float, list[str]]:
     """Exact-match accuracy of greedy answers (prompts left-padded and batched); returns it and the answers."""
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     width = max(len(p) for p in prompts)
@@ -371,8 +391,8 @@ class MethodResult:
     samples: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)  # (word, expected, answer)
 
 
-def finetune(make_base: Callable[[], qj.models.CausalLM], method: str, data: TaskData, tok: Any, cfg: DemoConfig,
-             max_new_tokens: int, *, progress: bool = True) -> tuple[MethodResult, qj.models.CausalLM]:
+def _finetune(make_base: Callable[[], qj.models.CausalLM], method: str, data: TaskData, tok: Any, cfg: DemoConfig,
+              max_new_tokens: int, *, progress: bool = True) -> tuple[MethodResult, qj.models.CausalLM]:
     """Adds adapters to a fresh base (`"qlora"`: NF4 + double quant; `"lora"`: float32), trains and scores them."""
     model = make_base()
     quant = qj.QuantConfig(fmt="nf4", block_size=64, double_quant=True) if method == "qlora" else None
@@ -388,7 +408,7 @@ def finetune(make_base: Callable[[], qj.models.CausalLM], method: str, data: Tas
         losses.append(float(trainer.train_step(batch)["loss"]))  # float() waits for the step
         times.append(time.perf_counter() - start)
     eval_loss = trainer.evaluate(data.eval)["loss"]
-    acc, texts = accuracy(model, tok, data.prompts, data.answers, max_new_tokens)
+    acc, texts = _accuracy(model, tok, data.prompts, data.answers, max_new_tokens)
     name = "QLoRA: NF4 + double quant base, rank-8 LoRA" if method == "qlora" else "LoRA: float32 base, rank-8 LoRA"
     result = MethodResult(method=name, eval_loss=eval_loss, accuracy=acc,
                           bytes_per_param=nbytes / linear_param_count(model.config), base_linear_bytes=nbytes,
@@ -401,12 +421,12 @@ def _samples(data: TaskData, texts: list[str], n: int = 3) -> list[tuple[str, st
     return [(a[::-1], a, t) for a, t in zip(data.answers[:n], texts[:n], strict=True)]
 
 
-def base_result(model: qj.models.CausalLM, data: TaskData, tok: Any, max_new_tokens: int) -> MethodResult:
+def _base_result(model: qj.models.CausalLM, data: TaskData, tok: Any, max_new_tokens: int) -> MethodResult:
     """The base model without fine-tuning, scored like the fine-tuned ones."""
     nbytes = sum(int(v.nbytes) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
                  if path[-1] == "kernel" and "lm_head" not in path)  # [layers, in, out] stacked kernels
     nparams = linear_param_count(model.config)
-    acc, texts = accuracy(model, tok, data.prompts, data.answers, max_new_tokens)
+    acc, texts = _accuracy(model, tok, data.prompts, data.answers, max_new_tokens)
     return MethodResult(method="base model, no fine-tuning", eval_loss=qj.train.evaluate(model, data.eval)["loss"],
                         accuracy=acc, bytes_per_param=nbytes / nparams, base_linear_bytes=nbytes,
                         samples=_samples(data, texts))
@@ -477,14 +497,14 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, model_path: 
             log(f"reusing the cached base {cache}")
         else:
             model, pretrain_losses = pretrain_base(cfg, progress=progress)
-            save_base(cache, model)
+            _save_base(cache, model)
             timings["pretrain"] = time.perf_counter() - t0
             log(f"pre-trained the base (loss {pretrain_losses[0]:.3f} -> {pretrain_losses[-1]:.3f}); cached in {cache}")
         base_info = {"stand_in": True, "cache": str(cache), "reused": reused, "pretrain_losses": pretrain_losses,
                      "params": config.num_params}
 
         def make_base() -> qj.models.CausalLM:
-            return load_base(cache, config)
+            return _load_base(cache, config)
     else:
         tok = qj.models.load_tokenizer(model_path)
         if tok is None:
@@ -508,12 +528,12 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, model_path: 
     rows = []
     if model_path is None:
         t = time.perf_counter()
-        rows.append(base_result(make_base(), data, tok, max_new))
+        rows.append(_base_result(make_base(), data, tok, max_new))
         timings["base_eval"] = time.perf_counter() - t
     curves = {}
     for method in ("qlora", "lora"):
         t = time.perf_counter()
-        result, _ = finetune(make_base, method, data, tok, cfg, max_new, progress=progress)
+        result, _ = _finetune(make_base, method, data, tok, cfg, max_new, progress=progress)
         timings[method] = time.perf_counter() - t
         t = time.perf_counter()
         mem = step_memory(config, method, rank=cfg.rank, alpha=cfg.alpha, batch_size=cfg.batch_size,
