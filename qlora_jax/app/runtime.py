@@ -157,18 +157,6 @@ def _dispatch_is_synchronous() -> bool:
     return ready
 
 
-def trim_heap() -> None:
-    """Returns freed heap pages to the OS (glibc `malloc_trim`); a no-op with another C library.
-
-    Example:
-        >>> from qlora_jax.app.runtime import trim_heap
-        >>> trim_heap()
-    """
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
 def _glibc() -> ctypes.CDLL | None:
     """glibc, unless malloc parameters come from `GLIBC_TUNABLES` (the user's choice) or the C library is another."""
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
