@@ -62,7 +62,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case; the median is reported")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
     parser.add_argument("--default-runtime", action="store_true",
-                        help="skip qlora_jax.app.configure_cpu(): JAX's asynchronous dispatch and glibc's malloc defaults")
+                        help="skip qlora_jax.app.configure_cpu(): JAX's asynchronous dispatch and glibc's malloc "
+                             "defaults")
     args = parser.parse_args(argv)
     if args.repeats < 1 or min(args.m) < 1:
         parser.error("--repeats and --m must be at least 1")

@@ -104,7 +104,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n x n f32 rate probe")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
     parser.add_argument("--default-runtime", action="store_true",
-                        help="skip qlora_jax.app.configure_cpu(): JAX's asynchronous dispatch and glibc's malloc defaults")
+                        help="skip qlora_jax.app.configure_cpu(): JAX's asynchronous dispatch and glibc's malloc "
+                             "defaults")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -448,7 +449,6 @@ def targets(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark, prints its table and writes JSON."""
     args = parse_args(argv)
-    import qlora_jax as qj
     import qlora_jax.app
 
     runtime = None if args.default_runtime else qlora_jax.app.configure_cpu()  # before JAX starts; process-wide
