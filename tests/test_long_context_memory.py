@@ -18,7 +18,7 @@ CFG = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=192, num_lay
 def qlora_model(cfg, remat, dtype=jnp.float32, dropout=0.0):
     model = CausalLM(cfg, remat=remat, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0))
     return qj.apply_qlora(model, quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4, dropout=dropout),
-                          rngs=nnx.Rngs(1))[0]
+                          rngs=nnx.Rngs(1))
 
 
 def loss_and_grads(model, ids, steps=1):
@@ -152,7 +152,7 @@ def test_remat_groups_equal_every_layer_kept(group):
     for g in (1, group):
         model = CausalLM(cfg, remat=True, remat_group=g, rngs=nnx.Rngs(0))
         model = qj.apply_qlora(model, quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4, dropout=0.2),
-                               rngs=nnx.Rngs(1))[0]
+                               rngs=nnx.Rngs(1))
         model.train()
         results.append((loss_and_grads(model, ids, steps=2), jax.tree.leaves(nnx.state(model, nnx.RngCount))))
     (want, want_counts), (got, got_counts) = results
