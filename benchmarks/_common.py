@@ -102,6 +102,14 @@ def write_json(path: Path, results: dict[str, Any]) -> None:
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 
 
+def add_output_arguments(parser: Any, default_json: Path) -> None:
+    """`--json PATH` (where the results go) and `--default-runtime` (skip `qlora_jax.app.configure_cpu()`)."""
+    parser.add_argument("--json", type=Path, default=default_json, help="where to write the results")
+    parser.add_argument("--default-runtime", action="store_true",
+                        help="skip qlora_jax.app.configure_cpu(): JAX's asynchronous dispatch and glibc's malloc "
+                             "defaults")
+
+
 def runtime_text(runtime: Any, note: str = "") -> str:
     """The header line on `qlora_jax.app.configure_cpu()`: what it set, or that the script ran without it.
 

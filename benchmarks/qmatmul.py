@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import NA, machine_info, markdown_table, median_ms, runtime_text, write_json
+from _common import NA, add_output_arguments, machine_info, markdown_table, median_ms, runtime_text, write_json
 from tqdm import tqdm
 
 import qlora_jax as qj
@@ -60,10 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="activation dtype (default float32 on CPU, bfloat16 on GPU/TPU)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case; the median is reported")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
-    parser.add_argument("--default-runtime", action="store_true",
-                        help="skip qlora_jax.app.configure_cpu(): JAX's asynchronous dispatch and glibc's malloc "
-                             "defaults")
+    add_output_arguments(parser, DEFAULT_JSON)
     args = parser.parse_args(argv)
     if args.repeats < 1 or min(args.m) < 1:
         parser.error("--repeats and --m must be at least 1")

@@ -59,7 +59,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import NA, machine_info, markdown_table, median_ms, runtime_text, write_json
+from _common import NA, add_output_arguments, machine_info, markdown_table, median_ms, runtime_text, write_json
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "train_step.json"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -102,10 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, not a measurement)")
     parser.add_argument("--no-torch", action="store_true", help="time the qlora_jax steps only")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n x n f32 rate probe")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
-    parser.add_argument("--default-runtime", action="store_true",
-                        help="skip qlora_jax.app.configure_cpu(): JAX's asynchronous dispatch and glibc's malloc "
-                             "defaults")
+    add_output_arguments(parser, DEFAULT_JSON)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")

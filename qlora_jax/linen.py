@@ -23,39 +23,9 @@ Example:
 """
 
 from qlora_jax._src.config import LoraConfig, QuantConfig
-from qlora_jax._src.linen import (
-    ADAPTER_NAMES,
-    FROZEN,
-    SUPPORTED_MODULES,
-    DenseLayer,
-    QLoRADense,
-    QLoRADenseGeneral,
-    convert_params,
-    dense_forward,
-    dense_layers,
-    lora_mask,
-    masked,
-    qlora_interceptor,
-    unsupported_reason,
-)
+from qlora_jax._src.linen import *  # noqa: F403  (the public names, listed in __all__ there)
+from qlora_jax._src.linen import __all__ as _linen_all
 from qlora_jax._src.surgery import QLoRAReport, ReplacedLayer
 
-__all__ = [
-    "ADAPTER_NAMES",
-    "FROZEN",
-    "SUPPORTED_MODULES",
-    "DenseLayer",
-    "LoraConfig",
-    "QLoRADense",
-    "QLoRADenseGeneral",
-    "QLoRAReport",
-    "QuantConfig",
-    "ReplacedLayer",
-    "convert_params",
-    "dense_forward",
-    "dense_layers",
-    "lora_mask",
-    "masked",
-    "qlora_interceptor",
-    "unsupported_reason",
-]
+__all__ = ["LoraConfig", "QLoRAReport", "QuantConfig", "ReplacedLayer"]
+__all__ += _linen_all

@@ -278,14 +278,14 @@ def shard_model(
     Example:
         >>> import jax, qlora_jax as qj
         >>> from flax import nnx
-        >>> class Block(nnx.Module):
-        ...     def __init__(self, rngs):
-        ...         self.up_proj = nnx.Linear(1024, 256, rngs=rngs)
-        >>> block = qj.apply_qlora(Block(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
-        ...                        rngs=nnx.Rngs(1))
-        >>> block = qj.shard_model(block, qj.make_mesh({"fsdp": len(jax.devices())}), axes=qj.models.LLAMA_AXES)
-        >>> codes = block.up_proj.kernel.get_value().codes  # [out, in // 2]: split along the input axis
-        >>> codes.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+        >>> from qlora_jax.models import CausalLM, ModelConfig
+        >>> cfg = ModelConfig(vocab_size=128, hidden_size=1024, intermediate_size=256, num_layers=1, num_heads=8,
+        ...                   num_kv_heads=8)
+        >>> model = qj.apply_qlora(CausalLM(cfg, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(),
+        ...                        lora=qj.LoraConfig(rank=4), rngs=nnx.Rngs(1))
+        >>> model = qj.shard_model(model, qj.make_mesh({"fsdp": len(jax.devices())}))  # CausalLM.logical_axes
+        >>> codes = model.layers.mlp.up_proj.kernel.get_value().codes  # [layers, out, in // 2]: split along in
+        >>> codes.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp")
         True
     """
     specs = partition_specs(model, mesh, strategy, axes=axes)

@@ -123,16 +123,15 @@ def qlora_report(model: nnx.Module) -> QLoRAReport:
         TypeError: `model` is not an `nnx.Module`.
 
     Example:
-        >>> import jax.numpy as jnp
         >>> from flax import nnx
-        >>> from qlora_jax.nnx import LoraConfig, QuantConfig, apply_qlora, qlora_report
+        >>> import qlora_jax as qj
         >>> class MLP(nnx.Module):
         ...     def __init__(self, rngs):
-        ...         self.up = nnx.Linear(128, 256, rngs=rngs)
-        ...         self.down = nnx.Linear(256, 128, rngs=rngs)
+        ...         self.up, self.down = nnx.Linear(128, 256, rngs=rngs), nnx.Linear(256, 128, rngs=rngs)
         ...         self.head = nnx.Linear(128, 10, rngs=rngs)
-        >>> model = apply_qlora(MLP(nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=8), rngs=nnx.Rngs(1))
-        >>> report = qlora_report(model)
+        >>> model = qj.apply_qlora(MLP(nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=8),
+        ...                        rngs=nnx.Rngs(1))
+        >>> report = qj.qlora_report(model)
         >>> report.paths, report.skipped
         (('down', 'up'), (('head', "output head (named 'head')"),))
         >>> report.bytes_before, report.bytes_after  # float32 kernels -> NF4 (double quant) + float32 adapters
