@@ -254,8 +254,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
             initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         configure_cpu_for_command()  # training steps on the CPU reuse their memory
         summary = run_finetune(settings)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"qlora-jax finetune: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # a user mistake (a setting, a path, a file): one line, no traceback
+        print(f"qlora-jax finetune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

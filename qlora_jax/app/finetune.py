@@ -34,11 +34,14 @@ from tqdm import tqdm
 
 from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.data import Batcher, load_examples
+from qlora_jax._src.formats.qarray import BLOCK_SIZES, FORMATS
 from qlora_jax._src.models.config import ModelConfig
-from qlora_jax._src.models.loading import from_pretrained, load_config, load_tokenizer
+from qlora_jax._src.models.loading import checkpoint_dir, from_pretrained, load_config, load_tokenizer
 from qlora_jax._src.models.peft_io import save_peft_adapter
+from qlora_jax._src.models.safetensors_io import SafetensorsReader
 from qlora_jax._src.sharding import make_mesh, shard_batch, shard_model
 from qlora_jax._src.train import TrainConfig, Trainer
+from qlora_jax._src.train.config import SCHEDULES
 from qlora_jax.app.plan import DoesNotFit, Plan, plan_fit
 from qlora_jax.app.plot import plot_curves
 
@@ -105,6 +108,47 @@ def _check_output(args: FinetuneArgs) -> Path:
     return out
 
 
+def _check_settings(args: FinetuneArgs) -> None:
+    """Refuses a setting out of range, naming its flag; reads nothing.
+
+    Example:
+        >>> _check_settings(FinetuneArgs(model="m", data="d.jsonl", output="out", steps=0))
+        Traceback (most recent call last):
+        ...
+        ValueError: --steps: must be an integer >= 1, got 0
+    """
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    def check(name: str, ok: bool, expected: str) -> None:
+        if not ok:
+            raise ValueError(f"{flag(name)}: must be {expected}, got {getattr(args, name)!r}")
+
+    def is_int(value: Any) -> bool:
+        return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+    def is_number(value: Any) -> bool:
+        return is_int(value) or (isinstance(value, (float, np.floating)) and np.isfinite(value))
+
+    for name, minimum in (("steps", 1), ("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("seq_len", 1),
+                          ("rank", 1), ("eval_every", 0), ("save_every", 0), ("seed", 0)):
+        value = getattr(args, name)
+        if name != "steps" or value is not None:
+            check(name, is_int(value) and value >= minimum, f"an integer >= {minimum}")
+    for name in ("alpha", "lr"):
+        check(name, is_number(getattr(args, name)) and getattr(args, name) > 0, "a positive number")
+    check("dropout", is_number(args.dropout) and 0 <= args.dropout < 1, "a number in [0, 1)")
+    check("warmup_ratio", is_number(args.warmup_ratio) and 0 <= args.warmup_ratio <= 1, "a number in [0, 1]")
+    if args.max_grad_norm is not None:
+        check("max_grad_norm", is_number(args.max_grad_norm) and args.max_grad_norm > 0, "a positive number")
+    check("schedule", args.schedule in SCHEDULES, f"one of {SCHEDULES}")
+    check("dtype", args.dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16")
+    check("format", args.format is None or args.format in FORMATS, f"one of {sorted(FORMATS)} or None")
+    if args.format is not None:  # any of these fits any kernel shape (blocks that straddle rows are padded)
+        check("block_size", args.block_size in BLOCK_SIZES and not isinstance(args.block_size, bool),
+              f"one of {BLOCK_SIZES}")
+
+
 def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     """Runs the fine-tuning described by `args`; returns a summary dict.
 
@@ -124,6 +168,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         ...
         FileNotFoundError: /nonexistent: no config.json (not a Hugging Face checkpoint directory)
     """
+    _check_settings(args)
     config = load_config(args.model)
     mesh = None if args.mesh is None else make_mesh(args.mesh)
     out = _check_output(args)
@@ -131,6 +176,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     if args.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len: {args.seq_len} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")
+    SafetensorsReader(checkpoint_dir(args.model))  # the headers against the file sizes: a truncated file, named
     requested = args  # the settings as given: recorded, and compared on --resume
     plan = _memory_plan(args, config, out) if args.fit and mesh is None and jax.process_count() == 1 else None
     if plan is not None:
@@ -161,6 +207,21 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
                                 "memory_plan") and previous.get(k) != v}
         if changed:
             raise ValueError(f"--resume: settings differ from the run in {out}: {changed}")
+    quant = None if args.format is None else QuantConfig(fmt=args.format, block_size=args.block_size,
+                                                          double_quant=args.double_quant)
+    targets = args.targets if isinstance(args.targets, str) else list(args.targets)
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
+    train_config = TrainConfig(total_steps=steps, lr=args.lr, schedule=args.schedule,
+                               warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
+                               grad_accum=args.grad_accum, seed=args.seed)
+    model = from_pretrained(args.model, quant=quant, lora=lora, dtype=jnp.dtype(args.dtype), remat=args.remat,
+                            rngs=nnx.Rngs(args.seed), progress=True)
+    if plan is not None:
+        model.remat_group = plan.remat_group  # the planner's pick (1 unless only groups of layers fit)
+    trainer = Trainer(model, train_config)
+    if mesh is not None:
+        shard_model(model, mesh, args.strategy, optimizer=trainer.optimizer)
+    # The run starts here: nothing was written to --output before (a run that could not start leaves it as it was).
     _sync("checked the output directory")  # every process has looked at --output before process 0 writes
     out.mkdir(parents=True, exist_ok=True)
     if main_process:
@@ -168,21 +229,6 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
             for name in ("metrics.jsonl", "loss.png"):
                 (out / name).unlink(missing_ok=True)
         _write_json(out / "run_config.json", resolved)
-
-    quant = None if args.format is None else QuantConfig(fmt=args.format, block_size=args.block_size,
-                                                          double_quant=args.double_quant)
-    targets = args.targets if isinstance(args.targets, str) else list(args.targets)
-    lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
-    model = from_pretrained(args.model, quant=quant, lora=lora, dtype=jnp.dtype(args.dtype), remat=args.remat,
-                            rngs=nnx.Rngs(args.seed), progress=True)
-    if plan is not None:
-        model.remat_group = plan.remat_group  # the planner's pick (1 unless only groups of layers fit)
-    train_config = TrainConfig(total_steps=steps, lr=args.lr, schedule=args.schedule,
-                               warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
-                               grad_accum=args.grad_accum, seed=args.seed)
-    trainer = Trainer(model, train_config)
-    if mesh is not None:
-        shard_model(model, mesh, args.strategy, optimizer=trainer.optimizer)
     checkpoints = out / "checkpoints"
     if args.resume and checkpoints.exists():
         batcher.restore(trainer.restore(checkpoints))

@@ -32,16 +32,22 @@ from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.models.safetensors_io import DTYPES, SafetensorsReader
 from qlora_jax._src.surgery.apply import apply_qlora
 
-__all__ = ["from_pretrained", "load_config", "load_tokenizer", "hf_name_to_path"]
+__all__ = ["from_pretrained", "load_config", "load_tokenizer", "hf_name_to_path", "checkpoint_dir"]
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+# A hub id as the Hugging Face Hub spells one: `org/name`, word characters, `-` and `.` (see `_is_hub_id`).
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]{1,96}")
+# What `from_pretrained` downloads of a hub id: config, weights, tokenizer.
+_CHECKPOINT_FILES = ("*.json", "*.safetensors", "tokenizer*")
 
 
 def load_config(path: str | os.PathLike) -> ModelConfig:
     """The `ModelConfig` of a checkpoint directory (or hub id) via `transformers.AutoConfig`.
 
     Raises:
-        FileNotFoundError: A local directory without `config.json`.
+        FileNotFoundError: A local directory without `config.json`, or a path
+            that names no directory and no hub id that resolves (see
+            `checkpoint_dir`).
         ValueError: An unsupported `model_type` or setting (see `ModelConfig.from_hf`).
 
     Example:
@@ -53,15 +59,14 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
     """
     import transformers
 
-    local = Path(path)
-    if local.exists() or str(path).startswith(("/", ".")):
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
-        model_type = json.loads((local / "config.json").read_text()).get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{local / 'config.json'}: model_type {model_type!r} is not supported; "
-                             f"supported: {SUPPORTED_MODEL_TYPES}")
-    return ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(str(path)))
+    local = checkpoint_dir(path, files=("config.json",))
+    if not (local / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+    model_type = json.loads((local / "config.json").read_text()).get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{local / 'config.json'}: model_type {model_type!r} is not supported; "
+                         f"supported: {SUPPORTED_MODEL_TYPES}")
+    return ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(str(local)))
 
 
 def load_tokenizer(path: str | os.PathLike) -> Any | None:
@@ -75,7 +80,9 @@ def load_tokenizer(path: str | os.PathLike) -> Any | None:
     import transformers
 
     local = Path(path)
-    if local.exists() or str(path).startswith(("/", ".")):
+    if not _is_local(path) and not _is_hub_id(str(path)):
+        return None
+    if _is_local(path):
         names = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
         if not any((local / n).is_file() for n in names):
             return None
@@ -161,7 +168,7 @@ def from_pretrained(
         FileNotFoundError: /nonexistent: no config.json (not a Hugging Face checkpoint directory)
     """
     config = load_config(path)
-    directory = _local_dir(path)
+    directory = checkpoint_dir(path)
     reader = SafetensorsReader(directory)
     return _load(config, directory, reader, quant=quant, lora=lora, dtype=dtype, param_dtype=param_dtype,
                  remat=remat, rngs=rngs, progress=progress)
@@ -399,12 +406,67 @@ def _hf_name(key: tuple[str, ...], layer: int | None) -> str:
     return f"model.layers.{layer}.{'.'.join(key[1:-1])}.{kind}"
 
 
-def _local_dir(path: str | os.PathLike) -> Path:
-    """A local directory for `path`, downloading a hub id's files (needs a network)."""
-    local = Path(path)
-    if local.exists():
-        return local
+def checkpoint_dir(path: str | os.PathLike, *, files: tuple[str, ...] = _CHECKPOINT_FILES) -> Path:
+    """The local directory of a checkpoint: `path` itself, or a hub id's `files` downloaded.
+
+    A `path` that exists, or that starts with `/` or `.`, is a local path. Any
+    other is a hub id only when it is spelled as one (`org/name`); its files
+    are fetched with `huggingface_hub.snapshot_download` (a network, or the
+    files in the Hugging Face cache).
+
+    Args:
+        path: A checkpoint directory or a hub id.
+        files: Glob patterns of the hub files to fetch.
+
+    Returns:
+        The directory (for a local path, `path` whether or not it exists).
+
+    Raises:
+        FileNotFoundError: `path` names no directory and is not a hub id, or
+            the hub id cannot be resolved; one line naming what was tried.
+
+    Example:
+        >>> from qlora_jax._src.models.loading import checkpoint_dir
+        >>> checkpoint_dir("/tmp").name
+        'tmp'
+        >>> checkpoint_dir("my_modle")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: my_modle: no directory ./my_modle, and not a Hugging Face hub id (org/name)
+    """
+    if _is_local(path):
+        return Path(path)
+    name = str(path)
+    if not _is_hub_id(name):
+        raise FileNotFoundError(f"{name}: no directory ./{name}, and not a Hugging Face hub id (org/name)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    try:
+        return Path(snapshot_download(name, allow_patterns=list(files)))
+    except (OSError, ValueError) as e:  # no network, no such repository, a gated one, ...
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise FileNotFoundError(f"{name}: no directory ./{name}, and the hub id could not be resolved "
+                                f"({type(e).__name__}: {reason})") from None
 
+
+def _is_local(path: str | os.PathLike) -> bool:
+    """A path that exists, or that is spelled as a path (`/...`, `./...`, `../...`)."""
+    return Path(path).exists() or str(path).startswith(("/", "."))
+
+
+def _is_hub_id(name: str) -> bool:
+    """`org/name` by the Hub's rules (`huggingface_hub.utils.validate_repo_id`).
+
+    Example:
+        >>> _is_hub_id("meta-llama/Llama-3.2-1B"), _is_hub_id("my_modle"), _is_hub_id("a/b--c")
+        (True, False, False)
+    """
+    if not _HUB_ID.fullmatch(name):
+        return False
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        return False
+    return True
