@@ -59,27 +59,27 @@ def _refused(argv, out, capsys, *named):
     return err
 
 
-@pytest.mark.parametrize("bad, named", [
-    (["--rank", "0"], ["--rank", "0"]),
-    (["--steps", "-5"], ["--steps", "-5"]),
-    (["--steps", "0"], ["--steps", "0"]),
-    (["--block-size", "48"], ["--block-size", "48"]),
-    (["--epochs", "0"], ["--epochs"]),
-    (["--batch-size", "0"], ["--batch-size"]),
-    (["--alpha", "-1"], ["--alpha"]),
-    (["--lr", "0"], ["--lr"]),
-    (["--seq-len", "0"], ["--seq-len"]),
-])
-def test_bad_setting_is_refused_before_anything_is_written(files, tmp_path, capsys, bad, named):
+@pytest.mark.parametrize("bad", [["--rank", "0"], ["--steps", "-5"], ["--steps", "0"], ["--block-size", "48"]])
+def test_bad_setting_is_refused_before_anything_is_written(files, tmp_path, capsys, bad):
     model, _, data = files
     out = tmp_path / "run"
     argv = _args(model, data, out)
-    _refused([*argv, *bad], out, capsys, *named)
+    _refused([*argv, *bad], out, capsys, *bad)
     assert not out.exists()
     out.mkdir()  # an existing empty --output stays empty
-    _refused([*argv, *bad], out, capsys, *named)
+    _refused([*argv, *bad], out, capsys, *bad)
     assert main(argv) == 0  # the corrected command, without --overwrite
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_every_range_is_checked_before_the_model_is_read(files, tmp_path, capsys):
+    model, _, data = files
+    out = tmp_path / "run"
+    for bad in (["--epochs", "0"], ["--batch-size", "0"], ["--grad-accum", "0"], ["--seq-len", "0"],
+                ["--alpha", "-1"], ["--lr", "0"], ["--dropout", "1"], ["--warmup-ratio", "2"],
+                ["--max-grad-norm", "-1"], ["--eval-every", "-1"], ["--save-every", "-1"], ["--seed", "-1"]):
+        _refused([*_args(model, data, out), *bad], out, capsys, *bad)
+    assert not out.exists()
 
 
 def test_truncated_safetensors_is_named_before_loading(files, tmp_path, capsys):
