@@ -126,7 +126,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      "adapter, Orbax checkpoints, metrics.jsonl, loss.png and run_config.json to --output. "
                      "Defaults follow the QLoRA paper."))
     f = FinetuneArgs
-    finetune.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    finetune.add_argument("--model", required=True, help="checkpoint directory or hub id (org/name)")
     finetune.add_argument("--data", required=True, help="training JSONL file")
     finetune.add_argument("--output", required=True, help="run directory")
     finetune.add_argument("--eval-data", default=None, help="evaluation JSONL file")

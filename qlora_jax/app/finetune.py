@@ -152,9 +152,17 @@ def _check_settings(args: FinetuneArgs) -> None:
 def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     """Runs the fine-tuning described by `args`; returns a summary dict.
 
+    Everything that can be checked without reading a weight is checked
+    before anything is written: the settings, the model's config and
+    safetensors headers, the tokenizer, the data and the memory plan. A run
+    that cannot start leaves `output` as it was; `run_config.json` is written
+    once the model is loaded.
+
     Raises:
-        FileNotFoundError: A missing model or data file.
-        ValueError: Bad settings (named), an empty dataset, a sequence length
+        FileNotFoundError: A missing model or data file, or a `model` that
+            names no directory and no hub id that resolves.
+        ValueError: Bad settings (named by their flags), a truncated
+            safetensors file (named), an empty dataset, a sequence length
             above the model's maximum, an output directory that holds another
             run (unless `resume` or `overwrite`), or a run whose settings
             differ from the one being resumed.
