@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,12 @@ def save(
     """Saves adapters, RNG state, optimizer state and metadata as step `step`.
 
     Args:
-        directory: The run's checkpoint directory (one subdirectory per step;
-            a save that is interrupted leaves the previous ones intact).
+        directory: The run's checkpoint directory (one subdirectory per step).
+            Orbax writes the step to a temporary directory
+            (`<step>.orbax-checkpoint-tmp`) and renames it when complete: a
+            save that fails leaves the previous steps intact and removes its
+            temporary directory; one left by a killed process is never read
+            as a checkpoint and is removed by the next `save`.
         model: The model; the variables the optimizer trains (its `wrt`;
             without an optimizer the `nnx.LoRAParam` adapters) and the RNG
             state (dropout keys and counts) are saved, not the frozen base.
@@ -117,6 +122,7 @@ def save(
     Raises:
         TypeError: `config` is not a dataclass instance, or the metadata is
             not JSON-serializable.
+        ValueError: A failed write (Orbax's error, naming the file).
 
     Example:
         >>> import tempfile, jax.numpy as jnp, qlora_jax as qj
@@ -141,11 +147,28 @@ def save(
         "extra": extra or {}, "data_state": data_state,
         "config": None if config is None else dataclasses.asdict(config),
         "include_base": include_base, "optimizer": optimizer is not None, "parts": sorted(items)})
-    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)) as manager:
-        manager.save(int(step), args=ocp.args.Composite(**items), force=True)
-        manager.wait_until_finished()
+    # cleanup_tmp_directories: Orbax removes the temporary directories of saves that were killed before they could
+    # clean up (a process cannot clean up after SIGKILL); the except clause below removes this save's own.
+    earlier = set(_temporaries(directory, step))
+    try:
+        with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
+                cleanup_tmp_directories=True)) as manager:
+            manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+            manager.wait_until_finished()
+    except BaseException:
+        for path in _temporaries(directory, step):
+            if path not in earlier:
+                shutil.rmtree(path, ignore_errors=True)
+        raise
     return directory / str(int(step))
+
+
+def _temporaries(directory: Path, step: int) -> list[Path]:
+    """Orbax's temporary directories of `step` in `directory` (`<step>.orbax-checkpoint-tmp[-<time>]`)."""
+    prefix = f"{int(step)}{ocp.utils.TMP_DIR_SUFFIX}"
+    return [p for p in directory.glob(f"{prefix}*") if p.name == prefix or p.name.startswith(f"{prefix}-")] \
+        if directory.is_dir() else []
 
 
 def latest_step(directory: str | os.PathLike) -> int | None:

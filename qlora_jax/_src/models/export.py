@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax._src.models.atomic_dir import atomic_directory, naming_file, write_text
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.models.safetensors_io import save_safetensors
 from qlora_jax._src.nn.linear import QuantLinear
@@ -90,8 +91,14 @@ def save_merged(
 
     Args:
         model: A `CausalLM` (quantized or not, with or without adapters).
-        directory: Output directory. Files are written to a temporary directory
-            next to it and moved in only when complete.
+        directory: Output directory. The files are written to a temporary
+            sibling directory (`.{name}.tmp-<random>`), fsynced and renamed
+            into place when complete, so a write that fails halfway leaves
+            the previous output there byte for byte and no temporary
+            directory behind. An existing directory is replaced only if it is
+            empty or holds nothing but files this function writes
+            (`config.json`, `model*.safetensors`, the index, tokenizer
+            files); other files in it are refused (ValueError), never deleted.
         dtype: Dtype of the saved tensors (float32, bfloat16 or float16).
         max_shard_bytes: Shard size; larger checkpoints get
             `model.safetensors.index.json`.
@@ -99,6 +106,12 @@ def save_merged(
 
     Returns:
         The directory.
+
+    Raises:
+        TypeError: `model` is not a `CausalLM`.
+        ValueError: `directory` holds files this function does not write
+            (named).
+        OSError: A failed write, naming the file.
 
     Example:
         >>> import tempfile
@@ -113,26 +126,31 @@ def save_merged(
         ['config.json', 'model.safetensors']
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
-        model.config.to_hf().save_pretrained(tmp)
+    with atomic_directory(directory, owns=_writes) as tmp:
+        with naming_file(tmp / "config.json"):
+            model.config.to_hf().save_pretrained(tmp)
         writer = _ShardWriter(tmp, max_shard_bytes)
         for name, array in merged_tensors(model, dtype):
             writer.add(name, array)
         writer.close()
         if tokenizer_from is not None:
             for f in Path(tokenizer_from).glob("*"):
-                if f.name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges")) or \
-                        f.name in ("generation_config.json", "chat_template.jinja"):
-                    shutil.copy(f, tmp / f.name)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+                if f.is_file() and _is_tokenizer_file(f.name):
+                    with naming_file(tmp / f.name):
+                        shutil.copy(f, tmp / f.name)
     return directory
+
+
+def _is_tokenizer_file(name: str) -> bool:
+    """Files copied by `tokenizer_from=`."""
+    return name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges")) or \
+        name in ("generation_config.json", "chat_template.jinja")
+
+
+def _writes(name: str) -> bool:
+    """Whether `save_merged` writes a file of this name (an existing directory of only these is replaced)."""
+    return name in ("config.json", "model.safetensors", "model.safetensors.index.json") or \
+        re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) is not None or _is_tokenizer_file(name)
 
 
 class _ShardWriter:
@@ -172,4 +190,4 @@ class _ShardWriter:
         total = sum((self.directory / f).stat().st_size for f in final.values())
         index = {"metadata": {"total_size": total},
                  "weight_map": {t: final[f] for t, f in sorted(self.weight_map.items())}}
-        (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_text(self.directory / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qlora_jax._src.models.atomic_dir import atomic_directory, write_text
 from qlora_jax._src.models.safetensors_io import SafetensorsReader, save_safetensors
 from qlora_jax._src.nn.linear import QLoRALinear
 
 __all__ = ["save_peft_adapter", "load_peft_adapter", "adapter_layers"]
 
 _PREFIX = "base_model.model."
+_ADAPTER_FILES = frozenset({"adapter_config.json", "adapter_model.safetensors"})  # what save_peft_adapter writes
 
 
 def adapter_layers(model: nnx.Module) -> dict[str, QLoRALinear]:
@@ -63,20 +64,37 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         model: A `CausalLM` with QLoRA/LoRA layers (from `from_pretrained(...,
             lora=...)` or `apply_qlora`).
         directory: Output directory (created). The files are written to a
-            temporary directory first and moved in place, so an error leaves
-            no half-written adapter.
+            temporary sibling directory (`.{name}.tmp-<random>`), fsynced and
+            renamed into place when complete, so a write that fails halfway
+            leaves the previous adapter there byte for byte and no temporary
+            directory behind. An existing directory is replaced only if it is
+            empty or holds nothing but `adapter_config.json` and
+            `adapter_model.safetensors`; other files in it are refused
+            (ValueError), never deleted.
         base_model_name_or_path: Recorded in `adapter_config.json`.
 
     Returns:
         The directory.
 
     Raises:
-        ValueError: A model without adapters, or adapters whose settings PEFT
-            cannot express in one config (mixed dropout or rsLoRA).
+        ValueError: A model without adapters, adapters whose settings PEFT
+            cannot express in one config (mixed dropout or rsLoRA), or a
+            `directory` holding other files (named).
+        OSError: A failed write, naming the file.
 
     Example:
-        >>> from qlora_jax.models import save_peft_adapter  # doctest: +SKIP
-        >>> save_peft_adapter(model, "out/adapter")  # doctest: +SKIP
+        >>> import tempfile
+        >>> from flax import nnx
+        >>> import qlora_jax as qj
+        >>> from qlora_jax.models import CausalLM, ModelConfig
+        >>> cfg = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=1, num_heads=1,
+        ...                   num_kv_heads=1)
+        >>> model = qj.apply_qlora(CausalLM(cfg, rngs=nnx.Rngs(0)), quant=qj.QuantConfig(),
+        ...                        lora=qj.LoraConfig(rank=2, alpha=4), rngs=nnx.Rngs(0))
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     out = save_peft_adapter(model, f"{tmp}/adapter")
+        ...     sorted(f.name for f in out.iterdir())
+        ['adapter_config.json', 'adapter_model.safetensors']
     """
     layers = adapter_layers(model)
     if not layers:
@@ -110,13 +128,9 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
     }
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory.parent) as tmp:
-        save_safetensors(Path(tmp) / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
-        (Path(tmp) / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        directory.mkdir(exist_ok=True)
-        for f in ("adapter_model.safetensors", "adapter_config.json"):
-            os.replace(Path(tmp) / f, directory / f)
+    with atomic_directory(directory, owns=_ADAPTER_FILES.__contains__) as tmp:
+        save_safetensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+        write_text(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     return directory
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from qlora_jax._src.models.atomic_dir import naming_file
+
 __all__ = ["SafetensorsReader", "save_safetensors", "DTYPES"]
 
 DTYPES: dict[str, np.dtype] = {
@@ -168,6 +170,9 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                      metadata: Mapping[str, str] | None = None) -> None:
     """Writes `tensors` to `path` atomically (a temporary file, then rename).
 
+    A failed write raises an `OSError` that names `path` and removes the
+    temporary file.
+
     Example:
         >>> import tempfile, os, numpy as np
         >>> from qlora_jax._src.models.safetensors_io import save_safetensors
@@ -190,9 +195,13 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(struct.pack("<Q", len(blob)))
-        fh.write(blob)
-        for array in arrays:
-            fh.write(array.tobytes())
-    os.replace(tmp, path)
+    try:
+        with naming_file(path), open(tmp, "wb") as fh:
+            fh.write(struct.pack("<Q", len(blob)))
+            fh.write(blob)
+            for array in arrays:
+                fh.write(array.tobytes())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
