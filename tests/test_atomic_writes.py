@@ -121,9 +121,9 @@ def test_a_killed_checkpoint_save_is_ignored_and_cleaned_up_by_the_next_save(tmp
     assert qj.checkpoint.latest_step(target) == 1
     model = build(5)
     assert qj.checkpoint.restore(target, model).step == 1
-    qj.checkpoint.save(target, model, step=2)  # the step that was cut short, saved again
-    assert sorted(p.name for p in target.iterdir()) == ["1", "2"]
-    assert qj.checkpoint.latest_step(target) == 2
+    qj.checkpoint.save(target, model, step=3)  # a later step: Orbax alone would leave step 2's temporary directory
+    assert sorted(p.name for p in target.iterdir()) == ["1", "3"]
+    assert qj.checkpoint.latest_step(target) == 3
 
 
 @pytest.mark.parametrize("writer", ["peft", "merged"])
