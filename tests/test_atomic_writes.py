@@ -9,6 +9,7 @@ the file. Nothing is mocked. A checkpoint save killed by the signal (which canno
 """
 
 import hashlib
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -131,9 +132,14 @@ def test_an_export_replaces_its_previous_output_and_refuses_other_files(tmp_path
     target = tmp_path / "out"
     write(writer, build(0), target)
     first = _snapshot(target)
+    (tmp_path / "plain").mkdir()  # the output directory has the permissions of a plain mkdir (umask), ...
+    assert stat.S_IMODE(target.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode)
+    (tmp_path / "plain").rmdir()
+    target.chmod(0o750)
     write(writer, build(1), target)
     second = _snapshot(target)
     assert second.keys() == first.keys() and second != first
+    assert stat.S_IMODE(target.stat().st_mode) == 0o750  # ... and a replaced one keeps its own
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
     (target / "notes.txt").write_text("mine")  # a file the writer does not write: refused, nothing deleted

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -103,7 +104,7 @@ def atomic_directory(directory: str | os.PathLike, *, owns: Callable[[str], bool
         directory = directory.resolve()
     _check_replaceable(directory, owns)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
+    tmp = _new_sibling(directory, "tmp")
     try:
         yield tmp
         _check_replaceable(directory, owns)  # again: something may have appeared while we wrote
@@ -111,6 +112,17 @@ def atomic_directory(directory: str | os.PathLike, *, owns: Callable[[str], bool
         _swap(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful swap
+
+
+def _new_sibling(directory: Path, kind: str) -> Path:
+    """Creates `.{name}.{kind}-<random>` next to `directory`, with the usual permissions (umask), unlike mkdtemp."""
+    while True:
+        path = directory.parent / f".{directory.name}.{kind}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
 
 
 def _check_replaceable(directory: Path, owns: Callable[[str], bool]) -> None:
@@ -151,7 +163,8 @@ def _swap(new: Path, directory: Path) -> None:
         os.rename(new, directory)
         _fsync_dir(directory.parent)
         return
-    old = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old-"))
+    os.chmod(new, stat.S_IMODE(directory.stat().st_mode))  # the replaced directory's permissions
+    old = _new_sibling(directory, "old")
     os.rename(directory, old)  # replaces the empty `old`: directory -> old, atomically
     try:
         os.rename(new, directory)
