@@ -190,7 +190,7 @@ def test_finetune_refuses_before_reading_weights_and_writes_nothing(checkpoint, 
     assert main(_finetune_args(path, data, tmp_path / "new", "--available-gib", "0.25")) == 2
     seconds = time.perf_counter() - start
     err = capsys.readouterr().err
-    assert err.startswith("qlora-jax finetune: needs ") and "0.25 GiB available" in err and len(err.splitlines()) == 1
+    assert err.startswith("qlora-jax finetune: error: needs ") and "0.25 GiB available" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "new").exists()
     assert seconds < 60, seconds  # two abstract compiles of a tiny model, no weight read
     existing = tmp_path / "existing"
