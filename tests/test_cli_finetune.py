@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from test_data import _tokenizer
-from test_models import make_checkpoint
+from test_data import _tokenizer, finetune_files
 
 import qlora_jax as qj
 from qlora_jax._src import checkpoint as checkpoint_module
@@ -28,11 +27,7 @@ def run(tmp_path_factory):
     """The straight run that the tests below inspect, interrupt and resume; also the one-device reference of
     `--mesh data=8` (hence 8 rows a batch)."""
     tmp = tmp_path_factory.mktemp("cli")
-    tokenizer = _tokenizer("wordlevel")
-    path, hf = make_checkpoint(tmp, "llama-gqa-untied", vocab_size=len(tokenizer))
-    tokenizer.save_pretrained(path)
-    data = tmp / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    path, hf, data = finetune_files(tmp, ROWS)
     out = tmp / "run"
     args = ["finetune", "--model", str(path), "--data", str(data), "--output", str(out), "--steps", "6",
             "--batch-size", "8", "--seq-len", "32", "--rank", "4", "--alpha", "8", "--lr", "1e-2",

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
-from test_data import _tokenizer
-from test_models import make_checkpoint
+from test_data import finetune_files
 
 from qlora_jax.app.cli import main
 
@@ -20,9 +19,7 @@ ROWS = [{"prompt": "what is two plus two", "completion": "two plus two is four"}
 def files(tmp_path_factory):
     """A tiny checkpoint with a tokenizer, a copy of it whose `model.safetensors` is cut short, and a JSONL file."""
     tmp = tmp_path_factory.mktemp("preflight")
-    tokenizer = _tokenizer("wordlevel")
-    path, _ = make_checkpoint(tmp, "llama-gqa-untied", vocab_size=len(tokenizer))
-    tokenizer.save_pretrained(path)
+    path, _, _ = finetune_files(tmp)
     truncated = tmp / "truncated"
     truncated.mkdir()
     for f in path.iterdir():

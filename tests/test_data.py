@@ -66,6 +66,21 @@ def _tokenizer(kind: str):
                                                 additional_special_tokens=SPECIALS[4:])
 
 
+def finetune_files(tmp, rows=None, tokenizer: str = "wordlevel"):
+    """A tiny Llama checkpoint with a `tokenizer` saved beside it, and `train.jsonl` of `rows` (if given), in `tmp`:
+    `(checkpoint path, the transformers model, data path or None)`."""
+    from test_models import make_checkpoint
+
+    tok = _tokenizer(tokenizer)
+    path, hf = make_checkpoint(tmp, "llama-gqa-untied", vocab_size=len(tok))
+    tok.save_pretrained(path)
+    if rows is None:
+        return path, hf, None
+    data = tmp / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, hf, data
+
+
 @pytest.fixture(params=["wordlevel", "bpe"])
 def tokenizer(request):
     return _tokenizer(request.param)

@@ -69,16 +69,11 @@ def test_finetune_command_on_two_processes(tmp_path):
     """`qlora-jax finetune --mesh ... --coordinator ... --num-processes 2 --process-id i` on two local processes
     (2 CPU devices each) trains like one process on one device; process 0 writes the adapter."""
     from test_cli_finetune import ROWS
-    from test_data import _tokenizer
-    from test_models import make_checkpoint
+    from test_data import finetune_files
 
     from qlora_jax.app.cli import main
 
-    tokenizer = _tokenizer("wordlevel")
-    path, _ = make_checkpoint(tmp_path, "llama-gqa-untied", vocab_size=len(tokenizer))
-    tokenizer.save_pretrained(path)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    path, _, data = finetune_files(tmp_path, ROWS)
     args = ["finetune", "--model", str(path), "--data", str(data), "--steps", "4", "--batch-size", "4",
             "--seq-len", "32", "--rank", "4", "--lr", "1e-2", "--dropout", "0", "--block-size", "32"]
     assert main([*args, "--output", str(tmp_path / "one")]) == 0

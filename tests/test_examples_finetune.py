@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_data import _tokenizer
-from test_models import make_checkpoint
+from test_data import finetune_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,9 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("example")
-    tokenizer = _tokenizer("bpe")
-    path, hf = make_checkpoint(tmp, "llama-gqa-untied", vocab_size=len(tokenizer))
-    tokenizer.save_pretrained(path)
+    path, hf, _ = finetune_files(tmp, tokenizer="bpe")
     return tmp, path, hf
 
 

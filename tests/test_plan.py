@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from test_data import _tokenizer
-from test_models import make_checkpoint
+from test_data import finetune_files
 
 from qlora_jax._src.config import QuantConfig
 from qlora_jax._src.memory import step_memory
@@ -166,11 +165,7 @@ def test_16bit_lora_on_13b_is_refused_and_qlora_proceeds(llama_13b_config, capsy
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("plan_finetune")
-    tokenizer = _tokenizer("wordlevel")
-    path, _ = make_checkpoint(tmp, "llama-gqa-untied", vocab_size=len(tokenizer))
-    tokenizer.save_pretrained(path)
-    data = tmp / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    path, _, data = finetune_files(tmp, ROWS)
     return path, data
 
 
@@ -190,7 +185,8 @@ def test_finetune_refuses_before_reading_weights_and_writes_nothing(checkpoint, 
     assert main(_finetune_args(path, data, tmp_path / "new", "--available-gib", "0.25")) == 2
     seconds = time.perf_counter() - start
     err = capsys.readouterr().err
-    assert err.startswith("qlora-jax finetune: error: needs ") and "0.25 GiB available" in err and len(err.splitlines()) == 1
+    assert err.startswith("qlora-jax finetune: error: needs ") and "0.25 GiB available" in err
+    assert len(err.splitlines()) == 1
     assert not (tmp_path / "new").exists()
     assert seconds < 60, seconds  # two abstract compiles of a tiny model, no weight read
     existing = tmp_path / "existing"
