@@ -138,14 +138,13 @@ def save(
         >>> meta.step, meta.data_state, meta.config["total_steps"]
         (5, {'epoch': 0, 'row': 40}, 100)
     """
-    if config is not None and (not dataclasses.is_dataclass(config) or isinstance(config, type)):
-        raise TypeError(f"config: expected a dataclass instance such as TrainConfig, got {type(config).__name__}")
+    fields = None if config is None else _config_fields(config)
     directory = Path(directory).absolute()
     items = {name: ocp.args.StandardSave(_split_keys(nnx.to_pure_dict(state)))
              for name, state in _parts(model, optimizer, include_base).items()}
     items["extra"] = ocp.args.JsonSave({
         "extra": extra or {}, "data_state": data_state,
-        "config": None if config is None else dataclasses.asdict(config),
+        "config": fields,
         "include_base": include_base, "optimizer": optimizer is not None, "parts": sorted(items)})
     # cleanup_tmp_directories: Orbax removes the temporary directories of saves that were killed before they could
     # clean up (a process cannot clean up after SIGKILL); the except clause below removes this save's own.
@@ -308,16 +307,22 @@ def _metadata(step: int, meta: dict[str, Any]) -> CheckpointMetadata:
 
 def _check_config(where: Path, saved: dict[str, Any] | None, config: Any) -> None:
     """Raises ValueError naming the fields where `config` differs from the `saved` fields."""
-    if not dataclasses.is_dataclass(config) or isinstance(config, type):
-        raise TypeError(f"config: expected a dataclass instance such as TrainConfig, got {type(config).__name__}")
+    fields = _config_fields(config)
     if saved is None:
         return
     # Fields added to the config after the checkpoint was written (e.g. TrainConfig.loss_chunk) are not compared.
-    given = {k: v for k, v in dataclasses.asdict(config).items() if k in saved}
+    given = {k: v for k, v in fields.items() if k in saved}
     if saved != given:
         diff = {k: (saved.get(k), v) for k, v in given.items() if saved.get(k) != v}
         raise ValueError(f"{where}: saved with a different {type(config).__name__}; (saved, given): {diff}. "
                          "Pass config=None to restore anyway")
+
+
+def _config_fields(config: Any) -> dict[str, Any]:
+    """The fields of a config dataclass instance (e.g. `TrainConfig`), as saved and compared."""
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise TypeError(f"config: expected a dataclass instance such as TrainConfig, got {type(config).__name__}")
+    return dataclasses.asdict(config)
 
 
 def _abstract(x: Any) -> Any:
