@@ -6,6 +6,6 @@ Example:
     True
 """
 
-from qlora_jax._src.checkpoint import CheckpointMetadata, latest_step, metadata, restore, save
+from qlora_jax._src.checkpoint import CheckpointMetadata, DamagedCheckpoint, latest_step, metadata, restore, save
 
-__all__ = ["CheckpointMetadata", "latest_step", "metadata", "restore", "save"]
+__all__ = ["CheckpointMetadata", "DamagedCheckpoint", "latest_step", "metadata", "restore", "save"]

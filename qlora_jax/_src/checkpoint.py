@@ -13,13 +13,20 @@ checkpoint); `include_base=True` saves every other variable too (packed codes
 and scales, norms, embeddings), so a run can restart without the original
 checkpoint. Orbax writes each step to a temporary directory and renames it
 when complete, so an interrupted save leaves the previous checkpoint intact.
+Each complete step then gets a manifest (every file's size and SHA-256):
+`restore` checks it and, for the latest step, falls back to the previous one
+when a file was damaged since (truncated, changed), with a warning naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
+import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +34,10 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-__all__ = ["CheckpointMetadata", "save", "restore", "latest_step", "metadata"]
+__all__ = ["CheckpointMetadata", "DamagedCheckpoint", "save", "restore", "latest_step", "metadata"]
 
 _TRAINABLE = nnx.LoRAParam  # what is saved as "adapters" without an optimizer
+MANIFEST = "qlora_jax_manifest.json"  # in each step's directory: every other file's size and SHA-256
 
 
 def _split_keys(tree: Any) -> Any:
@@ -102,7 +110,10 @@ def save(
             (`<step>.orbax-checkpoint-tmp`) and renames it when complete: a
             save that fails leaves the previous steps intact and removes its
             temporary directory; one left by a killed process is never read
-            as a checkpoint and is removed by the next `save`.
+            as a checkpoint and is removed by the next `save`. A complete
+            step of the same number (e.g. one written before a run was
+            resumed from an earlier step) is replaced; it is kept until the
+            new one is complete.
         model: The model; the variables the optimizer trains (its `wrt`;
             without an optimizer the `nnx.LoRAParam` adapters) and the RNG
             state (dropout keys and counts) are saved, not the frozen base.
@@ -149,18 +160,81 @@ def save(
     # cleanup_tmp_directories: Orbax removes the temporary directories of saves that were killed before they could
     # clean up (a process cannot clean up after SIGKILL); the except clause below removes this save's own.
     earlier = set(_temporaries(directory, step))
+    final = directory / str(int(step))
+    # A complete step of the same number is moved aside (a name Orbax does not read as a step) and removed once the
+    # new one is complete; a failed save puts it back.
+    replaced = final.with_name(f".replaced-{int(step)}-{uuid.uuid4().hex}") if final.is_dir() else None
+    if replaced is not None:
+        os.replace(final, replaced)
     try:
         with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
                 cleanup_tmp_directories=True)) as manager:
             manager.save(int(step), args=ocp.args.Composite(**items), force=True)
             manager.wait_until_finished()
+        _write_manifest(final)
     except BaseException:
         for path in _temporaries(directory, step):
             if path not in earlier:
                 shutil.rmtree(path, ignore_errors=True)
+        if replaced is not None:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(replaced, final)
         raise
-    return directory / str(int(step))
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    return final
+
+
+def _files(step_dir: Path) -> dict[str, Path]:
+    """The files of a step's directory but its manifest, by their path relative to it."""
+    return {p.relative_to(step_dir).as_posix(): p for p in sorted(step_dir.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_manifest(step_dir: Path) -> None:
+    """Writes the step's manifest (size and SHA-256 of each file), atomically: all of it or none."""
+    manifest = {name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for name, p in _files(step_dir).items()}
+    tmp = step_dir / f".{MANIFEST}.{uuid.uuid4().hex}"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, step_dir / MANIFEST)
+
+
+def _check_manifest(step_dir: Path) -> None:
+    """Raises `DamagedCheckpoint` naming the first file that differs from the step's manifest.
+
+    A step without a manifest (written by an earlier version, or killed
+    between Orbax's final rename and the manifest) is not checked.
+    """
+    path = step_dir / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DamagedCheckpoint(f"{path}: unreadable manifest ({e})") from e
+    files = _files(step_dir)
+    for name, expected in manifest.items():
+        file = step_dir / name
+        if name not in files:
+            raise DamagedCheckpoint(f"{file}: missing")
+        size = files[name].stat().st_size
+        if size != expected["bytes"]:
+            raise DamagedCheckpoint(f"{file}: {size} bytes, {expected['bytes']} when saved")
+        if _sha256(files[name]) != expected["sha256"]:
+            raise DamagedCheckpoint(f"{file}: contents changed since it was saved (SHA-256 differs)")
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint file differs from what was saved (truncated, changed or missing); the message names it."""
 
 
 def _temporaries(directory: Path, step: int) -> list[Path]:
@@ -197,6 +271,8 @@ def metadata(directory: str | os.PathLike, *, step: int | None = None) -> Checkp
 
     Raises:
         FileNotFoundError: No complete checkpoint in `directory`.
+        DamagedCheckpoint: (a ValueError) a file of the step differs from
+            its manifest (named).
 
     Example:
         >>> import tempfile, jax.numpy as jnp, qlora_jax as qj
@@ -211,8 +287,9 @@ def metadata(directory: str | os.PathLike, *, step: int | None = None) -> Checkp
     """
     directory = Path(directory).absolute()
     step = _step(directory, step)
+    _check_manifest(directory / str(step))
     with ocp.CheckpointManager(directory) as manager:
-        return _metadata(step, _read_json(manager, step))
+        return _metadata(step, _read_json(manager, step, directory / str(step)))
 
 
 def restore(
@@ -236,7 +313,10 @@ def restore(
         model: The model to fill.
         optimizer: The optimizer to fill, or None. The model's variables it
             trains (its `wrt`) are restored; without it, the adapters.
-        step: The step to restore; default the latest complete one.
+        step: The step to restore; default the latest intact one: a latest
+            step whose files differ from its manifest (truncated or changed
+            since it was saved) is skipped with a warning naming the file,
+            and the step before it is restored.
         config: The continuing run's config (e.g. `TrainConfig`), compared
             field by field with the saved one before anything is restored
             (fields the saved config lacks, added later, are not compared);
@@ -246,19 +326,67 @@ def restore(
         The `CheckpointMetadata` of the restored step.
 
     Raises:
-        FileNotFoundError: No complete checkpoint in `directory`.
+        FileNotFoundError: No complete checkpoint in `directory`, or (without
+            `step`) none that is intact (the damaged files are named).
+        DamagedCheckpoint: (a ValueError) the given `step` is damaged.
         ValueError: `config` differs from the saved config (the fields are
             named), the checkpoint lacks optimizer state that was asked for,
             or its arrays do not fit the model (names the variable).
 
     Example:
-        See `save`.
+        >>> import tempfile, warnings, jax.numpy as jnp, qlora_jax as qj
+        >>> from pathlib import Path
+        >>> from flax import nnx
+        >>> model = qj.nnx.QLoRALinear(qj.quantize(jnp.ones((64, 8)), "nf4"), lora=qj.LoraConfig(rank=2, alpha=4),
+        ...                            rngs=nnx.Rngs(0))
+        >>> d = Path(tempfile.mkdtemp())
+        >>> for step in (1, 2):
+        ...     _ = qj.checkpoint.save(d, model, step=step)
+        >>> data = next(p for p in sorted((d / "2" / "adapters").rglob("*")) if p.is_file() and p.stat().st_size)
+        >>> _ = data.write_bytes(data.read_bytes()[:-1])  # step 2 damaged after it was saved
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     qj.checkpoint.restore(d, model).step
+        1
+        >>> "damaged" in str(caught[0].message) and str(data) in str(caught[0].message)
+        True
     """
     directory = Path(directory).absolute()
-    step = _step(directory, step)
-    where = directory / str(step)
+    if step is not None:
+        return _restore(directory, int(step), model, optimizer, config)
+    steps = _complete_steps(directory)
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no complete checkpoint")
+    damaged = []
+    for candidate in steps:
+        try:
+            meta = _restore(directory, candidate, model, optimizer, config)
+        except DamagedCheckpoint as e:  # raised before anything is restored
+            damaged.append(f"step {candidate}: {e}")
+            continue
+        if damaged:
+            warnings.warn(f"skipped damaged checkpoint {'; '.join(damaged)}; restored step {candidate}",
+                          stacklevel=2)
+        return meta
+    raise FileNotFoundError(f"{directory}: no intact checkpoint; {'; '.join(damaged)}")
+
+
+def _complete_steps(directory: Path) -> list[int]:
+    """The complete steps in `directory`, latest first."""
+    if not directory.is_dir():
+        return []
     with ocp.CheckpointManager(directory) as manager:
-        raw = _read_json(manager, step)
+        return sorted(manager.all_steps(), reverse=True)
+
+
+def _restore(directory: Path, step: int, model: nnx.Module, optimizer: nnx.Optimizer | None,
+             config: Any) -> CheckpointMetadata:
+    """Restores `step` (see `restore`); checks its manifest and config before anything changes."""
+    where = directory / str(step)
+    if not where.is_dir():
+        raise FileNotFoundError(f"{where}: no such checkpoint")
+    _check_manifest(where)
+    with ocp.CheckpointManager(directory) as manager:
+        raw = _read_json(manager, step, where)
         meta = _metadata(step, raw)
         if config is not None:
             _check_config(where, meta.config, config)
@@ -294,9 +422,12 @@ def _step(directory: Path, step: int | None) -> int:
     return step
 
 
-def _read_json(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
-    """The step's JSON item, as `save` wrote it."""
-    return manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+def _read_json(manager: ocp.CheckpointManager, step: int, where: Path) -> dict[str, Any]:
+    """The step's JSON item, as `save` wrote it; `DamagedCheckpoint` when it cannot be parsed."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(extra=ocp.args.JsonRestore()))["extra"]
+    except json.JSONDecodeError as e:
+        raise DamagedCheckpoint(f"{where}: unreadable metadata ({e})") from e
 
 
 def _metadata(step: int, meta: dict[str, Any]) -> CheckpointMetadata:
