@@ -6,6 +6,15 @@ Example:
     True
 """
 
-from qlora_jax._src.checkpoint import CheckpointMetadata, DamagedCheckpoint, latest_step, metadata, restore, save
+from qlora_jax._src.checkpoint import (
+           CheckpointMetadata,
+           DamagedCheckpoint,
+           DamagedCheckpointWarning,
+           latest_step,
+           metadata,
+           restore,
+           save,
+)
 
-__all__ = ["CheckpointMetadata", "DamagedCheckpoint", "latest_step", "metadata", "restore", "save"]
+__all__ = ["CheckpointMetadata", "DamagedCheckpoint", "DamagedCheckpointWarning", "latest_step", "metadata", "restore",
+           "save"]

@@ -34,7 +34,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-__all__ = ["CheckpointMetadata", "DamagedCheckpoint", "save", "restore", "latest_step", "metadata"]
+__all__ = ["CheckpointMetadata", "DamagedCheckpoint", "DamagedCheckpointWarning", "save", "restore", "latest_step",
+           "metadata"]
 
 _TRAINABLE = nnx.LoRAParam  # what is saved as "adapters" without an optimizer
 MANIFEST = "qlora_jax_manifest.json"  # in each step's directory: every other file's size and SHA-256
@@ -234,7 +235,26 @@ def _check_manifest(step_dir: Path) -> None:
 
 
 class DamagedCheckpoint(ValueError):
-    """A checkpoint file differs from what was saved (truncated, changed or missing); the message names it."""
+    """A checkpoint file differs from what was saved (truncated, changed or missing); the message names it.
+
+    Example:
+        >>> import qlora_jax as qj
+        >>> issubclass(qj.checkpoint.DamagedCheckpoint, ValueError)
+        True
+    """
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """`restore` skipped a damaged latest checkpoint and restored an earlier one; the message names the file.
+
+    Turn it into an error (`warnings.simplefilter("error", DamagedCheckpointWarning)`)
+    to refuse falling back instead.
+
+    Example:
+        >>> import qlora_jax as qj
+        >>> issubclass(qj.checkpoint.DamagedCheckpointWarning, UserWarning)
+        True
+    """
 
 
 def _temporaries(directory: Path, step: int) -> list[Path]:
@@ -365,7 +385,7 @@ def restore(
             continue
         if damaged:
             warnings.warn(f"skipped damaged checkpoint {'; '.join(damaged)}; restored step {candidate}",
-                          stacklevel=2)
+                          DamagedCheckpointWarning, stacklevel=2)
         return meta
     raise FileNotFoundError(f"{directory}: no intact checkpoint; {'; '.join(damaged)}")
 
