@@ -148,7 +148,8 @@ def test_a_damaged_latest_checkpoint_is_skipped_with_a_warning_naming_the_file(t
         damaged = run / file.relative_to(tmp_path / "run")
         damaged.write_bytes(damaged.read_bytes()[:-1])
         fresh, fresh_opt = _run(seed=5, steps=1)
-        with pytest.warns(qj.checkpoint.DamagedCheckpointWarning, match=f"step 2: {damaged}: .* bytes, .* when saved.*restored step 1"):
+        warning = f"step 2: {damaged}: .* bytes, .* when saved.*restored step 1"
+        with pytest.warns(qj.checkpoint.DamagedCheckpointWarning, match=warning):
             assert qj.checkpoint.restore(run, fresh, fresh_opt).step == 1
         for a, b in zip(_leaves(nnx.state(fresh_opt)), expected, strict=True):
             np.testing.assert_array_equal(a, b)

@@ -2,9 +2,6 @@
 checkpoint and JSONL file made here; the adapter loads in PEFT."""
 
 import json
-import os
-import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +9,6 @@ import torch
 import transformers
 from test_data import _tokenizer, finetune_files
 
-import qlora_jax as qj
-from qlora_jax._src import checkpoint as checkpoint_module
-from qlora_jax._src.train.trainer import Trainer
 from qlora_jax.app.cli import main
 
 ROWS = [{"prompt": "what is two plus two", "completion": "two plus two is four"},
@@ -24,8 +18,8 @@ ROWS = [{"prompt": "what is two plus two", "completion": "two plus two is four"}
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The straight run that the tests below inspect, interrupt and resume; also the one-device reference of
-    `--mesh data=8` (hence 8 rows a batch)."""
+    """The straight run that the tests below inspect; also the one-device reference of `--mesh data=8` (hence 8
+    rows a batch). Interrupted runs: tests/test_interrupts.py."""
     tmp = tmp_path_factory.mktemp("cli")
     path, hf, data = finetune_files(tmp, ROWS)
     out = tmp / "run"
@@ -105,89 +99,6 @@ def test_adapter_loads_in_peft(run):
 
 def _interrupted_args(args, run_dir, out):
     return [a if a != str(run_dir) else str(out) for a in args]
-
-
-@pytest.fixture(autouse=True)
-def _sigint_raises():
-    """Python's own SIGINT handler, also where the test runner was started with SIGINT ignored (a background job
-    of a non-interactive shell)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
-def _send_sigint(times=1):
-    for _ in range(times):
-        os.kill(os.getpid(), signal.SIGINT)
-
-
-def test_ctrl_c_mid_step_saves_that_step_and_resume_is_exact(run, monkeypatch, capsys):
-    """A real SIGINT during step 2: the step finishes, is checkpointed, and --resume ends bit-identical to a
-    straight run (adapters; the optimizer state is checked by the SIGKILL resume test)."""
-    tmp, _, _, _, straight, args = run
-    out = tmp / "interrupted_mid_step"
-    argv = _interrupted_args(args, straight, out)
-    original = Trainer.train_step
-
-    def train_step(self, batch):
-        if self.step == 1:  # the signal arrives while step 2 is being computed
-            _send_sigint()
-        return original(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", train_step)
-    assert main(argv) == 130
-    assert "saved step 2 of 6" in capsys.readouterr().err
-    assert qj.checkpoint.latest_step(out / "checkpoints") == 2
-    assert not (out / "adapter").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
-    monkeypatch.setattr(Trainer, "train_step", original)
-    assert main([*argv, "--resume"]) == 0
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [s for s in steps if s] == [1, 2, 3, 4, 5, 6, 6]  # each step once, then the final eval
-    assert ((out / "adapter" / "adapter_model.safetensors").read_bytes()
-            == (straight / "adapter" / "adapter_model.safetensors").read_bytes())
-
-
-def test_ctrl_c_during_a_checkpoint_save_finishes_it(run, monkeypatch, capsys):
-    tmp, _, _, _, straight, args = run
-    out = tmp / "interrupted_in_save"
-    original = checkpoint_module.save
-
-    def save(*a, **k):
-        _send_sigint()  # the handler runs here, inside the save
-        return original(*a, **k)
-
-    monkeypatch.setattr(checkpoint_module, "save", save)
-    assert main(_interrupted_args(args, straight, out)) == 130
-    assert "saved step 3 of 6" in capsys.readouterr().err  # the save at step 3 (--save-every 3) completed
-    assert qj.checkpoint.latest_step(out / "checkpoints") == 3
-
-
-def test_second_ctrl_c_abandons_the_save_in_progress(run, monkeypatch, capsys):
-    """Ctrl-C twice while step 3 is being written: the run stops at once, the half-written step is ignored and
-    the run resumes from its last complete checkpoint to the straight run's result."""
-    tmp, _, _, _, straight, args = run
-    out = tmp / "interrupted_twice"
-    argv = _interrupted_args(args, straight, out)
-    original = checkpoint_module.save
-    calls = []
-
-    def save(directory, model, optimizer=None, *, step=0, **k):
-        calls.append(step)
-        if step == 4:
-            Path(directory, "4.orbax-checkpoint-tmp-123").mkdir()  # what a cut-short Orbax write leaves
-            _send_sigint(2)
-        return original(directory, model, optimizer, step=step, **k)
-
-    monkeypatch.setattr(checkpoint_module, "save", save)
-    argv_every = [*argv[:argv.index("--save-every") + 1], "1", *argv[argv.index("--save-every") + 2:]]
-    assert main(argv_every) == 130
-    assert calls == [1, 2, 3, 4]
-    assert qj.checkpoint.latest_step(out / "checkpoints") == 3
-    monkeypatch.setattr(checkpoint_module, "save", original)
-    assert main([*argv_every, "--resume"]) == 0
-    assert ((out / "adapter" / "adapter_model.safetensors").read_bytes()
-            == (straight / "adapter" / "adapter_model.safetensors").read_bytes())
 
 
 def run_losses(out):

@@ -1,20 +1,12 @@
 """`qlora_jax.train`: schedules, clipping, exact gradient accumulation, adapters-only updates and exact resume.
 
-The acceptance test kills a training process with SIGKILL in the middle of a
-step, resumes it in a third process from the last complete checkpoint, and
-requires adapters, RNG state and optimizer state bit-identical to a run that
-was never interrupted (tests/scripts/train_resume.py holds the run).
+Runs killed or interrupted for real, then resumed bit-identically, are in
+tests/test_interrupts.py (through `qlora-jax finetune`, whose loop is the
+Trainer's).
 """
 
 import dataclasses
-import importlib.util
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -26,65 +18,6 @@ from flax import nnx
 import qlora_jax as qj
 
 TrainConfig = qj.train.TrainConfig
-SCRIPT = Path(__file__).parent / "scripts" / "train_resume.py"
-_spec = importlib.util.spec_from_file_location("train_resume", SCRIPT)
-script = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(script)
-
-
-def _run_scripts(*runs, timeout=300):
-    """Runs the script once per argument list, all at once; each must exit with 0."""
-    processes = [subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for args in runs]
-    try:
-        for process in processes:
-            _, stderr = process.communicate(timeout=timeout)
-            assert process.returncode == 0, stderr[-3000:]
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
-
-
-def test_resume_after_sigkill_is_bit_identical(tmp_path):
-    ckpt, cache, marker = tmp_path / "ckpt", tmp_path / "jax_cache", tmp_path / "step12"
-    # 1. Checkpoints at steps 5 and 10, killed with SIGKILL during step 12 (this process also fills the compilation
-    # cache that the next two use).
-    args = ["--ckpt", ckpt, "--save-every", 5, "--hang-at", 12, "--marker", marker, "--cache", cache]
-    log = tmp_path / "killed.log"
-    with open(log, "w") as stderr:
-        killed = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], stdout=subprocess.DEVNULL,
-                                  stderr=stderr)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert killed.poll() is None, f"exited before step 12: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, "step 12 never started"
-            time.sleep(0.05)
-        os.kill(killed.pid, signal.SIGKILL)
-        assert killed.wait(timeout=60) == -signal.SIGKILL
-    finally:
-        if killed.poll() is None:
-            killed.kill()
-            killed.wait()
-    assert qj.checkpoint.latest_step(ckpt) == 10
-    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [5, 10]
-    # 2. A fresh process resumes from the last complete checkpoint and finishes the 20 steps, while another runs the
-    # 20 steps straight (two independent processes at the same time; both only read the cache the killed one wrote).
-    _run_scripts(["--ckpt", ckpt, "--resume", "--out", tmp_path / "resumed.npz", "--cache", cache],
-                 ["--out", tmp_path / "straight.npz", "--cache", cache])
-
-    straight, resumed = dict(np.load(tmp_path / "straight.npz")), dict(np.load(tmp_path / "resumed.npz"))
-    assert (int(straight.pop("start")), int(resumed.pop("start"))) == (0, 10)
-    losses = straight.pop("losses")
-    np.testing.assert_array_equal(resumed.pop("losses"), losses[10:])
-    assert sorted(resumed) == sorted(straight)
-    assert any("lora_b" in k for k in straight) and any("mu" in k for k in straight)
-    for key, value in straight.items():
-        assert resumed[key].dtype == value.dtype, key
-        np.testing.assert_array_equal(resumed[key], value, err_msg=key)  # bit-identical
-    counts = [v for k, v in straight.items() if k.startswith("rng") and k.endswith("['count']")]
-    assert counts and all((c == 2 * script.STEPS).all() for c in counts)  # dropout: a key per micro-batch
 
 
 # ----------------------------------------------------------------------------- a tiny LM for the unit tests

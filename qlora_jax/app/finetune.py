@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
+from qlora_jax._src.checkpoint import DamagedCheckpointWarning
 from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.data import Batcher, load_examples
 from qlora_jax._src.formats.qarray import BLOCK_SIZES, FORMATS
@@ -263,8 +265,8 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
                 (out / name).unlink(missing_ok=True)
         _write_json(out / "run_config.json", resolved)
     checkpoints = out / "checkpoints"
-    if args.resume and checkpoints.exists():
-        batcher.restore(trainer.restore(checkpoints))
+    if args.resume:
+        _resume(trainer, batcher, checkpoints, main_process)
     # Metrics written after the restored checkpoint (a killed run) are dropped.
     history = [r for r in _read_metrics(out / "metrics.jsonl") if r["step"] <= trainer.step]
     if main_process:
@@ -320,6 +322,30 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     return summary
 
 
+def _resume(trainer: Trainer, batcher: Batcher, checkpoints: Path, main_process: bool) -> None:
+    """Restores the latest intact checkpoint and the data position; without one, the run starts over.
+
+    A damaged latest checkpoint is skipped for the one before it; both that
+    and starting over are said on stderr (the run killed before its first
+    checkpoint was complete goes on with `--resume` as well).
+    """
+    notes = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DamagedCheckpointWarning)
+        try:
+            batcher.restore(trainer.restore(checkpoints))
+        except FileNotFoundError as e:  # no checkpoint, or none intact (named); a different config still stops
+            notes.append(f"{e}: starting over from step 0")
+    for warning in caught:
+        if issubclass(warning.category, DamagedCheckpointWarning):
+            notes.insert(0, str(warning.message))
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    if main_process:
+        for note in notes:
+            print(f"qlora-jax finetune: warning: {note}", file=sys.stderr)
+
+
 def _memory_plan(args: FinetuneArgs, config: ModelConfig, out: Path) -> Plan:
     """The plan of the run's step (`plan_fit`), made before any weight is read.
 
@@ -371,7 +397,24 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         process_id: This process's index, `0 <= process_id < num_processes`.
 
     Example:
-        >>> initialize_distributed("10.0.0.1:1234", 2, 0)  # doctest: +SKIP
+        Two hosts run `initialize_distributed("10.0.0.1:1234", 2, 0)` and
+        `initialize_distributed("10.0.0.1:1234", 2, 1)`. A run of one process
+        (its own coordinator), in a fresh Python process as JAX must not have
+        started:
+
+        >>> import socket, subprocess, sys
+        >>> with socket.socket() as s:  # a free port
+        ...     s.bind(("localhost", 0))
+        ...     port = s.getsockname()[1]
+        >>> code = f'''
+        ... import jax
+        ... from qlora_jax.app.finetune import initialize_distributed
+        ... initialize_distributed("localhost:{port}", num_processes=1, process_id=0)
+        ... print(jax.process_count(), jax.process_index())
+        ... '''
+        >>> run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        >>> print(run.stdout.strip())  # jax.process_count(), jax.process_index()
+        1 0
     """
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
