@@ -32,7 +32,7 @@ def row_kind(row: Any, where: str = "row") -> str:
     """Validates one dataset row and returns its schema: a key of `SCHEMAS`.
 
     A row is a dict with exactly the keys of one schema; every string is
-    non-empty (not only whitespace); `messages` is a non-empty list of
+    non-empty (not only whitespace) and valid Unicode (no lone surrogate); `messages` is a non-empty list of
     `{"role", "content"}` dicts with roles from `ROLES`, that does not start
     with an assistant message and holds at least one.
 
@@ -75,6 +75,10 @@ def _check_string(value: Any, where: str, name: str) -> None:
         raise ValueError(f"{where}: {name} must be a string, got {type(value).__name__}")
     if not value.strip():
         raise ValueError(f"{where}: {name} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's "\ud800": a lone surrogate no tokenizer can take
+        raise ValueError(f"{where}: {name} is not valid Unicode ({e.reason} at character {e.start})") from None
 
 
 def _check_messages(messages: Any, where: str) -> None:
@@ -119,6 +123,8 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[int]
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+            except (ValueError, RecursionError) as e:  # an integer too long to convert, nesting too deep
+                raise ValueError(f"{where}: invalid JSON: {type(e).__name__}: {e}") from None
             row_kind(row, where)
             rows.append(row)
             lines.append(lineno)

@@ -3,7 +3,9 @@
 Every row becomes one string and the character spans that carry loss; the
 string is tokenized once (with `add_special_tokens=False`, batched for plain
 rows) and a token carries loss when its character offsets overlap a span,
-the rule `transformers` uses for `{% generation %}` assistant masks:
+the rule `transformers` uses for `{% generation %}` assistant masks (a token
+with empty offsets `(k, k)` counts as the character before `k`: byte-level
+tokenizers that trim offsets report a lone space token so, one past it):
 
 * `text`: the whole text.
 * `prompt`/`completion`: `prompt + completion` is tokenized as one string (the
@@ -266,11 +268,14 @@ def _tokenize(rows, wheres, tokenizer, seq_len, add_eos) -> tuple[list[Example],
 
 
 def _overlapping(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
-    """bool `[tokens]`: the token's characters `[start, end)` overlap one of `spans`."""
+    """bool `[tokens]`: the token's characters `[start, end)` (`[k - 1, k)` for an empty `(k, k)`) overlap one
+    of `spans`."""
     off = np.asarray(offsets, np.int64).reshape(-1, 2)
+    end = off[:, 1]
+    start = np.where(off[:, 0] == end, end - 1, off[:, 0])  # empty (k, k): the character before k
     mask = np.zeros(off.shape[0], bool)
     for a, b in spans:
-        mask |= (off[:, 0] < b) & (off[:, 1] > a)
+        mask |= (start < b) & (end > a)
     return mask
 
 
