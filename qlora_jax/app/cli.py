@@ -72,8 +72,24 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 1 when a check fails (argparse exits with 2 on bad usage).
 
     Example:
-        >>> main(["demo", "--output", "/tmp/qlora_jax_demo"])  # doctest: +SKIP
+        `main([])` runs the demo (minutes). Merging an adapter into its base
+        (`checkpoint`: a tiny Llama checkpoint directory with a tokenizer;
+        `adapter_dir`: a PEFT adapter saved for it; `tmp`: an empty
+        directory):
+
+        >>> main(["export", "--model", str(checkpoint), "--adapter", str(adapter_dir),
+        ...       "--merged", str(tmp / "merged")])  # doctest: +ELLIPSIS
+        merged checkpoint written to .../merged
         0
+        >>> sorted(f.name for f in (tmp / "merged").iterdir())
+        ['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json']
+
+        A usage error (here: no `--adapter`) exits as argparse does:
+
+        >>> main(["export", "--model", str(checkpoint), "--merged", str(tmp / "merged")])
+        Traceback (most recent call last):
+        ...
+        SystemExit: 2
     """
     parser = _build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -152,7 +168,10 @@ def _build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--overwrite", action="store_true", help="replace a run in --output")
     finetune.add_argument("--seed", type=int, default=0)
     finetune.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=f.dtype,
-                          help="compute dtype (default float32; bfloat16 on GPU/TPU)")
+                          help="compute dtype: activations and matmuls, the quantized kernels dequantized to it; "
+                               "the weights are kept in float32 (embeddings, norms, lm_head, LoRA factors, the "
+                               "projections with --format none) and cast to it where used (default float32; "
+                               "bfloat16 is the usual choice on GPU/TPU)")
     finetune.add_argument("--format", choices=["nf4", "fp4", "int4", "int8", "none"], default="nf4",
                           help="base weight format; 'none' trains 16/32-bit LoRA (default nf4)")
     finetune.add_argument("--block-size", type=int, default=f.block_size)
@@ -194,12 +213,15 @@ def _build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
             sub.add_argument("--top-p", type=float, default=1.0)
             sub.add_argument("--seed", type=int, default=0)
-            sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+            sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                             help="compute dtype of the forward passes and of the KV cache; the weights are kept "
+                                  "in float32 (default float32)")
             sub.set_defaults(func=_run_generate)
         else:
             sub.add_argument("--merged", required=True, help="output directory of the merged checkpoint")
             sub.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                             help="dtype of the saved weights")
+                             help="dtype of every tensor of the merged checkpoint (the merge W + s * B @ A is "
+                                  "computed in float32 and cast once; default float32)")
             sub.set_defaults(func=_run_export)
 
     memory = commands.add_parser(
@@ -215,7 +237,9 @@ def _build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
     memory.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     memory.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                        help="base weights and compute dtype (default bfloat16)")
+                        help="compute dtype, and dtype of the model's float weights: embeddings, norms, lm_head "
+                             "and the linear kernels that are not quantized (all of them for full and lora); "
+                             "LoRA factors are float32 (default bfloat16)")
     memory.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     memory.add_argument("--no-remat", action="store_true", help="do not rematerialize layers in the backward pass")
     memory.add_argument("--loss-chunk", type=int, default=1024,

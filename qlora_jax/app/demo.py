@@ -471,9 +471,15 @@ def run_demo(output: str | Path, cfg: DemoConfig = DemoConfig(), *, model_path: 
         whether it was reused), `settings`, `seconds`.
 
     Example:
-        >>> result = run_demo("/tmp/qlora_jax_demo_quick", QUICK)  # doctest: +SKIP
-        >>> result["rows"][1]["bytes_per_param"] <= 0.52  # doctest: +SKIP
-        True
+        The full demo takes minutes on a CPU and `run_demo(output, QUICK)`
+        (what `qlora-jax demo --quick` runs, tested in tests/test_cli.py)
+        about half a minute. A `model_path` without tokenizer files (here an
+        empty directory, `tmp`) is refused before anything is trained:
+
+        >>> run_demo(tmp / "demo", QUICK, model_path=str(tmp))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: --model: ... has no tokenizer files
     """
     t0 = time.perf_counter()
     output = Path(output)
@@ -591,7 +597,24 @@ def run_formats(output: str | Path, seed: int = 0, *, log: Callable[[str], None]
         Whether the bitsandbytes round trip dequantized to identical values.
 
     Example:
-        >>> run_formats("/tmp/qlora_jax_formats", 0)  # doctest: +SKIP
+        (`tmp`: an empty directory; about 15 seconds on a CPU.)
+
+        >>> run_formats(tmp, seed=0)  # doctest: +ELLIPSIS
+        qlora-jax demo: 4 random Gaussian kernels (2 layers of 1024x2816 + 2816x1024, ...), block size 64
+        <BLANKLINE>
+        | format | double_quant | bytes/param | relative MSE |
+        |---|---|---|---|
+        | nf4 | False | 0.5625 | 8.460e-03 |
+        | nf4 | True | 0.5159 | 8.464e-03 |
+        | fp4 | False | 0.5625 | 1.487e-02 |
+        | fp4 | True | 0.5159 | 1.487e-02 |
+        | int4 | False | 0.5625 | 1.157e-02 |
+        | int4 | True | 0.5159 | 1.158e-02 |
+        | int8 | False | 1.0625 | 3.516e-05 |
+        | int8 | True | 1.0159 | 3.948e-05 |
+        <BLANKLINE>
+        bitsandbytes round trip (nf4, double_quant, ..., kernel 1024x2816): dequantizes to identical values
+        wrote .../quantization.json
         True
     """
     kernels = stack_kernels(seed)
@@ -682,8 +705,11 @@ def write_results(output: Path, seed: int, rows: Sequence[dict[str, Any]], round
     """Writes `quantization.json` into `output` (created if needed); returns its path.
 
     Example:
-        >>> write_results(Path("/tmp/qj_demo"), 0, [], True).name
-        'quantization.json'
+        (`tmp`: an empty directory.)
+
+        >>> path = write_results(tmp / "formats", 0, [], True)
+        >>> path.relative_to(tmp).as_posix(), json.loads(path.read_text())["bnb_round_trip_identical"]
+        ('formats/quantization.json', True)
     """
     output.mkdir(parents=True, exist_ok=True)
     path = output / "quantization.json"

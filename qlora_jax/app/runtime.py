@@ -88,9 +88,33 @@ def configure_cpu(*, synchronous: bool = True, keep_freed_memory: bool = True) -
         RuntimeError: `synchronous=True` after JAX's backends were created with asynchronous dispatch.
 
     Example:
-        >>> import qlora_jax.app
-        >>> qlora_jax.app.configure_cpu()  # doctest: +SKIP
+        The settings are the process's, so the examples run in fresh Python
+        processes on the CPU (`python` prints what one prints). First thing
+        in a program:
+
+        >>> import os, subprocess, sys
+        >>> def python(code):
+        ...     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        ...     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+        ...                           check=True).stdout.strip()
+        >>> print(python("import qlora_jax.app; print(qlora_jax.app.configure_cpu())"))
         CpuRuntime(synchronous=True, keep_freed_memory=True)
+
+        After JAX has computed, synchronous dispatch is refused and the
+        process is left as it was; `synchronous=False` still keeps freed
+        memory:
+
+        >>> print(python('''
+        ... import jax.numpy as jnp, qlora_jax.app
+        ... jnp.zeros(1).block_until_ready()  # JAX's first computation creates its CPU client
+        ... try:
+        ...     qlora_jax.app.configure_cpu()
+        ... except RuntimeError as e:
+        ...     print(f"RuntimeError: {e}")
+        ... print(qlora_jax.app.configure_cpu(synchronous=False))
+        ... '''))  # doctest: +ELLIPSIS
+        RuntimeError: configure_cpu(synchronous=True): JAX's backends already exist ... or pass synchronous=False
+        CpuRuntime(synchronous=False, keep_freed_memory=True)
     """
     global _keeping_freed_memory
     if synchronous and jax.config.values[_ASYNC_FLAG]:
@@ -121,9 +145,22 @@ def configure_cpu_for_command() -> CpuRuntime | None:
         What `configure_cpu` set, or None where it was not called.
 
     Example:
-        >>> from qlora_jax.app.runtime import configure_cpu_for_command
-        >>> configure_cpu_for_command() is None  # this process has computed already  # doctest: +SKIP
-        True
+        The settings are the process's, so the examples run in fresh Python
+        processes on the CPU (`python` prints what one prints):
+
+        >>> import os, subprocess, sys
+        >>> def python(code):
+        ...     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        ...     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+        ...                           check=True).stdout.strip()
+        >>> call = "from qlora_jax.app.runtime import configure_cpu_for_command; print(configure_cpu_for_command())"
+        >>> print(python(call))  # JAX not started yet
+        CpuRuntime(synchronous=True, keep_freed_memory=True)
+        >>> print(python("import jax.numpy as jnp; jnp.zeros(1).block_until_ready(); " + call))  # JAX has computed
+        None
+
+        With `JAX_PLATFORMS=cuda` (or a GPU/TPU plugin installed) it returns
+        None too, without starting JAX.
     """
     platforms = {p.strip() for p in (jax.config.values.get("jax_platforms") or "").split(",") if p.strip()}
     if platforms:

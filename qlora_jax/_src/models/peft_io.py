@@ -157,8 +157,22 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Mo
             scalings that do not fit (each named).
 
     Example:
-        >>> from qlora_jax.models import load_peft_adapter  # doctest: +SKIP
-        >>> load_peft_adapter(model, "out/adapter")  # doctest: +SKIP
+        (`model`: a tiny Llama loaded in NF4 with rank-4 adapters, `from_pretrained(checkpoint,
+        quant=QuantConfig(), lora=LoraConfig(rank=4, alpha=8))`; `adapter_dir`: a PEFT adapter
+        saved for it; `tmp`: an empty directory.)
+
+        >>> from qlora_jax.models import adapter_layers, load_peft_adapter
+        >>> q_proj = adapter_layers(model)["model.layers.0.self_attn.q_proj"]
+        >>> q_proj.lora_b.shape, float(abs(q_proj.lora_b[...]).max())  # [layers, r, out], zero before training
+        ((2, 4, 64), 0.0)
+        >>> load_peft_adapter(model, adapter_dir) is model  # in place
+        True
+        >>> float(abs(q_proj.lora_b[...]).max()) > 0
+        True
+        >>> load_peft_adapter(model, tmp)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: .../adapter_config.json: missing (a PEFT adapter directory has adapter_config.json and ...
     """
     directory = Path(directory)
     config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
