@@ -17,7 +17,10 @@ A packed `QuantizedArray` is split on the axes of the logical kernel it
 stores: its codes and block scales (`[*layers, out, in // 2]`,
 `[*layers, out, in // block]`) take the same spec, and an input-axis split
 must cut whole blocks, so a block never straddles devices; the second-level
-scales of double quantization (1/16384 of the weights) stay replicated.
+scales of double quantization (1/16384 of the weights) stay replicated. A
+kernel in flat layout (input size not a multiple of the block size, blocks
+crossing rows as bitsandbytes stores them) is split along its flat axis of
+whole blocks where the mesh axes divide its block count, else replicated.
 LoRA A (`[in, r]`) follows its base layer's input axis, B (`[r, out]`) its
 output axis; the optimizer state follows the adapters; stacked layer axes
 and norms are replicated. Batches are split over the mesh's "data" and
@@ -126,12 +129,13 @@ def _leaf_specs(path: tuple[str, ...], value: Any, rules: dict[str, str | None],
         _check(name, "embedding axis", value.shape[-1], lout, mesh)
         return PartitionSpec(*[None] * (value.ndim - 2), lin, lout)
     if isinstance(value, QuantizedArray):
-        if len(value.shape) != 2 or not value.row_layout:
+        if not value.row_layout:
+            return _flat_specs(value, (lout, lin), mesh)
+        if len(value.shape) != 2:
             if lin is None and lout is None:
                 return jax.tree.map(lambda x: PartitionSpec(), value)
-            raise ValueError(f"{name}: only 2-D kernels stored in row layout (input size a multiple of the "
-                             f"block size) can be sharded; this one is {value.shape} with block "
-                             f"{value.block_size}")
+            raise ValueError(f"{name}: only 2-D kernels (or kernels in flat layout) can be sharded; this one "
+                             f"is {value.shape} with block {value.block_size}")
         n_in, n_out = value.shape
         _check(name, "output axis", n_out, lout, mesh)
         _check(name, "input axis", n_in, lin, mesh, unit=value.block_size)
@@ -155,6 +159,31 @@ def _leaf_specs(path: tuple[str, ...], value: Any, rules: dict[str, str | None],
     _check(name, "input axis", value.shape[-2], lin, mesh)
     _check(name, "output axis", value.shape[-1], lout, mesh)
     return PartitionSpec(*[None] * (value.ndim - 2), lin, lout)
+
+
+def _flat_specs(value: QuantizedArray, mesh_axes: tuple[str | None, ...], mesh: Mesh) -> Any:
+    """Specs of a kernel in flat layout (input size not a multiple of the block size; blocks cross rows).
+
+    Its codes `[*stack, ceil(size / 2)]` and scales `[*stack, n_blocks]` are split along their one flat axis over
+    the mesh axes of its output and input axes together, else over one of them, so that each device holds whole
+    blocks and their scales: the split must cut `n_blocks` evenly, and a kernel whose last block is partial
+    (`size % block_size`) has codes that cannot be cut on block boundaries. Where no split fits, the kernel stays
+    replicated (a flat kernel is never refused); its nested scales are always replicated.
+    """
+    axes = tuple(dict.fromkeys(a for a in mesh_axes if a is not None))
+    candidates = ([axes] if len(axes) > 1 else []) + [(a,) for a in axes]
+    split = None
+    if value.size % value.block_size == 0:
+        split = next((c for c in candidates if value.n_blocks % int(np.prod([mesh.shape[a] for a in c])) == 0),
+                     None)
+    if split is None:
+        return jax.tree.map(lambda x: PartitionSpec(), value)
+    spec = PartitionSpec(*[None] * len(value.stack_shape), split if len(split) > 1 else split[0])
+
+    def leaf_spec(key_path: tuple, leaf: Any) -> PartitionSpec:
+        return spec if key_path[-1].name in ("codes", "absmax") else PartitionSpec()
+
+    return jax.tree_util.tree_map_with_path(leaf_spec, value)
 
 
 def partition_specs(

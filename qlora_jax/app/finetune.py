@@ -146,33 +146,9 @@ def _check_settings(args: FinetuneArgs) -> None:
     check("schedule", args.schedule in SCHEDULES, f"one of {SCHEDULES}")
     check("dtype", args.dtype in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16")
     check("format", args.format is None or args.format in FORMATS, f"one of {sorted(FORMATS)} or None")
-    if args.format is not None:  # against the model's layer shapes: `_check_block_size`, once its config is read
+    if args.format is not None:  # any layer shape: blocks cross rows where they do not divide the input size
         check("block_size", args.block_size in BLOCK_SIZES and not isinstance(args.block_size, bool),
               f"one of {BLOCK_SIZES}")
-
-
-def _check_block_size(args: FinetuneArgs, config: ModelConfig) -> None:
-    """Refuses a `--block-size` that does not divide an input size of the model's quantized layers.
-
-    Example:
-        >>> cfg = ModelConfig(vocab_size=128, hidden_size=96, intermediate_size=192, num_layers=1, num_heads=4,
-        ...                   num_kv_heads=2)
-        >>> _check_block_size(FinetuneArgs(model="m", data="d.jsonl", output="out", block_size=64), cfg)
-        Traceback (most recent call last):
-        ...
-        ValueError: --block-size: 64 does not divide the input size 96 of the model's q/k/v/gate/up projections \
-(hidden_size); quantized layers need in % block_size == 0. Use a block size that divides 96
-    """
-    if args.format is None:
-        return
-    inputs = {"q/k/v/gate/up projections (hidden_size)": config.hidden_size,
-              "o_proj (num_heads * head_dim)": config.num_heads * config.head_dim,
-              "down_proj (intermediate_size)": config.intermediate_size}
-    for what, size in inputs.items():
-        if size % args.block_size:
-            raise ValueError(f"--block-size: {args.block_size} does not divide the input size {size} of the model's "
-                             f"{what}; quantized layers need in % block_size == 0. Use a block size that divides "
-                             f"{size}")
 
 
 def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
@@ -207,7 +183,6 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     mesh = None if args.mesh is None else make_mesh(args.mesh)
     out = _check_output(args)
     main_process = jax.process_index() == 0
-    _check_block_size(args, config)
     if args.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len: {args.seq_len} exceeds the model's max_position_embeddings "
                          f"{config.max_position_embeddings}")

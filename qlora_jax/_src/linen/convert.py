@@ -31,7 +31,7 @@ from qlora_jax._src.config import ALL_LINEAR, HEAD_NAMES, LoraConfig, QuantConfi
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES, quantize
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.linen.interceptor import SUPPORTED_MODULES, unsupported_reason
-from qlora_jax._src.linen.layers import FROZEN, check_blockable
+from qlora_jax._src.linen.layers import FROZEN
 from qlora_jax._src.nn.lora import init_lora
 from qlora_jax._src.surgery.report import QLoRAReport, ReplacedLayer
 
@@ -167,8 +167,9 @@ def convert_params(
     Args:
         params: The `"params"` collection of an initialised or pretrained model
             (dict or FrozenDict).
-        quant: How to quantize, or None. A quantized layer's input size must be
-            a multiple of `quant.block_size`.
+        quant: How to quantize, or None. Any kernel shape: where the input
+            size is not a multiple of `quant.block_size`, blocks cross rows
+            (bitsandbytes' layout).
         lora: Where adapters go and how they behave, or None.
         rng: PRNG key for the adapters; required when `lora` is given.
         layers: The Dense layers, from `dense_layers(model, ...)`; default:
@@ -184,9 +185,8 @@ def convert_params(
     Raises:
         ValueError: Both configs None; a target matching no Dense layer or a
             non-Dense module (the message lists the available Dense paths); an
-            unsupported layer as a target; a kernel that is not float or whose
-            input size is not a multiple of the block size (naming the path
-            and shape); `layers` that do not match `params`.
+            unsupported layer as a target; a kernel that is not float (naming
+            the path); `layers` that do not match `params`.
         TypeError: Arguments of the wrong type.
 
     Example:
@@ -390,8 +390,6 @@ def _check_layer(tree: Mapping[str, Any], d: DenseLayer, quant: QuantConfig | No
                          "converted; expected a float32, bfloat16 or float16 array")
     if any(k in node for k in ("lora_a", "lora_b")):
         raise ValueError(f"{d.path}: already has adapters; convert_params takes the params of an unconverted model")
-    if quant is not None:
-        check_blockable(d.path, d.layer_shape, d.n_in, quant)
 
 
 def _quantize(kernel: jax.Array, d: DenseLayer, quant: QuantConfig) -> QuantizedArray:

@@ -164,14 +164,6 @@ def normalize_axes(axis: int | Sequence[int], ndim: int, name: str) -> tuple[int
     return tuple(sorted(a % ndim for a in axes))
 
 
-def check_blockable(name: str, shape: tuple[int, ...], n_in: int, quant: QuantConfig) -> None:
-    in_size = math.prod(shape[:n_in])
-    if in_size % quant.block_size:
-        raise ValueError(f"{name}: kernel shape {shape} has input size {in_size}, which is not a multiple of "
-                         f"QuantConfig.block_size={quant.block_size}; quantized layers need in % block_size == 0 "
-                         "(blocks run along the input axis). Use a smaller block_size or quant=None")
-
-
 class QLoRABase(nn.Module):
     """Shared variables and call of the two layers; subclasses define the kernel geometry."""
 
@@ -189,7 +181,6 @@ class QLoRABase(nn.Module):
             kernel = kernel_init(self.make_rng("params"), shape, self.param_dtype)  # as nn.Dense's self.param
             if self.quant is None:
                 return kernel
-            check_blockable(name, shape, n_axis, self.quant)
             return quantize(kernel, self.quant.fmt, self.quant.block_size, self.quant.double_quant,
                             contract_axes=tuple(range(n_axis)))
 

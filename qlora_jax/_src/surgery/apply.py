@@ -83,9 +83,10 @@ def apply_qlora(
 
     Args:
         model: Any NNX module; modified in place.
-        quant: How to quantize the base kernels, or None for float LoRA. A
-            quantized layer's input size (the product of its input axes) must
-            be a multiple of `quant.block_size`.
+        quant: How to quantize the base kernels, or None for float LoRA. Any
+            kernel shape: where a layer's input size (the product of its input
+            axes) is not a multiple of `quant.block_size`, blocks run over the
+            flattened weight and cross rows, as bitsandbytes stores them.
         lora: Where adapters go and how they behave, or None for quantization only.
         kernels: Already quantized kernels by layer path (e.g.
             `"layers/self_attn/q_proj"`), used instead of quantizing the
@@ -104,8 +105,7 @@ def apply_qlora(
     Raises:
         ValueError: Both configs None; a target that matches no layer, a
             layer type that is not supported (the message lists the available
-            layer paths) or a targeted layer that cannot be reproduced; an
-            input size that is not a multiple of the block size, or a
+            layer paths) or a targeted layer that cannot be reproduced; a
             non-float kernel (naming the layer path and shape).
         TypeError: Arguments of the wrong type.
 
@@ -260,13 +260,6 @@ def _check_site(site: LinearSite, quant: QuantConfig | None, aliases: dict[tuple
     if np.dtype(kernel.dtype) not in FLOAT_DTYPES:
         raise ValueError(f"{site.name}: kernel dtype {kernel.dtype} cannot be quantized; expected float32, "
                          "bfloat16 or float16")
-    n_in = site.in_size
-    if n_in % quant.block_size:
-        axes = f" (kernel axes {site.contract_axes})" if site.kind != "Linear" else ""
-        raise ValueError(f"{site.name}: kernel shape {site.kernel_shape} has input size {n_in}, which is not a "
-                         f"multiple of QuantConfig.block_size={quant.block_size}; quantized layers need "
-                         f"in % block_size == 0 (blocks run along the input axis{axes}, one row of blocks per "
-                         "output). Use a smaller block_size or leave the layer out of LoraConfig.targets")
 
 
 def _build_layer(site: LinearSite, quant: QuantConfig | None, lora: LoraConfig | None,

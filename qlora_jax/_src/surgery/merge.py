@@ -160,9 +160,7 @@ def merge_lora(
     Raises:
         ValueError: Nothing to merge (no layer over a frozen kernel; with
             `requantize`, no layer with an adapter), a `dtype` that is not a
-            float dtype, or (with `requantize`) a layer whose input size is
-            not a multiple of `requantize.block_size` (naming its path).
-            Nothing is changed then.
+            float dtype. Nothing is changed then.
         TypeError: Arguments of the wrong type.
 
     Example:
@@ -199,13 +197,6 @@ def merge_lora(
             else "layer over a frozen kernel (QLoRALinear, QuantLinear, ... made by apply_qlora)"
         raise ValueError(f"merge_lora: the model has no {kinds}; nothing to merge"
                          + (f" (found only {', '.join(path_str(p) for p, _ in found)})" if found else ""))
-    if requantize is not None:
-        for path, layer in targets:
-            in_size = math.prod(layer.kernel_shape[a] for a in layer.contract_axes)
-            if in_size % requantize.block_size:
-                raise ValueError(f"{path_str(path)}: kernel shape {(*layer.stack_shape, *layer.kernel_shape)} has "
-                                 f"input size {in_size}, which is not a multiple of requantize.block_size="
-                                 f"{requantize.block_size}; use a smaller block_size")
     new_layers = []
     for _, layer in targets:  # build everything before the first change
         w = merged_kernel(layer, dtype)  # [*stack, *kernel_shape]
