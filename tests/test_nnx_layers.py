@@ -523,16 +523,18 @@ def test_unknown_or_unsupported_targets_list_the_available_layers(targets, match
     assert type(model.fc) is nnx.Linear  # nothing was changed
 
 
-def test_unblockable_layer_names_its_path_and_shape():
+def test_unaligned_layer_is_quantized_in_flat_layout():
+    """Input size 100 with blocks of 64: blocks cross rows, as bitsandbytes stores them (more in
+    tests/test_unaligned_shapes.py)."""
     model = WithOddLayer(nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"odd: kernel shape \(100, 64\) has input size 100, which is not a multiple "
-                                         r"of QuantConfig.block_size=64"):
-        apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(targets=["fc"]), rngs=nnx.Rngs(1))
-    assert type(model.fc) is nnx.Linear and type(model.odd) is nnx.Linear  # checked before any change
-    # Float LoRA has no blocks; block 32 does not divide 100 either, but plain LoRA on `odd` works.
-    model = apply_qlora(model, quant=None, lora=LoraConfig(targets=["odd"]), rngs=nnx.Rngs(1))
-    report = qlora_report(model)
-    assert report.paths == ("odd",)
+    kernel = model.odd.kernel[...]
+    model = apply_qlora(model, quant=QuantConfig(), lora=LoraConfig(targets=["fc", "odd"]), rngs=nnx.Rngs(1))
+    assert qlora_report(model).paths == ("fc", "odd")
+    q = model.odd.kernel.get_value()
+    assert not q.row_layout and q.codes.shape == (100 * D // 2,)
+    for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(qj.quantize(kernel, "nf4", 64, double_quant=True)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 class Shared(nnx.Module):
