@@ -1,4 +1,9 @@
-"""A Llama-family decoder in Flax NNX (Llama 2/3, Mistral, Qwen2/2.5, Qwen3).
+"""A Llama-style decoder in Flax NNX (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3, Phi-3, OLMo-2, Granite).
+
+One `CausalLM` serves every family; `ModelConfig`'s switches choose the norm kind and placement, the MLP's
+activation, fused projections, q/k norms, RoPE variants, soft-capping and scalar multipliers. Layers that
+alternate between sliding-window and global attention (Gemma 2/3) stay one stacked, scanned layer: each
+layer's kind comes into the scan as a per-layer flag that selects its window and RoPE frequencies.
 
 Module and parameter names follow the Hugging Face checkpoints
 (`model.layers.N.self_attn.q_proj` → `model.layers.self_attn.q_proj`,
@@ -35,9 +40,9 @@ __all__ = ["AttentionMask", "CausalLM", "KVCache", "LLAMA_AXES", "RMSNorm", "cau
 # Logical (input, output) axes of each kernel by module name (a regex on the path element that holds it), in the
 # Llama family's names; an embedding table is (vocab, embed). `qj.shard_model` reads them as `CausalLM.logical_axes`.
 LLAMA_AXES: dict[str, tuple[str | None, str | None]] = {
-    r"[qkv]_proj": ("embed", "heads"),
+    r"[qkv]_proj|qkv_proj": ("embed", "heads"),
     r"o_proj": ("heads", "embed"),
-    r"(gate|up)_proj": ("embed", "mlp"),
+    r"(gate|up|gate_up)_proj": ("embed", "mlp"),
     r"down_proj": ("mlp", "embed"),
     r"lm_head": ("embed", "vocab"),
     r"embed_tokens": ("vocab", "embed"),
@@ -45,7 +50,11 @@ LLAMA_AXES: dict[str, tuple[str | None, str | None]] = {
 
 
 class RMSNorm(nnx.Module):
-    """`weight * (x / sqrt(mean(x²) + eps))`, computed in float32, as `LlamaRMSNorm`.
+    """`weight * (x / sqrt(mean(x²) + eps))`, normalized in float32, as `LlamaRMSNorm`.
+
+    `style` "llama" casts the normalized value to `x.dtype` before the weight multiplies it (`LlamaRMSNorm`);
+    "olmo2" multiplies in float32 and casts after (`Olmo2RMSNorm`); "gemma" multiplies by `1 + weight` in
+    float32 and casts after (`GemmaRMSNorm`, whose weight starts at zero).
 
     Example:
         >>> import jax.numpy as jnp
@@ -54,19 +63,25 @@ class RMSNorm(nnx.Module):
         [[1.0, -1.0, 1.0, -1.0]]
     """
 
-    def __init__(self, size: int, eps: float = 1e-6, *, param_dtype: jnp.dtype = jnp.float32):
-        self.weight = nnx.Param(jnp.ones((size,), param_dtype))
+    def __init__(self, size: int, eps: float = 1e-6, *, style: str = "llama", param_dtype: jnp.dtype = jnp.float32):
+        if style not in ("llama", "gemma", "olmo2"):
+            raise ValueError(f"style: {style!r}, expected 'llama', 'gemma' or 'olmo2'")
+        self.weight = nnx.Param((jnp.zeros if style == "gemma" else jnp.ones)((size,), param_dtype))
         self.eps = float(eps)
+        self.style = style
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
         h = h * jax.lax.rsqrt(jnp.mean(h * h, axis=-1, keepdims=True) + np.float32(self.eps))
-        weight = self.weight[...].astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
-        return weight * h.astype(x.dtype)
+        weight = self.weight[...].reshape((1,) * (x.ndim - 1) + (-1,))
+        if self.style == "llama":
+            return weight.astype(x.dtype) * h.astype(x.dtype)
+        weight = weight.astype(jnp.float32)
+        return ((1 + weight if self.style == "gemma" else weight) * h).astype(x.dtype)
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE (and Qwen3's q/k norms).
+    """Grouped-query self-attention with RoPE (and q/k norms, a fused `qkv_proj`, partial RoPE, soft-capping).
 
     `mask` is an `AttentionMask` (or a dense `[batch, s, keys]` array); with
     a cache, the keys are the cache's.
@@ -75,16 +90,24 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, hd = cfg.hidden_size, cfg.head_dim
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = nnx.Linear(d, cfg.num_heads * hd, use_bias=cfg.qkv_bias, **kw)
-        self.k_proj = nnx.Linear(d, cfg.num_kv_heads * hd, use_bias=cfg.qkv_bias, **kw)
-        self.v_proj = nnx.Linear(d, cfg.num_kv_heads * hd, use_bias=cfg.qkv_bias, **kw)
+        if cfg.fused_qkv:  # Phi-3: one projection, quantized and adapted as one kernel, as stored
+            self.qkv_proj = nnx.Linear(d, (cfg.num_heads + 2 * cfg.num_kv_heads) * hd, use_bias=cfg.qkv_bias, **kw)
+        else:
+            self.q_proj = nnx.Linear(d, cfg.num_heads * hd, use_bias=cfg.qkv_bias, **kw)
+            self.k_proj = nnx.Linear(d, cfg.num_kv_heads * hd, use_bias=cfg.qkv_bias, **kw)
+            self.v_proj = nnx.Linear(d, cfg.num_kv_heads * hd, use_bias=cfg.qkv_bias, **kw)
         self.o_proj = nnx.Linear(cfg.num_heads * hd, d, use_bias=cfg.o_bias, **kw)
+        self.fused_qkv, self.qk_norm_width = cfg.fused_qkv, cfg.qk_norm_width
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
-            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype)
+            per_head = cfg.qk_norm_width == "head"
+            norm = functools.partial(RMSNorm, eps=cfg.rms_norm_eps, style=cfg.norm_style, param_dtype=param_dtype)
+            self.q_norm = norm(hd if per_head else cfg.num_heads * hd)
+            self.k_norm = norm(hd if per_head else cfg.num_kv_heads * hd)
         else:
             self.q_norm = self.k_norm = nnx.data(None)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.scale = float(hd**-0.5 if cfg.attn_scale is None else cfg.attn_scale)
+        self.softcap = cfg.attn_logit_softcap
 
     def __call__(self, x, cos, sin, mask, cache=None):
         q, k, v = self.project(x, cos, sin)
@@ -93,7 +116,7 @@ class Attention(nnx.Module):
             cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, axis=1)
             cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, axis=1)
             k, v = cache_k.astype(q.dtype), cache_v.astype(q.dtype)
-        out = attention(q, k, v, mask)  # [b, s, heads * head_dim]
+        out = attention(q, k, v, mask, scale=self.scale, softcap=self.softcap)  # [b, s, heads * head_dim]
         if cache is not None:
             return self.o_proj(out), (cache_k, cache_v)
         return self.o_proj(out)
@@ -101,10 +124,20 @@ class Attention(nnx.Module):
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries, keys and values `[b, s, heads, head_dim]` of `x [b, s, hidden]`, RoPE applied."""
         b, s, _ = x.shape
-        q = checkpoint_name(self.q_proj(x), "proj_q").reshape(b, s, self.num_heads, self.head_dim)
-        k = checkpoint_name(self.k_proj(x), "proj_k").reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        hd = self.head_dim
+        if self.fused_qkv:
+            qkv = self.qkv_proj(x)  # [b, s, (heads + 2 kv_heads) * head_dim], q then k then v
+            q_end, k_end = self.num_heads * hd, (self.num_heads + self.num_kv_heads) * hd
+            q, k, v = qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k = checkpoint_name(q, "proj_q"), checkpoint_name(k, "proj_k")
+        if self.q_norm is not None and self.qk_norm_width == "projection":  # OLMo-2: over all heads at once
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(b, s, self.num_heads, hd)
+        k = k.reshape(b, s, self.num_kv_heads, hd)
+        v = v.reshape(b, s, self.num_kv_heads, hd)
+        if self.q_norm is not None and self.qk_norm_width == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         return checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
@@ -148,6 +181,9 @@ class AttentionMask:
         query_segments: `[batch, queries]` segment ids (None: one segment); given with `key_segments`.
         key_segments: `[batch, keys]` segment ids.
         window: Sliding window in positions (static), or None.
+        window_active: With a `window`: a bool scalar (may be traced), False where this layer attends
+            globally (layers that alternate, Gemma 2/3: the flag comes per layer through the scan); None:
+            the window applies.
 
     Example:
         >>> import jax.numpy as jnp
@@ -161,6 +197,7 @@ class AttentionMask:
     query_segments: jax.Array | None = None
     key_segments: jax.Array | None = None
     window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    window_active: jax.Array | None = None
 
     def allowed(self, queries: jax.Array, keys: jax.Array, key_valid: jax.Array | None = None,
                 query_segments: jax.Array | None = None, key_segments: jax.Array | None = None) -> jax.Array:
@@ -171,7 +208,8 @@ class AttentionMask:
         position = self.query_offset + queries[:, None]  # [q, 1]
         allowed = keys[None, :] <= position
         if self.window is not None:
-            allowed = allowed & (position - keys[None, :] < self.window)
+            inside = position - keys[None, :] < self.window
+            allowed = allowed & (inside if self.window_active is None else inside | ~self.window_active)
         allowed = allowed[None]
         if self.key_valid is not None:
             valid = self.key_valid[:, keys] if key_valid is None else key_valid
@@ -188,7 +226,7 @@ class AttentionMask:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | jax.Array, *,
-              causal: bool = False) -> jax.Array:
+              causal: bool = False, scale: float | None = None, softcap: float | None = None) -> jax.Array:
     """Grouped-query softmax attention in tiles (FlashAttention), scores and softmax in float32.
 
     As in FlashAttention (Dao et al., 2022, https://arxiv.org/abs/2205.14135; the backward pass as in
@@ -211,6 +249,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | ja
             attend to a key.
         causal: With a dense mask: whether it lets no query `i` see a key after `i` (`sq == sk`), so that the
             tiles after each query tile are skipped.
+        scale: Scores are `scale * q·k` (the queries are scaled first); None: `d ** -0.5`.
+        softcap: Scores become `softcap * tanh(scores / softcap)` before masking (Gemma 2), or None.
 
     Returns:
         `[b, sq, heads * d]` in `v.dtype`.
@@ -230,7 +270,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask | ja
             raise ValueError(f"attention: mask of shape {mask.shape}, expected [batch, {sq}, {sk}]")
     elif causal:
         raise ValueError("attention: `causal` is for dense masks; an AttentionMask is causal by definition")
-    return _flash(q, k, v, mask, _Tiling(sq, sk, isinstance(mask, AttentionMask) or causal))
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    tiling = _Tiling(sq, sk, isinstance(mask, AttentionMask) or causal, scale,
+                     None if softcap is None else float(softcap))
+    return _flash(q, k, v, mask, tiling)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +283,8 @@ class _Tiling:
     sq: int
     sk: int
     causal: bool
+    scale: float
+    softcap: float | None = None
 
     @staticmethod
     def _size(n: int) -> int:
@@ -272,6 +317,8 @@ class _Tiling:
         stop = jnp.minimum(self.nk, last // self.bk + 1)
         window = mask.window if isinstance(mask, AttentionMask) else None
         first = 0 if window is None else jnp.maximum(0, (offset + i * self.bq - (window - 1)) // self.bk)
+        if window is not None and mask.window_active is not None:
+            first = jnp.where(mask.window_active, first, 0)
         return first, stop
 
 
@@ -310,18 +357,20 @@ def _tables(mask, tiling: _Tiling):
     return tables
 
 
-def _tile_scores(q_tile, k_tile, allowed, in_range):
-    """Scores `[b, kv, g, bq, bk]` in float32: `finfo.min` where masked, -inf on padded keys."""
+def _tile_scores(q_tile, k_tile, allowed, in_range, softcap=None):
+    """Scores `[b, kv, g, bq, bk]` in float32 (soft-capped): `finfo.min` where masked, -inf on padded keys."""
     scores = jnp.einsum("bkgqd,bksd->bkgqs", q_tile, k_tile, preferred_element_type=jnp.float32)
+    if softcap is not None:
+        scores = np.float32(softcap) * jnp.tanh(scores / np.float32(softcap))
     scores = jnp.where(allowed[:, None, None], scores, np.finfo(np.float32).min)
     return jnp.where(in_range, scores, -np.inf)
 
 
 def _split_heads(q, k, v, tiling: _Tiling):
-    """`q [b, kv, g, sq_pad, d]` scaled by `d**-0.5`, `k, v [b, kv, sk_pad, d]`, zero-padded to whole tiles."""
+    """`q [b, kv, g, sq_pad, d]` scaled by `tiling.scale`, `k, v [b, kv, sk_pad, d]`, zero-padded to whole tiles."""
     b, sq, heads, d = q.shape
     kv_heads = k.shape[2]
-    q = q * np.float32(d**-0.5).astype(q.dtype)
+    q = q * np.float32(tiling.scale).astype(q.dtype)
     q = q.reshape(b, sq, kv_heads, heads // kv_heads, d).transpose(0, 2, 3, 1, 4)
     sk_pad = tiling.nk * tiling.bk
     return (_pad(q, 3, tiling.nq * tiling.bq), _pad(k.transpose(0, 2, 1, 3), 2, sk_pad),
@@ -351,7 +400,8 @@ def _flash_fwd(q, k, v, mask, tiling: _Tiling):
         def key_tile(j, carry):
             row_max, row_sum, acc = carry
             allowed, in_range = _tile_mask(mask, tiling, i * bq, j * bk, tables)
-            scores = _tile_scores(q_tile, jax.lax.dynamic_slice_in_dim(ks, j * bk, bk, axis=2), allowed, in_range)
+            scores = _tile_scores(q_tile, jax.lax.dynamic_slice_in_dim(ks, j * bk, bk, axis=2), allowed, in_range,
+                                  tiling.softcap)
             new_max = jnp.maximum(row_max, jnp.max(scores, axis=-1, keepdims=True))
             scale = jnp.exp(row_max - new_max)
             probs = jnp.exp(scores - new_max)
@@ -398,9 +448,13 @@ def _flash_bwd(tiling: _Tiling, res, grad_out):
             allowed, in_range = _tile_mask(mask, tiling, i * bq, j * bk, tables)
             k_tile = jax.lax.dynamic_slice_in_dim(ks, j * bk, bk, axis=2)
             v_tile = jax.lax.dynamic_slice_in_dim(vs, j * bk, bk, axis=2)
-            probs = jnp.exp(_tile_scores(q_tile, k_tile, allowed, in_range) - lse_tile)
+            scores = _tile_scores(q_tile, k_tile, allowed, in_range, tiling.softcap)
+            probs = jnp.exp(scores - lse_tile)
             grad_probs = jnp.einsum("bkgqd,bksd->bkgqs", grad_tile, v_tile, preferred_element_type=jnp.float32)
             grad_scores = jnp.where(allowed[:, None, None] & in_range, probs * (grad_probs - delta_tile), 0.0)
+            if tiling.softcap is not None:  # d(cap tanh(x / cap))/dx = 1 - tanh² = 1 - (capped / cap)²
+                capped = jnp.where(allowed[:, None, None] & in_range, scores, 0.0) / np.float32(tiling.softcap)
+                grad_scores = grad_scores * (1 - capped * capped)
             grad_scores = grad_scores.astype(qs.dtype)
             grad_q = grad_q + jnp.einsum("bkgqs,bksd->bkgqd", grad_scores, k_tile, preferred_element_type=jnp.float32)
             grad_k = _add_slice(grad_k, jnp.einsum("bkgqs,bkgqd->bksd", grad_scores, q_tile,
@@ -412,7 +466,7 @@ def _flash_bwd(tiling: _Tiling, res, grad_out):
         first, stop = tiling.key_tiles(mask, i)
         grad_q, grad_k, grad_v = jax.lax.fori_loop(
             first, stop, key_tile, (jnp.zeros((b, kv, g, bq, d), jnp.float32), *carry))
-        return (grad_k, grad_v), (grad_q * np.float32(d**-0.5)).astype(q.dtype)  # the tile's queries are done
+        return (grad_k, grad_v), (grad_q * np.float32(tiling.scale)).astype(q.dtype)  # the tile's queries are done
 
     zeros = jnp.zeros(ks.shape, jnp.float32)
     (grad_k, grad_v), grad_q = jax.lax.scan(query_tile, (zeros, zeros), jnp.arange(tiling.nq))
@@ -446,22 +500,36 @@ def _after(xs, *deps):
 
 
 def _rope(x, cos, sin):
-    """`x * cos + rotate_half(x) * sin` over the last axis; cos/sin `[b, s, head_dim]`."""
+    """`x * cos + rotate_half(x) * sin` over the last axis; cos/sin `[b, s, rotary_dim]`.
+
+    With `rotary_dim < head_dim` (partial RoPE, Phi-3) only the first `rotary_dim` dimensions rotate.
+    """
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return jnp.concatenate([_rope(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
 class MLP(nnx.Module):
-    """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+    """A gated MLP: `down(act(gate(x)) * up(x))`, SwiGLU (`act` silu) or GeGLU (gelu, tanh approximation).
+
+    Phi-3 stores gate and up as one `gate_up_proj` (gate first), kept fused.
+    """
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, f = cfg.hidden_size, cfg.intermediate_size
         kw = dict(use_bias=cfg.mlp_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = nnx.Linear(d, f, **kw)
-        self.up_proj = nnx.Linear(d, f, **kw)
+        if cfg.fused_gate_up:
+            self.gate_up_proj = nnx.Linear(d, 2 * f, **kw)
+        else:
+            self.gate_proj = nnx.Linear(d, f, **kw)
+            self.up_proj = nnx.Linear(d, f, **kw)
         self.down_proj = nnx.Linear(f, d, **kw)
         self.intermediate_size = f
+        self.fused = cfg.fused_gate_up
+        self.act = swiglu if cfg.hidden_act == "silu" else geglu
 
     def __call__(self, x: jax.Array, *, keep: bool = True) -> jax.Array:
         """The MLP of `x [..., hidden]`, over chunks of tokens (`over_tokens`) when there are many."""
@@ -470,8 +538,13 @@ class MLP(nnx.Module):
         return out.reshape(x.shape[:-1] + out.shape[-1:])
 
     def _forward(self, x):
-        gate, up = checkpoint_name(self.gate_proj(x), "mlp_gate"), checkpoint_name(self.up_proj(x), "mlp_up")
-        return self.down_proj(swiglu(gate, up))
+        if self.fused:
+            gate_up = self.gate_up_proj(x)  # [..., 2 * intermediate]
+            gate, up = gate_up[..., :self.intermediate_size], gate_up[..., self.intermediate_size:]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = checkpoint_name(gate, "mlp_gate"), checkpoint_name(up, "mlp_up")
+        return self.down_proj(self.act(gate, up))
 
 
 # Floats of one chunk's MLP activations (`tokens × intermediate`) when a sequence is cut into chunks (`over_tokens`).
@@ -562,38 +635,107 @@ def _swiglu_bwd(res, g):
 
 swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
 
+_GELU_C = math.sqrt(2 / math.pi)  # the tanh approximation: 0.5 x (1 + tanh(c (x + 0.044715 x³)))
+
+
+@jax.custom_vjp
+def geglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """`gelu(gate) * up` with the tanh approximation (`gelu_pytorch_tanh`), keeping only `gate` and `up` for the
+    backward pass (as `swiglu`).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from qlora_jax._src.models.llama import geglu
+        >>> geglu(jnp.zeros(2), jnp.ones(2)).tolist()
+        [0.0, 0.0]
+    """
+    return jax.nn.gelu(gate, approximate=True) * up
+
+
+def _geglu_fwd(gate, up):
+    return geglu(gate, up), (gate, up)
+
+
+def _geglu_bwd(res, g):
+    gate, up = res
+    c = np.float32(_GELU_C).astype(gate.dtype)
+    t = jnp.tanh(c * (gate + np.asarray(0.044715, gate.dtype) * gate**3))
+    gelu = 0.5 * gate * (1 + t)
+    d_gelu = 0.5 * (1 + t) + 0.5 * gate * (1 - t * t) * c * (1 + np.asarray(3 * 0.044715, gate.dtype) * gate**2)
+    return g * up * d_gelu, g * gelu
+
+
+geglu.defvjp(_geglu_fwd, _geglu_bwd)
+
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm attention and MLP blocks with residual connections."""
+    """Attention and MLP blocks with residual connections and RMSNorms placed as `norm_placement` says.
+
+    "pre" (Llama): `x + attn(input_layernorm(x))`, then `h + mlp(post_attention_layernorm(h))`.
+    "sandwich" (Gemma 2/3): `x + post_attention_layernorm(attn(input_layernorm(x)))`, then
+    `h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))`.
+    "post" (OLMo-2): `x + post_attention_layernorm(attn(x))`, then `h + post_feedforward_layernorm(mlp(h))`.
+    Each block's output is multiplied by `residual_multiplier` (Granite) before it is added.
+    """
 
     def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        norm = functools.partial(RMSNorm, cfg.hidden_size, cfg.rms_norm_eps, style=cfg.norm_style,
+                                 param_dtype=param_dtype)
+        placement = self.placement = cfg.norm_placement
+        self.input_layernorm = norm() if placement != "post" else nnx.data(None)
         self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm() if placement == "sandwich" else nnx.data(None)
+        self.post_feedforward_layernorm = norm() if placement != "pre" else nnx.data(None)
         self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.residual_multiplier = float(cfg.residual_multiplier)
 
     def __call__(self, x, cos, sin, mask, cache=None, *, keep: bool = True):
         if cache is None:
             # Everything but attention itself works token by token: over chunks of tokens (`over_tokens`).
             chunk = mlp_chunk(self.mlp.intermediate_size)
             q, k, v = over_tokens(self, DecoderLayer._project, (x, cos, sin), chunk, keep)
-            return over_tokens(self, DecoderLayer._finish, (x, attention(q, k, v, mask)), chunk, keep)
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+            return over_tokens(self, DecoderLayer._finish, (x, attention(q, k, v, mask, scale=self.self_attn.scale,
+                                                                       softcap=self.self_attn.softcap)), chunk, keep)
+        attn, cache = self.self_attn(self._attention_input(x), cos, sin, mask, cache)
+        x = self._add_attention(x, attn)
+        return self._add_mlp(x, self.mlp), cache
+
+    def _attention_input(self, x):
+        return x if self.input_layernorm is None else self.input_layernorm(x)
+
+    def _add_attention(self, x, attn):
+        """`x` plus the attention block's output `attn` (after `o_proj`)."""
+        if self.placement != "pre":
+            attn = self.post_attention_layernorm(attn)
+        return x + self._scaled(attn)
+
+    def _add_mlp(self, x, mlp):
+        """`x` plus the MLP block's output; `mlp` runs the MLP (`self.mlp` chunked, or `self.mlp._forward`)."""
+        if self.placement == "pre":
+            return x + self._scaled(mlp(self.post_attention_layernorm(x)))
+        if self.placement == "sandwich":
+            x_in = self.pre_feedforward_layernorm(x)
+        else:
+            x_in = x
+        return x + self._scaled(self.post_feedforward_layernorm(mlp(x_in)))
+
+    def _scaled(self, y):
+        return y if self.residual_multiplier == 1.0 else y * np.float32(self.residual_multiplier).astype(y.dtype)
 
     def _project(self, x, cos, sin):
-        return self.self_attn.project(self.input_layernorm(x), cos, sin)
+        return self.self_attn.project(self._attention_input(x), cos, sin)
 
     def _finish(self, x, attn_out):
         """The rest of the layer after attention: output projection, residual, MLP, residual."""
-        x = checkpoint_name(x + self.self_attn.o_proj(attn_out), "h_mid")
-        return x + self.mlp._forward(self.post_attention_layernorm(x))
+        x = checkpoint_name(self._add_attention(x, self.self_attn.o_proj(attn_out)), "h_mid")
+        return self._add_mlp(x, self.mlp._forward)
 
 
 class CausalLM(nnx.Module):
-    """A Llama-family causal language model: embeddings, scanned decoder layers,
-    final RMSNorm and the output head (the embedding matrix when tied).
+    """A Llama-style causal language model: embeddings (scaled by `embed_scale`), scanned decoder layers,
+    final RMSNorm and the output head (the embedding matrix when tied; logits divided by `logits_scaling`
+    and soft-capped when configured).
 
     Attributes:
         config: The `ModelConfig`.
@@ -658,7 +800,7 @@ class CausalLM(nnx.Module):
             return DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
         self.layers = create(rngs)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, style=config.norm_style, param_dtype=param_dtype)
         if config.tie_word_embeddings:
             self.lm_head = nnx.data(None)
         else:
@@ -735,15 +877,23 @@ class CausalLM(nnx.Module):
         if self.lm_head is None:
             table = self.embed_tokens.embedding[...]  # [vocab, hidden]
             if _float32_product(h, table):
-                return head_logits(h.astype(jnp.float32), table, 0)
-            logits = self.embed_tokens.attend(h)
+                logits = head_logits(h.astype(jnp.float32), table, 0)
+            else:
+                logits = self.embed_tokens.attend(h)
         else:
             head = self.lm_head
             if type(head) is nnx.Linear and head.bias is None and _float32_product(h.astype(head.dtype or h.dtype),
                                                                                 head.kernel[...]):
-                return head_logits(h.astype(jnp.float32), head.kernel[...], 1)
-            logits = head(h)
-        return logits.astype(jnp.float32)
+                logits = head_logits(h.astype(jnp.float32), head.kernel[...], 1)
+            else:
+                logits = head(h)
+        logits = logits.astype(jnp.float32)
+        if self.config.logits_scaling != 1.0:  # Granite
+            logits = logits / np.float32(self.config.logits_scaling)
+        if self.config.final_logit_softcap is not None:  # Gemma 2
+            cap = np.float32(self.config.final_logit_softcap)
+            logits = cap * jnp.tanh(logits / cap)
+        return logits
 
     def _decode(self, input_ids, positions, attention_mask, segment_ids, cache):
         """Embeddings, decoder layers and final norm: `(h [batch, seq, hidden], updated cache or None)`."""
@@ -753,46 +903,85 @@ class CausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             if cache is not None:
                 positions = positions + start
-        h = self.embed_tokens(input_ids).astype(self.dtype)
-        angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(self.config.inv_freq(), jnp.float32)[None, None]
-        angles = jnp.concatenate([angles, angles], axis=-1)  # [b, s, head_dim]
-        cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
+        config = self.config
+        h = self.embed_tokens(input_ids)
+        if config.embed_scale is not None:  # in the embedding's dtype, as transformers (Gemma, Granite)
+            h = h * np.float32(config.embed_scale).astype(h.dtype)
+        h = h.astype(self.dtype)
+        flags = None if config.layer_types is None else jnp.asarray(config.sliding_layers)  # [layers] bool
+        all_local = config.layer_types is None and config.sliding_window is not None
+        cos, sin = _rope_tables(positions, config.inv_freq(local=all_local), self.dtype)  # [b, s, rotary_dim]
+        local = None
+        if flags is not None and config.rope_local_theta is not None:  # Gemma 3: the sliding layers' own RoPE
+            local = _rope_tables(positions, config.inv_freq(local=True), self.dtype)
         if cache is None:
-            mask = _self_attention_mask(attention_mask, segment_ids, self.config.sliding_window)
+            mask = _self_attention_mask(attention_mask, segment_ids, config.sliding_window)
         else:
-            mask = cache.attention_mask(attention_mask, self.config.sliding_window)
+            mask = cache.attention_mask(attention_mask, config.sliding_window)
+        consts = (cos, sin, mask, local)
 
         if cache is None:
-            def body(h, layer):
-                return layer(h, cos, sin, mask, keep=not self.remat)
+            def body(h, layer, flag):
+                return layer(h, *_layer_consts(consts, flag), keep=not self.remat)
 
             # Only the variables a layer changes (dropout's RNG counts) come out of the remat, so the frozen
             # weights stay the arrays (and shardings) they were. Without `remat`, a policy keeps `_KEEP`'s
             # values; inside a scan that recomputation needs no CSE barrier (`jax.checkpoint`'s `prevent_cse`).
             if self.remat:
                 graphdef, state = nnx.split(self.layers)
-                h, rng_state = remat_layers(graphdef, h, state, (cos, sin, mask), self.remat_group)
+                h, rng_state = remat_layers(graphdef, h, {"layer": state, "flag": flags}, consts, self.remat_group)
                 nnx.update(self.layers, rng_state)
             else:
-                body = nnx.remat(body, prevent_cse=False, policy=_KEEP, graph_updates=False)
-                h = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.layers)
+                if flags is None:
+                    uniform = nnx.remat(lambda h, layer: body(h, layer, None), prevent_cse=False, policy=_KEEP,
+                                        graph_updates=False)
+                    h = nnx.scan(uniform, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(h, self.layers)
+                else:
+                    body = nnx.remat(body, prevent_cse=False, policy=_KEEP, graph_updates=False)
+                    h = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)(h, self.layers, flags)
         else:
-            def body(h, layer, k, v):
-                return layer(h, cos, sin, mask, (k, v, start))
+            def body(h, layer, k, v, *flag):
+                return layer(h, *_layer_consts(consts, flag[0] if flag else None), (k, v, start))
 
-            h, (keys, values) = nnx.scan(body, in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))(
-                h, self.layers, cache.keys, cache.values)
+            xs = (self.layers, cache.keys, cache.values) + (() if flags is None else (flags,))
+            h, (keys, values) = nnx.scan(body, in_axes=(nnx.Carry,) + (0,) * len(xs), out_axes=(nnx.Carry, 0))(
+                h, *xs)
             cache = KVCache(keys, values, start + s, cache.valid if attention_mask is None else
                             jax.lax.dynamic_update_slice_in_dim(cache.valid, attention_mask.astype(jnp.bool_),
                                                                 start, axis=1))
         return self.norm(h), cache
 
 
+def _rope_tables(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """RoPE's `(cos, sin)` `[b, s, rotary_dim]` of `positions [b, s]`, in `dtype`."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)[None, None]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def _layer_consts(consts, flag):
+    """`(cos, sin, mask)` of one layer from `(cos, sin, mask, local RoPE tables or None)` and its sliding flag.
+
+    `flag` (a traced bool, or None when every layer is alike) switches the mask's window on or off and, with
+    `local` tables (Gemma 3), picks the sliding layers' RoPE.
+    """
+    cos, sin, mask, local = consts
+    if flag is None:
+        return cos, sin, mask
+    if mask.window is not None:
+        mask = dataclasses.replace(mask, window_active=flag)
+    if local is not None:
+        cos, sin = jnp.where(flag, local[0], cos), jnp.where(flag, local[1], sin)
+    return cos, sin, mask
+
+
 def _layer_step(graphdef, state, h, consts):
-    """One decoder layer (`state`: its variables) on `h`: `(output, the layer's RNG state afterwards)`."""
-    layer = nnx.merge(graphdef, state, copy=True)
-    cos, sin, mask = consts
-    out = layer(h, cos, sin, mask, keep=False)
+    """One decoder layer on `h`: `(output, the layer's RNG state afterwards)`.
+
+    `state`: `{"layer": the layer's variables, "flag": its sliding flag or None}`.
+    """
+    layer = nnx.merge(graphdef, state["layer"], copy=True)
+    out = layer(h, *_layer_consts(consts, state["flag"]), keep=False)
     return out, nnx.state(layer, nnx.RngState)
 
 

@@ -1,0 +1,242 @@
+"""Gemma 1/2/3 (text), Phi-3, OLMo-2 and Granite against `transformers` (PyTorch, float32) on tiny random
+checkpoints: float32 logits, NF4 logits against the exactly dequantized HF model, greedy generation with the KV
+cache, PEFT adapters both ways, and the config settings that are refused by name."""
+
+import copy
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from test_models import hf_logits
+from test_models_quant import NF4_TABLE, _exact_dequant
+
+import qlora_jax as qj
+from qlora_jax import models
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+
+# Each family with the settings that make it differ from Llama switched on and large enough to matter: head_dim
+# apart from hidden / heads, sliding windows (4) shorter than the sequences (12) and than prompt + new tokens (14),
+# soft caps near the logits' size, RoPE bases and scaling per layer kind, partial rotary, scalar multipliers.
+FAMILIES = {
+    "gemma": ("gemma", dict(head_dim=32)),
+    "gemma2": ("gemma2", dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=4, attn_logit_softcapping=0.5,
+                              initializer_range=0.1,
+                              final_logit_softcapping=10.0)),
+    "gemma3": ("gemma3_text", dict(head_dim=32, query_pre_attn_scalar=24, sliding_window=4,
+                                   layer_types=["sliding_attention", "full_attention"],
+                                   rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                                                    "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                       "rope_theta": 10000.0}})),
+    "phi3": ("phi3", dict(pad_token_id=0, intermediate_size=192, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
+    "olmo2": ("olmo2", dict(pad_token_id=0)),
+    "granite": ("granite", dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.1,
+                                logits_scaling=4.0, attention_bias=True, mlp_bias=True)),
+}
+# The projections PEFT can target, by family (PEFT's own module names).
+TARGETS = {name: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] for name in FAMILIES}
+TARGETS["phi3"] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def _make(directory, name, seed=0):
+    model_type, extra = FAMILIES[name]
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **extra})
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    with torch.no_grad():  # non-trivial norms and biases
+        for n, p in hf.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(directory / name)
+    return directory / name, hf
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """`checkpoint(name) -> (path, hf model)`, each family's built once per module (copy the model to change it)."""
+    directory, built = tmp_path_factory.mktemp("families"), {}
+
+    def get(name):
+        if name not in built:
+            built[name] = _make(directory, name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    """`loaded(name)`: the float32 model of each family, loaded once."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = models.from_pretrained(checkpoint(name)[0])
+        return cache[name]
+
+    return get
+
+
+IDS = np.random.default_rng(0).integers(0, 128, (2, 12))
+
+
+def _logits(model, ids):
+    return np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_float32_logits_match_transformers(checkpoint, loaded, name):
+    _, hf = checkpoint(name)
+    expected = hf_logits(hf, IDS)
+    got = _logits(loaded(name), IDS)
+    assert np.abs(expected).max() > 0.05  # logits far from zero: the comparison says something
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_families_read_their_switches(loaded):
+    assert loaded("gemma").config.hidden_act == "gelu_tanh" and loaded("gemma").config.tie_word_embeddings
+    assert loaded("gemma").lm_head is None
+    cfg2 = loaded("gemma2").config
+    assert cfg2.layer_types == ("sliding_attention", "full_attention") and cfg2.sliding_window == 4
+    assert (cfg2.attn_logit_softcap, cfg2.final_logit_softcap, cfg2.attn_scale) == (0.5, 10.0, 20**-0.5)
+    cfg3 = loaded("gemma3").config
+    assert cfg3.rope_local_theta == 100.0 and cfg3.rope_scaling == {"rope_type": "linear", "factor": 8.0}
+    phi3 = loaded("phi3")
+    assert phi3.config.rotary_dim == 8 and phi3.layers.self_attn.qkv_proj.kernel.shape == (2, 64, 128)
+    assert phi3.layers.mlp.gate_up_proj.kernel.shape == (2, 64, 384)
+    olmo2 = loaded("olmo2")
+    assert olmo2.layers.input_layernorm is None and olmo2.layers.self_attn.q_norm.weight.shape == (2, 64)
+    assert loaded("granite").config.logits_scaling == 4.0
+
+
+def test_gemma2_sliding_and_global_layers_differ(checkpoint):
+    """The alternating layers matter: with every layer global the logits move (so the test above checks them)."""
+    path, hf = checkpoint("gemma2")
+    cfg = models.load_config(path)
+    import dataclasses
+
+    from qlora_jax._src.models import loading
+
+    glob = dataclasses.replace(cfg, layer_types=None, sliding_window=None)
+    model = loading._load(glob, path, loading.SafetensorsReader(path), quant=None, lora=None, dtype=jnp.float32,
+                          param_dtype=jnp.float32, remat=False, rngs=None, progress=False)
+    assert np.abs(_logits(model, IDS) - hf_logits(hf, IDS)).max() > 1e-3
+
+
+def _projections(hf):
+    return [(n, m) for n, m in hf.named_modules() if n.rsplit(".", 1)[-1].endswith("_proj")
+            and isinstance(m, torch.nn.Linear)]
+
+
+def _nf4_reference(hf):
+    """A copy of `hf` whose projections (fused ones as stored) hold bitsandbytes' NF4 codes and absmax, dequantized
+    exactly in NumPy (`table[code] * absmax` in float32)."""
+    import bitsandbytes.functional as bnbf
+
+    hf = copy.deepcopy(hf)
+    with torch.no_grad():
+        for _, module in _projections(hf):
+            w = module.weight.detach().float().contiguous()
+            packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+            module.weight.copy_(torch.from_numpy(_exact_dequant(packed.numpy(), state.absmax.numpy(), NF4_TABLE,
+                                                                tuple(w.shape))))
+    return hf
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_nf4_logits_match_exactly_dequantized_transformers(checkpoint, name):
+    path, hf = checkpoint(name)
+    model = models.from_pretrained(path, quant=qj.QuantConfig(fmt="nf4", block_size=64, double_quant=False))
+    attn = model.layers.self_attn
+    kernel = (attn.qkv_proj if name == "phi3" else attn.q_proj).kernel.get_value()
+    assert isinstance(kernel, qj.QuantizedArray)
+    np.testing.assert_allclose(_logits(model, IDS), hf_logits(_nf4_reference(hf), IDS), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_greedy_generation_matches_transformers(checkpoint, loaded, name):
+    _, hf = checkpoint(name)
+    prompt = np.random.default_rng(5).integers(1, 128, (1, 6))
+    ours = models.generate(loaded(name), prompt, max_new_tokens=8)
+    with torch.no_grad():
+        theirs = hf.generate(torch.from_numpy(prompt).long(), max_new_tokens=8, do_sample=False,
+                             attention_mask=torch.ones(1, 6, dtype=torch.long), pad_token_id=0).numpy()[:, 6:]
+    np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_peft_adapters_round_trip(checkpoint, tmp_path, name):
+    """An adapter made by PEFT loads here with PEFT's logits; one saved here loads in `PeftModel` with ours."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    path, hf = checkpoint(name)
+    targets = TARGETS[name]
+    lora = qj.LoraConfig(rank=4, alpha=8, targets=targets, dropout=0.0)
+    made = get_peft_model(copy.deepcopy(hf), PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                            lora_dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in made.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    made.save_pretrained(tmp_path / "peft_made")
+    model = models.from_pretrained(path, lora=lora)
+    models.load_peft_adapter(model, tmp_path / "peft_made")
+    np.testing.assert_allclose(_logits(model, IDS), hf_logits(made.eval(), IDS), atol=1e-4, rtol=0)
+
+    fresh = models.from_pretrained(path, lora=lora)
+    rng = np.random.default_rng(2)
+    for _, v in nnx.to_flat_state(nnx.state(fresh, nnx.LoRAParam)):
+        v.set_value(jnp.asarray(rng.standard_normal(v.get_value().shape) * 0.1, jnp.float32))
+    models.save_peft_adapter(fresh, tmp_path / "ours", base_model_name_or_path=str(path))
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(hf), tmp_path / "ours").eval()
+    np.testing.assert_allclose(_logits(fresh, IDS), hf_logits(peft_model, IDS), atol=1e-4, rtol=0)
+
+
+def _config(hf, **changes):
+    """The HF config of `hf` as a plain object with `changes` (no `transformers` validation in the way)."""
+    return types.SimpleNamespace(**{**hf.config.to_dict(), **changes})
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    ("gemma", dict(hidden_act="relu"), r"hidden_act: 'relu' is not implemented"),
+    ("gemma", dict(use_bidirectional_attention=True), r"use_bidirectional_attention: bidirectional"),
+    ("gemma2", dict(hidden_activation="gelu"), r"hidden_activation: 'gelu' is not implemented"),
+    ("gemma2", dict(layer_types=["sliding_attention", "chunked_attention"]),
+     r"layer_types: \['chunked_attention'\] are not implemented"),
+    ("gemma3", dict(rope_parameters={"full_attention": {"rope_type": "yarn", "factor": 2.0},
+                                     "sliding_attention": {"rope_type": "default"}}),
+     r"rope_parameters.rope_type: 'yarn' is not implemented"),
+    ("gemma3", dict(rope_parameters={"full_attention": {"rope_type": "default"},
+                                     "sliding_attention": {"rope_type": "linear", "factor": 2.0}}),
+     r"rope_parameters.sliding_attention.rope_type: 'linear' is not implemented"),
+    ("phi3", dict(rope_parameters={"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [1.0] * 4}),
+     r"rope_parameters.rope_type: 'longrope' is not implemented"),
+    ("olmo2", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0}),
+     r"rope_parameters.rope_type: 'dynamic' is not implemented"),
+    ("olmo2", dict(partial_rotary_factor=0.5), r"partial_rotary_factor: partial rotary embeddings are not"),
+    ("granite", dict(hidden_act="gelu"), r"hidden_act: 'gelu' is not implemented"),
+])
+def test_unsupported_settings_are_refused_by_name(checkpoint, name, changes, message):
+    _, hf = checkpoint(name)
+    with pytest.raises(ValueError, match=message):
+        models.ModelConfig.from_hf(_config(hf, **changes))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_merged_export_reloads_in_transformers(checkpoint, tmp_path, name):
+    """`save_merged` writes each family's own config: transformers loads it back with the same logits."""
+    path, _ = checkpoint(name)
+    model = models.from_pretrained(path)
+    models.save_merged(model, tmp_path / "merged")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
+    assert back.config.model_type == FAMILIES[name][0]
+    np.testing.assert_allclose(hf_logits(back.float(), IDS), _logits(model, IDS), atol=1e-4, rtol=0)
