@@ -165,13 +165,13 @@ def _flat_specs(value: QuantizedArray, mesh_axes: tuple[str | None, ...], mesh: 
     """Specs of a kernel in flat layout (input size not a multiple of the block size; blocks cross rows).
 
     Its codes `[*stack, ceil(size / 2)]` and scales `[*stack, n_blocks]` are split along their one flat axis over
-    the mesh axes of its output and input axes together, else over one of them, so that each device holds whole
-    blocks and their scales: the split must cut `n_blocks` evenly, and a kernel whose last block is partial
-    (`size % block_size`) has codes that cannot be cut on block boundaries. Where no split fits, the kernel stays
-    replicated (a flat kernel is never refused); its nested scales are always replicated.
+    the mesh axes of its output and input axes together, else over the larger one of them that fits, so that each
+    device holds whole blocks and their scales: the split must cut `n_blocks` evenly, and a kernel whose last
+    block is partial (`size % block_size`) has codes that cannot be cut on block boundaries. Where no split fits,
+    the kernel stays replicated (a flat kernel is never refused); its nested scales are always replicated.
     """
     axes = tuple(dict.fromkeys(a for a in mesh_axes if a is not None))
-    candidates = ([axes] if len(axes) > 1 else []) + [(a,) for a in axes]
+    candidates = ([axes] if len(axes) > 1 else []) + sorted(((a,) for a in axes), key=lambda c: -mesh.shape[c[0]])
     split = None
     if value.size % value.block_size == 0:
         split = next((c for c in candidates if value.n_blocks % int(np.prod([mesh.shape[a] for a in c])) == 0),
