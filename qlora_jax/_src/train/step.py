@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from qlora_jax._src.train.loss import masked_cross_entropy
 
@@ -200,6 +201,45 @@ def _loss_sums(model: nnx.Module, batch: dict[str, jax.Array],
 
 def _train_step_impl(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], *,
                      micro_batches: int = 1, loss_chunk: int | None = 1024) -> dict[str, jax.Array]:
+    mesh = _explicit_mesh(nnx.state((model, optimizer)), batch)
+    if mesh is None:
+        return _train_step_body(model, optimizer, batch, micro_batches=micro_batches, loss_chunk=loss_chunk)
+    # Arrays sharded on a mesh with Explicit axes (`jax.make_mesh`'s default since JAX 0.7) carry their sharding in
+    # their types, and every operation must then say how its output is sharded. The step runs with those axes as
+    # Auto (`jax.sharding.auto_axes`: XLA propagates shardings, as on an Auto mesh) and hands back what it changed
+    # (trained variables, optimizer state, RNG counts) with the shardings they came in with.
+    changed = _changed_by_step(optimizer)
+    graphdef, state, rest = nnx.split((model, optimizer), changed, ...)
+
+    def body(state: nnx.State, rest: nnx.State, batch: dict[str, jax.Array]):
+        model, optimizer = nnx.merge(graphdef, state, rest)
+        metrics = _train_step_body(model, optimizer, batch, micro_batches=micro_batches, loss_chunk=loss_chunk)
+        return metrics, nnx.state((model, optimizer), changed)
+
+    specs = jax.tree.map(lambda x: jax.typeof(x).sharding.spec, state)
+    with jax.sharding.use_abstract_mesh(mesh):  # the arrays' mesh, also where no mesh was set as the context
+        metrics, state = jax.sharding.auto_axes(body, out_sharding=(PartitionSpec(), specs))(state, rest, batch)
+    nnx.update((model, optimizer), state)
+    return metrics
+
+
+def _explicit_mesh(*trees: Any) -> jax.sharding.AbstractMesh | None:
+    """The mesh with Explicit axes the traced computation runs on (the context's, else the arrays'), or None."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        meshes = (getattr(jax.typeof(leaf).sharding, "mesh", None) for leaf in jax.tree.leaves(trees)
+                  if isinstance(leaf, jax.Array))
+        mesh = next((m for m in meshes if m is not None and not m.empty), mesh)
+    return None if mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types else mesh
+
+
+def _changed_by_step(optimizer: nnx.Optimizer) -> Any:
+    """What a train step writes (an NNX filter): the trained variables, the RNG state, the optimizer's state."""
+    return nnx.Any(optimizer.wrt, nnx.RngState, nnx.OptState)
+
+
+def _train_step_body(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict[str, jax.Array], *,
+                     micro_batches: int = 1, loss_chunk: int | None = 1024) -> dict[str, jax.Array]:
     def loss_fn(model: nnx.Module, batch: dict[str, jax.Array]):
         return _loss_sums(model, batch, loss_chunk=loss_chunk)
 
@@ -275,7 +315,16 @@ def bound_train_step(model: nnx.Module, optimizer: nnx.Optimizer) -> Callable[..
 
 @nnx.jit(graph_updates=False)
 def _eval_sums(model: nnx.Module, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    return _loss_sums(model, batch)[1]
+    mesh = _explicit_mesh(nnx.state(model), batch)
+    if mesh is None:
+        return _loss_sums(model, batch)[1]
+    graphdef, state = nnx.split(model)  # with the mesh's axes as Auto, as the train step
+
+    def body(state: nnx.State, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        return _loss_sums(nnx.merge(graphdef, state), batch)[1]
+
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(body, out_sharding=PartitionSpec())(state, batch)
 
 
 def _eval_view(model: nnx.Module) -> nnx.Module:
