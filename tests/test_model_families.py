@@ -240,3 +240,41 @@ def test_merged_export_reloads_in_transformers(checkpoint, tmp_path, name):
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
     assert back.config.model_type == FAMILIES[name][0]
     np.testing.assert_allclose(hf_logits(back.float(), IDS), _logits(model, IDS), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name, remat", [("gemma2", False), ("gemma3", True), ("phi3", False), ("olmo2", True)])
+def test_adapter_gradients_match_peft(checkpoint, tmp_path, name, remat):
+    """The adapters' gradients (soft-capped attention's backward pass, GeGLU's, the per-layer flags through the
+    scan with and without `remat`, fused projections) equal PyTorch autograd's through PEFT on the same weights."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    path, hf = checkpoint(name)
+    targets = TARGETS[name]
+    peft_model = get_peft_model(copy.deepcopy(hf), PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                                  lora_dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = models.from_pretrained(path, lora=qj.LoraConfig(rank=4, alpha=8, targets=targets, dropout=0.0),
+                                   remat=remat)
+    models.load_peft_adapter(model, tmp_path / "adapter")
+    weights = np.random.default_rng(1).standard_normal((*IDS.shape, 128)).astype(np.float32)
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.asarray(IDS)) * weights), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    peft_model.train()
+    (peft_model(torch.from_numpy(IDS)).logits * torch.from_numpy(weights)).sum().backward()
+    theirs = {n: p.grad for n, p in peft_model.named_parameters() if "lora_" in n}
+    checked = 0
+    for path_, v in nnx.to_flat_state(grads):
+        block, proj, factor = path_[1], path_[2], {"lora_a": "lora_A", "lora_b": "lora_B"}[path_[-1]]
+        for i in range(v.get_value().shape[0]):
+            ref = theirs[f"base_model.model.model.layers.{i}.{block}.{proj}.{factor}.default.weight"].T
+            scale = float(ref.abs().max())
+            assert scale > 0
+            np.testing.assert_allclose(np.asarray(v.get_value()[i]), ref.numpy(), rtol=0, atol=2e-5 * scale,
+                                       err_msg=f"layer {i} {proj} {factor}")
+            checked += 1
+    assert checked == 2 * len(targets) * 2

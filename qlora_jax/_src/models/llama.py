@@ -904,10 +904,9 @@ class CausalLM(nnx.Module):
             if cache is not None:
                 positions = positions + start
         config = self.config
-        h = self.embed_tokens(input_ids)
-        if config.embed_scale is not None:  # in the embedding's dtype, as transformers (Gemma, Granite)
-            h = h * np.float32(config.embed_scale).astype(h.dtype)
-        h = h.astype(self.dtype)
+        h = self.embed_tokens(input_ids).astype(self.dtype)
+        if config.embed_scale is not None:  # the scale rounded to the compute dtype first, as transformers' Gemma
+            h = h * np.float32(config.embed_scale).astype(self.dtype)
         flags = None if config.layer_types is None else jnp.asarray(config.sliding_layers)  # [layers] bool
         all_local = config.layer_types is None and config.sliding_window is not None
         cos, sin = _rope_tables(positions, config.inv_freq(local=all_local), self.dtype)  # [b, s, rotary_dim]

@@ -1,8 +1,11 @@
-"""`from_pretrained`: a Hugging Face Llama-family checkpoint as a `CausalLM`.
+"""`from_pretrained`: a Hugging Face checkpoint of a supported family as a `CausalLM`.
 
-The model is first built abstractly (`nnx.eval_shape`: nothing allocated),
-then filled from the checkpoint one tensor at a time. Linear weights are
-transposed to Flax's `[in, out]`.
+The families are `SUPPORTED_MODEL_TYPES` (Llama, Mistral, Qwen2, Qwen3, Gemma
+1/2/3 text, Phi-3, OLMo-2, Granite). The model is first built abstractly
+(`nnx.eval_shape`: nothing allocated), then filled from the checkpoint one
+tensor at a time. Linear weights are transposed to Flax's `[in, out]`; module
+names are the checkpoint's own, so fused projections (Phi-3's `qkv_proj`,
+`gate_up_proj`) load, quantize and take adapters as the one kernel stored.
 """
 
 from __future__ import annotations
@@ -131,11 +134,11 @@ def from_pretrained(
     rngs: nnx.Rngs | None = None,
     progress: bool = False,
 ) -> CausalLM:
-    """Loads a Llama-family checkpoint (`config.json` + safetensors) as a `CausalLM`.
+    """Loads a checkpoint of a supported family (`config.json` + safetensors) as a `CausalLM`.
 
     The model is built abstractly and filled one tensor at a time. With
-    `quant`, every decoder projection (`*_proj`; not `lm_head` or the
-    embeddings) is transposed and quantized as it is read, so the
+    `quant`, every decoder projection (`*_proj`, fused ones as one kernel;
+    not `lm_head` or the embeddings) is transposed and quantized as it is read, so the
     full-precision model is never resident. A checkpoint saved by
     `transformers` + `bitsandbytes` in 4 bit is used as is: its packed codes
     and scales become the kernels without dequantizing (then `quant` must be
