@@ -261,7 +261,7 @@ def test_long_rows_are_truncated_and_rows_without_loss_are_dropped_and_counted(t
     assert stats.max_length == prompt_row
     assert stats.num_tokens == sum(len(e) for e in examples)
     path = _write(tmp_path, [{"prompt": long_text, "completion": " four"}])
-    with pytest.raises(ValueError, match="no example left: all 1 rows .* seq_len=8"):
+    with pytest.raises(ValueError, match=f"^{path}: no example left: all 1 rows .* seq_len=8"):
         load_examples(path, tokenizer, 8)
 
 

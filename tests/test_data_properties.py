@@ -2,7 +2,7 @@
 
 * Any file, well-formed rows mixed with malformed lines, either loads or raises a `ValueError` whose
   message starts with `<file>:<line>: ` of the first bad line (computed here from how each line was
-  built), `<file>: empty dataset` when it holds no row, or `no example left` when every row is dropped;
+  built), `<file>: empty dataset` when it holds no row, or `<file>: no example left` when every row is dropped;
   no other exception escapes.
 * The loaded examples, their loss masks, truncation to `seq_len`, dropping and `DataStats` equal a
   reference computed here from the tokenizer alone: a text row trains every token; a prompt/completion
@@ -358,7 +358,7 @@ def test_any_file_loads_as_specified_or_fails_naming_its_first_bad_line(tmp_path
     kept, stats = _expected(tokenizer, kind, prefix, [row for _, row in rows], seq_len, add_eos)
     event("loads" if kept else "no example left")
     if not kept:
-        with pytest.raises(ValueError, match=f"^no example left: all {len(rows)} rows"):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: no example left: all {len(rows)} rows"):
             load_examples(path, tokenizer, seq_len, add_eos=add_eos)
         return
     assert load_jsonl(path) == [row for _, row in rows]

@@ -25,7 +25,7 @@ def _free_port() -> int:
 
 def _env(**extra: str) -> dict[str, str]:
     """os.environ for the worker processes, with XLA_FLAGS minus any host device count (each worker sets its own
-    devices; the flags tests/conftest.py adds stay)."""
+    devices; the flags conftest.py adds stay)."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
              if not f.startswith("--xla_force_host_platform_device_count")]
     return {**os.environ, "XLA_FLAGS": " ".join(flags), **extra}

@@ -318,7 +318,7 @@ def test_clipping_applies_at_max_grad_norm():
 
 
 def test_optimizer_works_under_strict_dtype_promotion():
-    assert jax.config.jax_numpy_dtype_promotion == "strict"  # tests/conftest.py
+    assert jax.config.jax_numpy_dtype_promotion == "strict"  # conftest.py
     tx = qj.train.make_optimizer(TrainConfig(total_steps=3, weight_decay=0.1))
     params = {"w": jnp.ones(3)}
     updates, _ = tx.update({"w": jnp.ones(3)}, tx.init(params), params)  # optax.adamw alone raises here

@@ -20,7 +20,7 @@ faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
 import jax  # noqa: E402
 
-# The test process's settings (tests/conftest.py): the same compiled programs, so the same bits.
+# The test process's settings (the root conftest.py): the same compiled programs, so the same bits.
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")

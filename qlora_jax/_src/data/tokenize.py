@@ -190,10 +190,10 @@ def load_examples(
         FileNotFoundError: /nonexistent.jsonl: no such file
     """
     rows, lines = read_jsonl(path)
-    return _tokenize(rows, [f"{path}:{n}" for n in lines], tokenizer, seq_len, add_eos)
+    return _tokenize(rows, [f"{path}:{n}" for n in lines], tokenizer, seq_len, add_eos, source=f"{path}: ")
 
 
-def _tokenize(rows, wheres, tokenizer, seq_len, add_eos) -> tuple[list[Example], DataStats]:
+def _tokenize(rows, wheres, tokenizer, seq_len, add_eos, source: str = "") -> tuple[list[Example], DataStats]:
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len: expected an int >= 2, got {seq_len!r}")
     if not rows:
@@ -252,7 +252,7 @@ def _tokenize(rows, wheres, tokenizer, seq_len, add_eos) -> tuple[list[Example],
         _logger.warning("data: %d of %d rows truncated to seq_len=%d (%d tokens cut); %d dropped with no "
                         "loss-carrying target left", truncated, len(rows), seq_len, truncated_tokens, dropped)
     if not examples:
-        raise ValueError(f"no example left: all {len(rows)} rows have no loss-carrying target within "
+        raise ValueError(f"{source}no example left: all {len(rows)} rows have no loss-carrying target within "
                          f"seq_len={seq_len} tokens")
     stats = DataStats(
         num_rows=len(rows),
