@@ -416,3 +416,31 @@ def test_a_flat_kernel_that_cannot_split_on_whole_blocks_stays_replicated(cpu_de
         assert down.codes == want and down.absmax == want and down.nested_absmax == jax.sharding.PartitionSpec()
     qj.shard_model(block, qj.make_mesh({"fsdp": 8}, cpu_devices), "fsdp", axes=models.LLAMA_AXES)
     assert block.down_proj.kernel.get_value().codes.sharding.is_fully_replicated
+
+
+def test_linear_general_and_einsum_kernels_in_flat_layout():
+    """N-D kernels whose input axes hold 96 elements (blocks of 64 cross rows): `nnx.LinearGeneral` `[2, 48, 4, 24]`
+    and `nnx.Einsum` `[96, 4, 16]` as QLoRA layers equal a float64 reference with the exactly dequantized kernel."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.general = nnx.LinearGeneral((2, 48), (4, 24), axis=(-2, -1), rngs=rngs)
+            self.einsum = nnx.Einsum("bsd,dnh->bsnh", (96, 4, 16), (4, 16), rngs=rngs)
+
+    model = Net(nnx.Rngs(0))
+    floats = {name: np.asarray(getattr(model, name).kernel[...]).reshape(96, -1) for name in ("general", "einsum")}
+    model = qj.apply_qlora(model, quant=qj.QuantConfig(double_quant=False), lora=qj.LoraConfig(rank=4, alpha=8),
+                           rngs=nnx.Rngs(1))
+    x = jax.random.normal(jax.random.key(2), (2, 3, 96))
+    for name, x_in in (("general", x.reshape(2, 3, 2, 48)), ("einsum", x)):
+        layer = getattr(model, name)
+        q = layer.kernel.get_value()
+        assert not q.row_layout and q.contract_axes == ((0, 1) if name == "general" else (0,))
+        layer.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(3), layer.lora_b.shape)
+        w = _exact_kernel(q)  # [96, prod(out axes)], float64 from the bitsandbytes bytes
+        _assert_bnb_bytes(q, floats[name].T, what=name)  # bitsandbytes' weight [out, in] = [prod(out axes), 96]
+        a = np.asarray(layer.lora_a[...], np.float64).reshape(96, 4)
+        b = np.asarray(layer.lora_b[...], np.float64).reshape(4, -1)
+        h = np.asarray(x, np.float64).reshape(6, 96)
+        ref = h @ w + np.asarray(layer.bias[...], np.float64).reshape(-1) + h @ a @ b * 2.0
+        np.testing.assert_allclose(np.asarray(layer(x_in)).reshape(6, -1), ref, rtol=1e-5, atol=1e-5)
