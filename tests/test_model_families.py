@@ -34,7 +34,7 @@ FAMILIES = {
                                    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
                                                     "full_attention": {"rope_type": "linear", "factor": 8.0,
                                                                        "rope_theta": 10000.0}})),
-    "phi3": ("phi3", dict(pad_token_id=0, intermediate_size=192, rope_parameters={
+    "phi3": ("phi3", dict(pad_token_id=0, intermediate_size=192, sliding_window=5, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5})),
     "olmo2": ("olmo2", dict(pad_token_id=0)),
     "granite": ("granite", dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.1,
