@@ -2,9 +2,10 @@
 
 Builds one random Llama-family checkpoint with `transformers` (hidden 512,
 4 layers, intermediate 1408, 8 heads / 4 KV heads, vocab 1024: about 12.9 M
-parameters; 1408 rather than Llama's 8/3 · 512 ≈ 1376 because qlora_jax's
-blocks run along the input axis, so down_proj's input size must be a multiple
-of the block size 64), saved with `save_pretrained` to a temporary folder, and times a
+parameters; 1408, a multiple of the block size 64, rather than Llama's
+8/3 · 512 ≈ 1376; `--intermediate 1376` times that shape, whose down_proj
+input is not a multiple of 64, so its blocks cross rows: flat layout), saved
+with `save_pretrained` to a temporary folder, and times a
 full training step — forward, backward and the AdamW update, float32 compute,
 LoRA r=16, alpha=16, dropout 0 on q, k, v, o, gate, up and down — on one
 batch of 4 x 256 tokens, for:
@@ -38,7 +39,7 @@ qlora_jax skips work the formula counts (the masked half of causal
 attention, blockwise).
 
 Usage:
-    python benchmarks/train_step.py [--repeats N] [--quick] [--no-torch] [--json PATH]
+    python benchmarks/train_step.py [--repeats N] [--quick] [--no-torch] [--intermediate N] [--json PATH]
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test, not a measurement)")
     parser.add_argument("--no-torch", action="store_true", help="time the qlora_jax steps only")
     parser.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n x n f32 rate probe")
+    parser.add_argument("--intermediate", type=int, default=None,
+                        help="MLP width instead of the shape's (e.g. 1376: down_proj's blocks cross rows)")
     add_output_arguments(parser, DEFAULT_JSON)
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -450,6 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runtime = None if args.default_runtime else qlora_jax.app.configure_cpu()  # before JAX starts; process-wide
     shape = QUICK if args.quick else Shape()
+    if args.intermediate is not None:
+        shape = dataclasses.replace(shape, intermediate=args.intermediate)
     threads = os.cpu_count() or 1
     machine = machine_info()
     flops = model_flops(shape)
