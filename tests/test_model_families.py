@@ -1,4 +1,4 @@
-"""Gemma 1/2/3 (text), Phi-3, OLMo-2 and Granite against `transformers` (PyTorch, float32) on tiny random
+"""Gemma 1/2/3 (text), Phi-3, OLMo-2, Granite and Mixtral against `transformers` (PyTorch, float32) on tiny random
 checkpoints: float32 logits, NF4 logits against the exactly dequantized HF model, greedy generation with the KV
 cache, PEFT adapters both ways, and the config settings that are refused by name."""
 
@@ -39,10 +39,13 @@ FAMILIES = {
     "olmo2": ("olmo2", dict(pad_token_id=0)),
     "granite": ("granite", dict(embedding_multiplier=6.0, residual_multiplier=0.5, attention_multiplier=0.1,
                                 logits_scaling=4.0, attention_bias=True, mlp_bias=True)),
+    "mixtral": ("mixtral", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5)),
 }
+DENSE = [name for name in FAMILIES if name != "mixtral"]
 # The projections PEFT can target, by family (PEFT's own module names).
 TARGETS = {name: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] for name in FAMILIES}
 TARGETS["phi3"] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+TARGETS["mixtral"] = ["q_proj", "k_proj", "v_proj", "o_proj"]  # PEFT's LoRA has no module for transformers' experts
 
 
 def _make(directory, name, seed=0):
@@ -114,6 +117,33 @@ def test_families_read_their_switches(loaded):
     olmo2 = loaded("olmo2")
     assert olmo2.layers.input_layernorm is None and olmo2.layers.self_attn.q_norm.weight.shape == (2, 64)
     assert loaded("granite").config.logits_scaling == 4.0
+    mixtral = loaded("mixtral")
+    assert mixtral.config.num_experts == 4 and mixtral.layers.mlp.experts.w1.kernel.shape == (2, 4, 64, 128)
+    assert mixtral.layers.mlp.gate.kernel.shape == (2, 64, 4)  # the router: [layers, hidden, experts]
+
+
+def test_mixtral_experts_are_quantized_and_the_router_is_not(checkpoint):
+    path, _ = checkpoint("mixtral")
+    model = models.from_pretrained(path, quant=qj.QuantConfig(fmt="nf4", block_size=64, double_quant=False),
+                                   lora=qj.LoraConfig(rank=4, alpha=8, targets=TARGETS["mixtral"]))
+    w2 = model.layers.mlp.experts.w2.kernel.get_value()
+    assert isinstance(w2, qj.QuantizedArray) and w2.stack_shape == (2, 4) and w2.shape == (128, 64)
+    router = model.layers.mlp.gate.kernel
+    assert isinstance(router, nnx.Param) and router.get_value().dtype == jnp.float32
+    assert not any("experts" in str(p) or "gate" in p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
+
+
+def test_mixtral_routing_matters(checkpoint, loaded):
+    """Routing every token to all experts instead of the top 2 moves the logits (the top-k path is exercised)."""
+    import dataclasses
+
+    from qlora_jax._src.models import loading
+
+    path, hf = checkpoint("mixtral")
+    cfg = dataclasses.replace(loaded("mixtral").config, num_experts_per_tok=4)
+    model = loading._load(cfg, path, loading.SafetensorsReader(path), quant=None, lora=None, dtype=jnp.float32,
+                          param_dtype=jnp.float32, remat=False, rngs=None, progress=False)
+    assert np.abs(_logits(model, IDS) - hf_logits(hf, IDS)).max() > 1e-3
 
 
 def test_gemma2_sliding_and_global_layers_differ(checkpoint):
@@ -135,18 +165,30 @@ def _projections(hf):
             and isinstance(m, torch.nn.Linear)]
 
 
-def _nf4_reference(hf):
-    """A copy of `hf` whose projections (fused ones as stored) hold bitsandbytes' NF4 codes and absmax, dequantized
-    exactly in NumPy (`table[code] * absmax` in float32)."""
+def _nf4(w):
+    """`w` (PyTorch `[out, in]`) quantized by bitsandbytes' NF4 `quantize_4bit`, dequantized exactly in NumPy
+    (`table[code] * absmax` in float32)."""
     import bitsandbytes.functional as bnbf
 
+    w = w.detach().float().contiguous()
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
+    return torch.from_numpy(_exact_dequant(packed.numpy(), state.absmax.numpy(), NF4_TABLE, tuple(w.shape)))
+
+
+def _nf4_reference(hf):
+    """A copy of `hf` whose projections (fused ones as stored; each Mixtral expert's w1, w3 and w2 on its own, as
+    its checkpoint stores them) hold their exactly dequantized NF4 values. Routers stay float."""
     hf = copy.deepcopy(hf)
     with torch.no_grad():
         for _, module in _projections(hf):
-            w = module.weight.detach().float().contiguous()
-            packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=False)
-            module.weight.copy_(torch.from_numpy(_exact_dequant(packed.numpy(), state.absmax.numpy(), NF4_TABLE,
-                                                                tuple(w.shape))))
+            module.weight.copy_(_nf4(module.weight))
+        for name, module in hf.named_modules():
+            if name.endswith("mlp.experts"):  # gate_up_proj [e, 2f, d] (w1 then w3), down_proj [e, d, f] (w2)
+                f = module.gate_up_proj.shape[1] // 2
+                for e in range(module.gate_up_proj.shape[0]):
+                    module.gate_up_proj[e, :f] = _nf4(module.gate_up_proj[e, :f])
+                    module.gate_up_proj[e, f:] = _nf4(module.gate_up_proj[e, f:])
+                    module.down_proj[e] = _nf4(module.down_proj[e])
     return hf
 
 
@@ -224,6 +266,8 @@ def _config(hf, **changes):
      r"rope_parameters.rope_type: 'dynamic' is not implemented"),
     ("olmo2", dict(partial_rotary_factor=0.5), r"partial_rotary_factor: partial rotary embeddings are not"),
     ("granite", dict(hidden_act="gelu"), r"hidden_act: 'gelu' is not implemented"),
+    ("mixtral", dict(router_jitter_noise=0.1), r"router_jitter_noise: 0.1 is not implemented"),
+    ("mixtral", dict(output_router_logits=True), r"output_router_logits: the router's auxiliary loss"),
 ])
 def test_unsupported_settings_are_refused_by_name(checkpoint, name, changes, message):
     _, hf = checkpoint(name)
@@ -231,7 +275,7 @@ def test_unsupported_settings_are_refused_by_name(checkpoint, name, changes, mes
         models.ModelConfig.from_hf(_config(hf, **changes))
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", DENSE)
 def test_merged_export_reloads_in_transformers(checkpoint, tmp_path, name):
     """`save_merged` writes each family's own config: transformers loads it back with the same logits."""
     path, _ = checkpoint(name)
@@ -242,7 +286,8 @@ def test_merged_export_reloads_in_transformers(checkpoint, tmp_path, name):
     np.testing.assert_allclose(hf_logits(back.float(), IDS), _logits(model, IDS), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name, remat", [("gemma2", False), ("gemma3", True), ("phi3", False), ("olmo2", True)])
+@pytest.mark.parametrize("name, remat", [("gemma2", False), ("gemma3", True), ("phi3", False), ("olmo2", True),
+                                         ("mixtral", True)])
 def test_adapter_gradients_match_peft(checkpoint, tmp_path, name, remat):
     """The adapters' gradients (soft-capped attention's backward pass, GeGLU's, the per-layer flags through the
     scan with and without `remat`, fused projections) equal PyTorch autograd's through PEFT on the same weights."""

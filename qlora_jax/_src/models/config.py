@@ -20,7 +20,7 @@ import numpy as np
 __all__ = ["ModelConfig", "SUPPORTED_MODEL_TYPES"]
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                                          "phi3", "olmo2", "granite")
+                                          "phi3", "olmo2", "granite", "mixtral")
 _ROPE_TYPES = ("default", "llama3", "linear")
 _ROPE_KEYS = {"llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
               "linear": {"factor"}}
@@ -83,6 +83,8 @@ class ModelConfig:
         residual_multiplier: Each block's output is multiplied by this before
             the residual addition (Granite).
         logits_scaling: Logits are divided by this (Granite).
+        num_experts: Experts of each layer's mixture-of-experts MLP (Mixtral), or 0 for one dense MLP.
+        num_experts_per_tok: Experts each token is routed to (top-k of the router's softmax, renormalized).
 
     Example:
         >>> from qlora_jax.models import ModelConfig
@@ -125,6 +127,8 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     residual_multiplier: float = 1.0
     logits_scaling: float = 1.0
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -158,6 +162,8 @@ class ModelConfig:
                               ("qk_norm_width", ("head", "projection"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: {getattr(self, name)!r}, expected one of {allowed}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok: {self.num_experts_per_tok}, expected 1..{self.num_experts}")
         if self.layer_types is not None:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
             if len(self.layer_types) != self.num_layers or set(self.layer_types) - set(_LAYER_TYPES):
@@ -190,6 +196,8 @@ class ModelConfig:
         if self.qk_norm:
             attn += 2 * hd if self.qk_norm_width == "head" else (h + kv) * hd
         mlp = 3 * d * self.intermediate_size + (2 * self.intermediate_size + d if self.mlp_bias else 0)
+        if self.num_experts:
+            mlp = self.num_experts * mlp + d * self.num_experts  # experts and the router
         layer = attn + mlp + (4 if self.norm_placement == "sandwich" else 2) * d
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_layers * layer + d + head
@@ -290,7 +298,7 @@ class ModelConfig:
                 scaling["rope_type"] = "linear"
         sliding = None
         layer_types = get("layer_types", None)
-        if model_type in ("mistral", "phi3"):
+        if model_type in ("mistral", "phi3", "mixtral"):
             sliding = get("sliding_window", None)
         elif model_type in ("gemma2", "gemma3_text"):
             sliding = get("sliding_window", None)
@@ -301,7 +309,7 @@ class ModelConfig:
         elif model_type in ("qwen2", "qwen3") and get("use_sliding_window", False):
             raise ValueError(f"use_sliding_window: Qwen's per-layer sliding window is not implemented "
                              f"({model_type} with use_sliding_window=True)")
-        if layer_types and model_type not in ("mistral", "gemma2", "gemma3_text"):
+        if layer_types and model_type not in ("mistral", "mixtral", "gemma2", "gemma3_text"):
             if any(t != "full_attention" for t in layer_types):
                 raise ValueError(f"layer_types: only 'full_attention' layers are implemented for {model_type}, got "
                                  f"{sorted(set(layer_types))}")
@@ -329,6 +337,13 @@ class ModelConfig:
         elif model_type == "granite" and float(get("embedding_multiplier", 1.0)) != 1.0:
             embed_scale = float(get("embedding_multiplier"))
         granite = model_type == "granite"
+        experts = 0
+        if model_type == "mixtral":
+            experts = int(get("num_local_experts"))
+            if float(get("router_jitter_noise", 0.0) or 0.0) != 0.0:
+                raise ValueError(f"router_jitter_noise: {get('router_jitter_noise')} is not implemented (only 0)")
+            if get("output_router_logits", False):
+                raise ValueError("output_router_logits: the router's auxiliary loss is not implemented")
         return cls(
             model_type=model_type,
             vocab_size=int(get("vocab_size")),
@@ -364,6 +379,8 @@ class ModelConfig:
             final_logit_softcap=None if final_softcap is None else float(final_softcap),
             residual_multiplier=float(get("residual_multiplier", 1.0)) if granite else 1.0,
             logits_scaling=float(get("logits_scaling", 1.0)) if granite else 1.0,
+            num_experts=experts,
+            num_experts_per_tok=int(get("num_experts_per_tok", 2)) if experts else 2,
         )
 
     def to_hf(self) -> Any:
@@ -385,8 +402,10 @@ class ModelConfig:
         mt = self.model_type
         if mt in ("llama", "granite"):
             kwargs.update(attention_bias=self.qkv_bias, mlp_bias=self.mlp_bias)
-        elif mt in ("mistral", "phi3"):
+        elif mt in ("mistral", "phi3", "mixtral"):
             kwargs["sliding_window"] = self.sliding_window
+        if mt == "mixtral":
+            kwargs.update(num_local_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok)
         elif mt in ("qwen3", "olmo2", *_GEMMA):
             kwargs["attention_bias"] = self.qkv_bias
         if mt == "gemma":

@@ -547,6 +547,67 @@ class MLP(nnx.Module):
         return self.down_proj(self.act(gate, up))
 
 
+class Expert(nnx.Module):
+    """One Mixtral expert: SwiGLU `w2(silu(w1(x)) * w3(x))` (the checkpoint's names)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.w1, self.w3, self.w2 = nnx.Linear(d, f, **kw), nnx.Linear(d, f, **kw), nnx.Linear(f, d, **kw)
+
+    def __call__(self, x):
+        gate, up = checkpoint_name(self.w1(x), "mlp_gate"), checkpoint_name(self.w3(x), "mlp_up")
+        return self.w2(swiglu(gate, up))
+
+
+class Router(nnx.Module):
+    """A mixture-of-experts router: logits `x @ kernel` (`[hidden, experts]`). Not an `nnx.Linear`, so that
+    `apply_qlora` neither quantizes it nor gives it an adapter: it stays a float parameter."""
+
+    def __init__(self, hidden: int, experts: int, *, param_dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (hidden, experts), param_dtype))
+
+    def __call__(self, x):
+        return x @ self.kernel[...].astype(x.dtype)
+
+
+class MoE(nnx.Module):
+    """Mixtral's sparse MLP: softmax over the router's logits (float32), the top-k experts per token, their
+    weights renormalized to sum to one, the output `sum_k weight_k * expert_k(x)` (as transformers).
+
+    The experts are stacked (`nnx.vmap`, each variable gets a leading expert axis after the layer axis), so
+    quantized they are one packed kernel per projection and a step stays one compiled program. Every expert
+    runs on every token and the unrouted ones get weight zero: exact, at `num_experts / top_k` times the
+    MLP's work of a routed implementation.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.gate = Router(cfg.hidden_size, cfg.num_experts, param_dtype=param_dtype, rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_experts)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs: nnx.Rngs) -> Expert:
+            return Expert(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        self.experts = create(rngs)
+        self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
+        self.intermediate_size = cfg.num_experts * cfg.intermediate_size  # activations per token (chunk sizes)
+
+    def __call__(self, x: jax.Array, *, keep: bool = True) -> jax.Array:
+        """The MoE MLP of `x [..., hidden]`, over chunks of tokens (`over_tokens`) when there are many."""
+        flat = x.reshape(1, -1, x.shape[-1])
+        out = over_tokens(self, MoE._forward, (flat,), mlp_chunk(self.intermediate_size), keep)
+        return out.reshape(x.shape[:-1] + out.shape[-1:])
+
+    def _forward(self, x):
+        probs = jax.nn.softmax(self.gate(x).astype(jnp.float32), axis=-1)  # [..., experts]
+        top, index = jax.lax.top_k(probs, self.top_k)  # [..., k]
+        top = top / jnp.sum(top, axis=-1, keepdims=True)
+        weights = jnp.sum(jax.nn.one_hot(index, self.num_experts, dtype=jnp.float32) * top[..., None], axis=-2)
+        out = nnx.vmap(lambda expert, x: expert(x), in_axes=(0, None), out_axes=0)(self.experts, x)  # [e, ..., d]
+        return jnp.einsum("e...d,...e->...d", out.astype(jnp.float32), weights).astype(out.dtype)
+
+
 # Floats of one chunk's MLP activations (`tokens × intermediate`) when a sequence is cut into chunks (`over_tokens`).
 MLP_CHUNK_ELEMENTS = 1 << 24
 
@@ -687,7 +748,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm() if placement == "sandwich" else nnx.data(None)
         self.post_feedforward_layernorm = norm() if placement != "pre" else nnx.data(None)
-        self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if cfg.num_experts:
+            self.mlp = MoE(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.residual_multiplier = float(cfg.residual_multiplier)
 
     def __call__(self, x, cos, sin, mask, cache=None, *, keep: bool = True):

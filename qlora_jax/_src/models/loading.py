@@ -38,6 +38,9 @@ from qlora_jax._src.surgery.apply import apply_qlora
 __all__ = ["from_pretrained", "load_config", "load_tokenizer", "hf_name_to_path", "checkpoint_dir"]
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+# Mixtral's experts and router as its checkpoints store them (`transformers` saves this layout).
+_EXPERT = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
+_ROUTER = re.compile(r"model\.layers\.(\d+)\.block_sparse_moe\.gate\.weight")
 # A hub id as the Hugging Face Hub spells one: `org/name`, word characters, `-` and `.` (see `_is_hub_id`).
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]{1,96}")
 # What `from_pretrained` downloads of a hub id: config, weights, tokenizer.
@@ -95,8 +98,10 @@ def load_tokenizer(path: str | os.PathLike) -> Any | None:
         return None
 
 
-def hf_name_to_path(name: str, config: ModelConfig) -> tuple[tuple[str, ...], int | None, bool] | None:
-    """Where a Hugging Face tensor goes: `(state path, layer index or None, transpose)`.
+def hf_name_to_path(name: str, config: ModelConfig) -> tuple[tuple[str, ...], Any, bool] | None:
+    """Where a Hugging Face tensor goes: `(state path, index, transpose)`.
+
+    The index is the layer's (stacked variables), `(layer, expert)` for a Mixtral expert's weight, or None.
 
     None for tensors the model does not use (e.g. rotary buffers, or a saved
     `lm_head.weight` when embeddings are tied).
@@ -114,6 +119,12 @@ def hf_name_to_path(name: str, config: ModelConfig) -> tuple[tuple[str, ...], in
         return ("norm", "weight"), None, False
     if name == "lm_head.weight":
         return None if config.tie_word_embeddings else (("lm_head", "kernel"), None, True)
+    match = _EXPERT.fullmatch(name)
+    if match is not None:
+        return ("layers", "mlp", "experts", match.group(3), "kernel"), (int(match.group(1)), int(match.group(2))), True
+    match = _ROUTER.fullmatch(name)
+    if match is not None:
+        return ("layers", "mlp", "gate", "kernel"), int(match.group(1)), True
     match = _LAYER.fullmatch(name)
     if match is None:
         return None
@@ -192,8 +203,8 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
     slots = {p: v for p, v in flat.items() if hasattr(v, "shape")}
-    quantized = {p for p in slots if quant is not None and p[0] == "layers" and p[-2].endswith("_proj")
-                 and p[-1] == "kernel"}
+    quantized = {p for p in slots if quant is not None and p[0] == "layers" and p[-1] == "kernel"
+                 and (p[-2].endswith("_proj") or p[-3] == "experts")}
     values: dict[tuple[str, ...], Any] = {}
     kernels: dict[tuple[str, ...], _StackedKernel] = {}
     filled: dict[tuple[str, ...], set] = {p: set() for p in slots}
@@ -217,14 +228,14 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
                 continue
             key, layer, transpose = targets[name]
             slot = slots[key]
-            expected = tuple(slot.shape[1:] if layer is not None else slot.shape)
+            expected = tuple(slot.shape[_depth(layer):])
             if key in quantized:
                 q = pending.next()
                 if q.shape != expected:
                     raise ValueError(f"{reader.file_of(name)}: tensor {name!r} holds a kernel of shape {q.shape} "
                                      f"[in, out], the model expects {expected}")
                 if key not in kernels:
-                    kernels[key] = _StackedKernel(q, config.num_layers)
+                    kernels[key] = _StackedKernel(q, slot.shape[:_depth(layer)])
                 kernels[key].put(q, layer)
                 del q
                 filled[key].add(layer)
@@ -246,9 +257,14 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
             del tensor, value  # one full-precision tensor at a time
             filled[key].add(layer)
     for key, layers in filled.items():
-        expected_layers = set(range(config.num_layers)) if key[0] == "layers" else {None}
+        if key[0] != "layers":
+            expected_layers = {None}
+        elif "experts" in key:
+            expected_layers = {(i, e) for i in range(config.num_layers) for e in range(config.num_experts)}
+        else:
+            expected_layers = set(range(config.num_layers))
         if layers != expected_layers:
-            missing = sorted(expected_layers - layers, key=lambda x: -1 if x is None else x)
+            missing = sorted(expected_layers - layers, key=lambda x: (-1,) if x is None else np.atleast_1d(x).tolist())
             raise ValueError(f"{directory}: checkpoint is missing {_hf_name(key, missing[0])} "
                              f"({len(missing)} tensor(s) for {'/'.join(key)})")
     for key in list(values):  # host buffers to device arrays one at a time, freeing each
@@ -262,24 +278,30 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
     return model
 
 
+def _depth(index) -> int:
+    """Stack axes an index addresses: 0 (None), 1 (a layer), 2 (a layer's expert)."""
+    return 0 if index is None else len(index) if isinstance(index, tuple) else 1
+
+
 class _StackedKernel:
-    """The layers' kernels of one projection, stacked `[num_layers, ...]`, filled in place layer by layer.
+    """The layers' kernels of one projection, stacked `[num_layers, ...]` (`[num_layers, num_experts, ...]`
+    for experts), filled in place layer by layer.
 
     The stack is allocated once (zeros) and each layer is written into it by a jitted update that donates the
     stack, so no second copy of a projection's kernels ever exists (stacking a list of layers would hold both).
     """
 
-    def __init__(self, first: QuantizedArray, num_layers: int):
+    def __init__(self, first: QuantizedArray, lead: tuple[int, ...]):
         # The first layer's format and shapes, not its arrays (which would stay alive until the end).
         self.template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), first)
-        self.leaves = {k: jnp.zeros((num_layers, *v.shape), v.dtype) for k, v in _leaves(self.template).items()}
+        self.leaves = {k: jnp.zeros((*lead, *v.shape), v.dtype) for k, v in _leaves(self.template).items()}
 
-    def put(self, q: QuantizedArray, layer: int) -> None:
+    def put(self, q: QuantizedArray, layer: int | tuple[int, int]) -> None:
         t = self.template
         if (q.fmt, q.block_size, q.double_quant, q.shape) != (t.fmt, t.block_size, t.double_quant, t.shape):
             raise ValueError(f"layer {layer}: quantized as {q} but the first layer read as {t}; stacked layers "
                              "must agree")
-        self.leaves = _put_layer(self.leaves, _leaves(q), layer)
+        self.leaves = _put_layer(self.leaves, _leaves(q), layer if isinstance(layer, tuple) else (layer,))
 
     def array(self) -> QuantizedArray:
         leaves = {k: self.leaves.get(k) for k in _LEAF_NAMES}
@@ -295,9 +317,8 @@ def _leaves(q: QuantizedArray) -> dict[str, Any]:
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _put_layer(stack: dict[str, jax.Array], layer: dict[str, Any], index: int) -> dict[str, jax.Array]:
-    return {k: jax.lax.dynamic_update_index_in_dim(stack[k], jnp.asarray(layer[k], stack[k].dtype), index, 0)
-            for k in stack}
+def _put_layer(stack: dict[str, jax.Array], layer: dict[str, Any], index: tuple) -> dict[str, jax.Array]:
+    return {k: stack[k].at[index].set(jnp.asarray(layer[k], stack[k].dtype)) for k in stack}
 
 
 class _Ahead:
@@ -406,6 +427,10 @@ def _hf_name(key: tuple[str, ...], layer: int | None) -> str:
     if key == ("lm_head", "kernel"):
         return "lm_head.weight"
     kind = {"kernel": "weight"}.get(key[-1], key[-1])
+    if isinstance(layer, tuple):  # a Mixtral expert
+        return f"model.layers.{layer[0]}.block_sparse_moe.experts.{layer[1]}.{key[-2]}.weight"
+    if key[1:] == ("mlp", "gate", "kernel"):
+        return f"model.layers.{layer}.block_sparse_moe.gate.weight"
     return f"model.layers.{layer}.{'.'.join(key[1:-1])}.{kind}"
 
 
