@@ -99,6 +99,10 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model: has no LoRA adapters (QLoRALinear layers) to save")
+    nested = sorted(name for name, layer in layers.items() if len(layer.stack_shape) > 1)
+    if nested:  # e.g. Mixtral's experts, stacked [layers, experts]: PEFT's LoRA has no module for one expert
+        raise ValueError(f"model: adapters on stacked experts ({nested[0]}, stack {layers[nested[0]].stack_shape}) "
+                         "have no PEFT form; target the attention projections (q_proj, k_proj, v_proj, o_proj)")
     tensors: dict[str, np.ndarray] = {}
     seen: dict[int, int] = {}
     for name, layer in layers.items():
