@@ -45,6 +45,9 @@ def merged_tensors(model: CausalLM, dtype: jnp.dtype = jnp.float32) -> Iterator[
     """
     if not isinstance(model, CausalLM):
         raise TypeError(f"model: save_merged takes a qlora_jax.models.CausalLM, got {type(model).__name__}")
+    if getattr(model.config, "num_experts", 0):  # experts stacked [layers, experts], the router not a Linear
+        raise ValueError(f"model: save_merged does not write mixture-of-experts models yet ({model.config.model_type}"
+                         f" with num_experts={model.config.num_experts})")
     dtype = np.dtype(dtype)
     yield "model.embed_tokens.weight", np.asarray(model.embed_tokens.embedding[...]).astype(dtype)
     yield "model.norm.weight", np.asarray(model.norm.weight[...]).astype(dtype)
