@@ -133,6 +133,17 @@ def test_mixtral_experts_are_quantized_and_the_router_is_not(checkpoint):
     assert not any("experts" in str(p) or "gate" in p for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
 
 
+def test_mixtral_adapters_on_experts_and_merged_export_are_refused(checkpoint, loaded, tmp_path):
+    """Adapters on the stacked experts train here but have no PEFT form; merged export of experts is not written."""
+    path, _ = checkpoint("mixtral")
+    model = models.from_pretrained(path, lora=qj.LoraConfig(rank=4, alpha=8, targets="all-linear"))
+    with pytest.raises(ValueError, match=r"adapters on stacked experts \(model.layers.0.mlp.experts.w1, stack \(2, 4\)"):
+        models.save_peft_adapter(model, tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"save_merged does not write mixture-of-experts models yet"):
+        models.save_merged(loaded("mixtral"), tmp_path / "merged")
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "merged").exists()
+
+
 def test_mixtral_routing_matters(checkpoint, loaded):
     """Routing every token to all experts instead of the top 2 moves the logits (the top-k path is exercised)."""
     import dataclasses
