@@ -42,8 +42,8 @@ __all__ = ["AttentionMask", "CausalLM", "KVCache", "LLAMA_AXES", "RMSNorm", "cau
 LLAMA_AXES: dict[str, tuple[str | None, str | None]] = {
     r"[qkv]_proj|qkv_proj": ("embed", "heads"),
     r"o_proj": ("heads", "embed"),
-    r"(gate|up|gate_up)_proj": ("embed", "mlp"),
-    r"down_proj": ("mlp", "embed"),
+    r"(gate|up|gate_up)_proj|w[13]": ("embed", "mlp"),
+    r"down_proj|w2": ("mlp", "embed"),
     r"lm_head": ("embed", "vocab"),
     r"embed_tokens": ("vocab", "embed"),
 }
