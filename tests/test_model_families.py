@@ -358,3 +358,10 @@ def test_gemma3_legacy_rope_keys(checkpoint, tmp_path):
     assert cfg.layer_types == ("sliding_attention", "full_attention")
     hf = transformers.AutoModelForCausalLM.from_pretrained(legacy, attn_implementation="eager").float().eval()
     np.testing.assert_allclose(_logits(model, IDS), hf_logits(hf, IDS), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_num_params_counts_the_checkpoint(checkpoint, loaded, name):
+    """`ModelConfig.num_params` (the memory planner's count) equals the HF model's parameters."""
+    _, hf = checkpoint(name)
+    assert loaded(name).config.num_params == sum(p.numel() for p in hf.parameters())
