@@ -298,7 +298,7 @@ def test_merged_export_reloads_in_transformers(checkpoint, tmp_path, name):
 
 
 @pytest.mark.parametrize("name, remat", [("gemma2", False), ("gemma3", True), ("phi3", False), ("olmo2", True),
-                                         ("mixtral", True)])
+                                         ("granite", False), ("mixtral", True)])
 def test_adapter_gradients_match_peft(checkpoint, tmp_path, name, remat):
     """The adapters' gradients (soft-capped attention's backward pass, GeGLU's, the per-layer flags through the
     scan with and without `remat`, fused projections) equal PyTorch autograd's through PEFT on the same weights."""
