@@ -1,9 +1,10 @@
-"""A Llama-style decoder in Flax NNX (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Gemma 1/2/3, Phi-3, OLMo-2, Granite).
+"""A Llama-style decoder in Flax NNX (Llama 2/3, Mistral, Qwen2/2.5/3, Gemma 1/2/3, Phi-3, OLMo-2, Granite, Mixtral).
 
 One `CausalLM` serves every family; `ModelConfig`'s switches choose the norm kind and placement, the MLP's
-activation, fused projections, q/k norms, RoPE variants, soft-capping and scalar multipliers. Layers that
-alternate between sliding-window and global attention (Gemma 2/3) stay one stacked, scanned layer: each
-layer's kind comes into the scan as a per-layer flag that selects its window and RoPE frequencies.
+activation (or Mixtral's experts, `MoE`), fused projections, q/k norms, RoPE variants, soft-capping and scalar
+multipliers. Layers that alternate between sliding-window and global attention (Gemma 2/3) stay one stacked,
+scanned layer: each layer's kind comes into the scan as a per-layer flag that selects its window and RoPE
+frequencies.
 
 Module and parameter names follow the Hugging Face checkpoints
 (`model.layers.N.self_attn.q_proj` → `model.layers.self_attn.q_proj`,
