@@ -444,3 +444,26 @@ def test_linear_general_and_einsum_kernels_in_flat_layout():
         h = np.asarray(x, np.float64).reshape(6, 96)
         ref = h @ w + np.asarray(layer.bias[...], np.float64).reshape(-1) + h @ a @ b * 2.0
         np.testing.assert_allclose(np.asarray(layer(x_in)).reshape(6, -1), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("double_quant", [False, True], ids=["no-dq", "dq"])
+def test_streaming_quantization_in_chunks_of_whole_blocks(dtype, double_quant):
+    """`quantize_streaming` (the checkpoint loader's) quantizes a flat-layout matrix a chunk of whole blocks at a
+    time, bit for bit as `quantize` of the whole; a non-finite value in the partial last block is named."""
+    from qlora_jax._src.formats.blockwise import quantize_streaming
+
+    rng = np.random.default_rng(4)
+    for out, n_in, block in ((96, 344, 64), (37, 35, 64), (40, 100, 128), (9, 13, 4096)):
+        rows = np.asarray(jnp.asarray(rng.standard_normal((out, n_in)), dtype))  # PyTorch [out, in]
+        whole = qj.quantize(jnp.asarray(rows), "nf4", block, double_quant, contract_axes=(1,))
+        assert not whole.row_layout
+        for chunk_elements in (1, 3 * n_in, 10**9):
+            q = quantize_streaming(rows, "nf4", block, double_quant, chunk_elements=chunk_elements)
+            assert q.shape == (out, n_in) and q.contract_axes == (1,)
+            for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(whole), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{(out, n_in, chunk_elements)}")
+    rows = rng.standard_normal((200, 35)).astype(np.float32)  # chunks of 64 rows (35 x 64 = 35 blocks)
+    rows[-1, -1] = np.nan  # in the partial last block
+    with pytest.raises(ValueError, match=r"rows 192:200: x: contains 1 non-finite value\(s\) .* at index \(7, 34\)"):
+        quantize_streaming(rows, "nf4", 64, double_quant, chunk_elements=35)

@@ -133,8 +133,9 @@ def quantize_streaming(
     is quantized); only a few chunks of full-precision rows are alive at a
     time, and the scales are double-quantized once all chunks are in. The
     result is bit for bit `quantize(rows[:], ..., contract_axes=(1,))`. When
-    `in` is not a multiple of `block_size`, blocks straddle rows and the
-    matrix is quantized whole.
+    `in` is not a multiple of `block_size`, blocks straddle rows (flat
+    layout) and each chunk is a multiple of `block_size / gcd(in, block_size)`
+    rows, so that it holds whole blocks.
 
     Args:
         rows: The matrix `[out, in]`, float32, bfloat16 or float16.
@@ -182,11 +183,15 @@ def quantize_streaming(
     def relabel(q: QuantizedArray) -> QuantizedArray:
         return dataclasses.replace(q, shape=(length, n_rows), contract_axes=(0,)) if as_kernel else q
 
-    if length % block_size:  # blocks straddle rows: the whole matrix at once
-        return relabel(quantize(rows[0:n_rows], fmt, block_size, double_quant, contract_axes=(1,)))
     step = max(1, (chunk_elements or _STREAM_CHUNK_BYTES // dtype.itemsize) // length)
+    flat = length % block_size != 0
+    if flat:
+        # Blocks cross rows (flat layout): a chunk is a multiple of `unit` rows, whole blocks, so that every chunk
+        # starts a block; the last one holds the partial last block.
+        unit = block_size // math.gcd(length, block_size)
+        step = max(unit, step // unit * unit)
     # 16-bit NumPy rows go in as their 32-bit words (a view), which the kernel reads without reformatting.
-    words = dtype.itemsize == 2 and fmt != "int8"
+    words = dtype.itemsize == 2 and fmt != "int8" and not flat
     chunks, outputs = [], []
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
@@ -195,7 +200,8 @@ def quantize_streaming(
             chunk = np.ascontiguousarray(chunk).view(np.uint32)
         if len(outputs) >= 2:  # at most two chunks queued behind the running one
             jax.block_until_ready(outputs[-2])
-        outputs.append(_quantize_chunk(chunk, fmt, block_size, dtype))
+        quantize_chunk = _quantize_flat_chunk if flat else _quantize_chunk
+        outputs.append(quantize_chunk(chunk, fmt, block_size, dtype))
         chunks.append((start, stop))
         del chunk
     codes, absmax, nested_absmax, nested_offset, bad = _assemble(outputs, double_quant)
@@ -217,6 +223,16 @@ def _quantize_chunk(rows: jax.Array, fmt: str, block_size: int, dtype: np.dtype
     """`quantize_streaming`'s program per chunk: codes, float32 absmax and whether a block is not finite."""
     codes, absmax = _quantize_rows(rows, fmt=fmt, block_size=block_size, dtype=dtype)
     return codes, absmax, jnp.any(~jnp.isfinite(absmax))  # a NaN or Inf makes its block's absmax one
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize_flat_chunk(rows: jax.Array, fmt: str, block_size: int, dtype: np.dtype
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`quantize_streaming`'s program per chunk of a matrix in flat layout (rows `[r, L]`, `r * L` whole blocks
+    but for the last chunk): the flat codes, float32 absmax and whether a value is not finite."""
+    rows = rows.astype(dtype)
+    codes, absmax = _quantize_flat(_as_bits(rows.reshape(-1)), dtype, fmt, block_size)
+    return codes, absmax, ~jnp.all(jnp.isfinite(rows))
 
 
 @functools.partial(jax.jit, static_argnums=1)
