@@ -467,3 +467,37 @@ def test_streaming_quantization_in_chunks_of_whole_blocks(dtype, double_quant):
     rows[-1, -1] = np.nan  # in the partial last block
     with pytest.raises(ValueError, match=r"rows 192:200: x: contains 1 non-finite value\(s\) .* at index \(7, 34\)"):
         quantize_streaming(rows, "nf4", 64, double_quant, chunk_elements=35)
+
+
+def test_linen_interceptor_runs_an_unmodified_model_with_unaligned_kernels():
+    """`convert_params` + `qlora_interceptor` on a plain Linen MLP 96 -> 344 -> 96: equal to a float64 reference
+    with the exactly dequantized kernels and the adapters."""
+    from qlora_jax.linen import qlora_interceptor
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(96, name="down")(jnp.tanh(nn.Dense(344, name="up")(x)))
+
+    model, x = MLP(), jax.random.normal(jax.random.key(0), (3, 96))
+    params = model.init(jax.random.key(1), x)["params"]
+    quant, lora = qj.QuantConfig(), qj.LoraConfig(rank=4, alpha=8)
+    variables, report = convert_params(params, quant=quant, lora=lora, rng=jax.random.key(2))
+    assert report.paths == ("up", "down")
+    for name in ("up", "down"):
+        layer = variables["params"][name]
+        layer["lora_b"] = 0.1 * jax.random.normal(jax.random.key(3), layer["lora_b"].shape)
+        assert not variables[FROZEN][name]["kernel"].row_layout
+
+    @jax.jit
+    def run(variables, x):
+        with nn.intercept_methods(qlora_interceptor(quant=quant, lora=lora)):
+            return model.apply(variables, x)
+
+    h = np.asarray(x, np.float64)
+    for name, act in (("up", np.tanh), ("down", lambda v: v)):
+        p = variables["params"][name]
+        w = _exact_kernel(variables[FROZEN][name]["kernel"])
+        a, b = np.asarray(p["lora_a"], np.float64), np.asarray(p["lora_b"], np.float64)
+        h = act(h @ w + np.asarray(p["bias"], np.float64) + h @ a @ b * 2.0)
+    np.testing.assert_allclose(np.asarray(run(variables, x)), h, rtol=1e-5, atol=1e-5)
