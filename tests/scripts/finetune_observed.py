@@ -16,19 +16,25 @@ import os
 import signal
 import sys
 
-faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
-import jax  # noqa: E402
+def run(argv: list[str]) -> int:
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
-# The test process's settings (the root conftest.py): the same compiled programs, so the same bits.
-jax.config.update("jax_num_cpu_devices", 8)
-jax.config.update("jax_numpy_rank_promotion", "raise")
-jax.config.update("jax_numpy_dtype_promotion", "strict")
-if os.environ.get("QLORA_TEST_JAX_CACHE"):
-    jax.config.update("jax_compilation_cache_dir", os.environ["QLORA_TEST_JAX_CACHE"])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    import jax
 
-from qlora_jax.app.cli import main  # noqa: E402
+    # The test process's settings (the root conftest.py): the same compiled programs, so the same bits.
+    jax.config.update("jax_num_cpu_devices", 8)
+    jax.config.update("jax_numpy_rank_promotion", "raise")
+    jax.config.update("jax_numpy_dtype_promotion", "strict")
+    if os.environ.get("QLORA_TEST_JAX_CACHE"):
+        jax.config.update("jax_compilation_cache_dir", os.environ["QLORA_TEST_JAX_CACHE"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
-sys.exit(main(sys.argv[1:]))
+    from qlora_jax.app.cli import main
+
+    return main(argv)
+
+
+if __name__ == "__main__":  # (pytest imports this file to look for doctests: nothing runs then)
+    sys.exit(run(sys.argv[1:]))
