@@ -33,9 +33,10 @@ class QuantConfig:
 
     Every linear layer (`nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`)
     outside the output head is quantized (as bitsandbytes' `load_in_4bit`,
-    which skips `lm_head`); its input size (the product of the kernel's input
-    axes) must be a multiple of `block_size`, so that blocks never straddle
-    output columns.
+    which skips `lm_head`). Blocks of `block_size` run along the input axis;
+    where the input size (the product of the kernel's input axes) is not a
+    multiple of `block_size`, they run over the flattened `[out, in]` weight
+    and cross rows, exactly as bitsandbytes stores any shape.
 
     Example:
         >>> import jax.numpy as jnp
