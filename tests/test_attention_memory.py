@@ -86,7 +86,7 @@ def test_many_tiles_match_float64(monkeypatch):
     """Tiles of 16: 19 query tiles of a causal mask (each over its own key tiles), 5 x 6 of a non-causal one."""
     monkeypatch.setattr(llama, "_BLOCK", 16)
     monkeypatch.setattr(llama, "_MIN_BLOCK", 8)
-    assert llama._Tiling(300, 300, True).nq == 19
+    assert llama._Tiling(300, 300, True, 1.0).nq == 19
     q, k, v = inputs(300)
     check(q, k, v, causal_mask(300, batch=2), causal=True)
     q, k, v = inputs(70, sk=90)
@@ -121,7 +121,7 @@ def test_skipped_tiles_hold_no_visible_key(monkeypatch, sq, sk, offset, window):
     monkeypatch.setattr(llama, "_MIN_BLOCK", 8)
     mask = llama.AttentionMask(query_offset=offset, window=window)
     dense = np.asarray(mask.dense(sq, sk))[0]
-    tiling = llama._Tiling(sq, sk, True)
+    tiling = llama._Tiling(sq, sk, True, 1.0)  # (the scale does not change the tiles)
     visited = np.zeros((tiling.nq * tiling.bq, tiling.nk * tiling.bk), bool)
     for i in range(tiling.nq):
         first, stop = (int(x) for x in tiling.key_tiles(mask, i))
