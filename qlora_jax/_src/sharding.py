@@ -29,6 +29,7 @@ and norms are replicated. Batches are split over the mesh's "data" and
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,6 +40,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qlora_jax._src.formats.qarray import QuantizedArray
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["STRATEGIES", "BATCH_AXES", "partition_specs", "shard_model", "shard_batch",
            "batch_sharding", "make_mesh"]
@@ -107,38 +110,53 @@ def _logical(path: tuple[str, ...], axes: Mapping[str, tuple[str | None, str | N
     return None
 
 
-def _check(path: str, what: str, size: int, axis: str | None, mesh: Mesh, unit: int = 1) -> None:
-    if axis is None:
-        return
-    n = mesh.shape[axis]
-    if size % (n * unit):
-        detail = f"{size // unit} blocks of {unit}" if unit > 1 else f"size {size}"
-        raise ValueError(f"{path}: mesh axis {axis!r} of size {n} does not divide the {what} ({detail}); "
-                         "choose a mesh axis size that divides it, or a rule that leaves this axis unsharded")
+def _fit(path: str, what: str, size: int, axis: str | None, mesh: Mesh, notes: list[str], unit: int = 1
+         ) -> str | None:
+    """`axis` if its size divides `size` (in whole `unit`s), else None: that dimension stays whole (noted)."""
+    if axis is None or size % (mesh.shape[axis] * unit) == 0:
+        return axis
+    detail = f"{size // unit} blocks of {unit}" if unit > 1 else f"size {size}"
+    notes.append(f"{path}: {what} ({detail}) not split over {axis!r} of size {mesh.shape[axis]}")
+    return None
+
+
+def _kernel_axes(path: str, n_in: int, n_out: int, lin: str | None, lout: str | None, mesh: Mesh,
+                 notes: list[str], unit: int = 1) -> tuple[str | None, str | None]:
+    """The mesh axes of a kernel's (input, output) dimensions: the rule's, where they divide them.
+
+    An input axis that the mesh axis does not divide (for packed codes: their
+    number of blocks) is split over that mesh axis on the output dimension
+    instead, where the output has none and is divisible; otherwise that
+    dimension stays whole. Every such change is noted.
+    """
+    fin = _fit(path, "input axis", n_in, lin, mesh, notes, unit)
+    fout = _fit(path, "output axis", n_out, lout, mesh, notes)
+    if lin is not None and fin is None and fout is None and lin != lout and n_out % mesh.shape[lin] == 0:
+        notes[-1] += f"; split on its output axis ({n_out}) instead"
+        fout = lin
+    return fin, fout
 
 
 def _leaf_specs(path: tuple[str, ...], value: Any, rules: dict[str, str | None],
-                axes: Mapping[str, tuple[str | None, str | None]], mesh: Mesh) -> Any:
+                axes: Mapping[str, tuple[str | None, str | None]], mesh: Mesh, notes: list[str]) -> Any:
     name = "/".join(path)
     logical = _logical(path, axes)
     if logical is None or path[-1] not in ("kernel", "embedding", "lora_a", "lora_b", "bias"):
         return jax.tree.map(lambda x: PartitionSpec(), value)
     lin, lout = (rules.get(a) if a is not None else None for a in logical)
     if path[-1] == "embedding":  # [vocab, embed]: the table's (in, out) axes as named
-        _check(name, "vocabulary axis", value.shape[-2], lin, mesh)
-        _check(name, "embedding axis", value.shape[-1], lout, mesh)
-        return PartitionSpec(*[None] * (value.ndim - 2), lin, lout)
+        vocab, embed = _kernel_axes(name, value.shape[-2], value.shape[-1], lin, lout, mesh, notes)
+        return PartitionSpec(*[None] * (value.ndim - 2), vocab, embed)
     if isinstance(value, QuantizedArray):
         if not value.row_layout:
             return _flat_specs(value, (lout, lin), mesh)
         if len(value.shape) != 2:
             if lin is None and lout is None:
                 return jax.tree.map(lambda x: PartitionSpec(), value)
-            raise ValueError(f"{name}: only 2-D kernels (or kernels in flat layout) can be sharded; this one "
-                             f"is {value.shape} with block {value.block_size}")
+            notes.append(f"{name}: a {len(value.shape)}-D packed kernel {value.shape} is kept whole")
+            return jax.tree.map(lambda x: PartitionSpec(), value)
         n_in, n_out = value.shape
-        _check(name, "output axis", n_out, lout, mesh)
-        _check(name, "input axis", n_in, lin, mesh, unit=value.block_size)
+        lin, lout = _kernel_axes(name, n_in, n_out, lin, lout, mesh, notes, unit=value.block_size)
         stack = [None] * len(value.stack_shape)
         spec = PartitionSpec(*stack, lout, lin)  # codes [*stack, out, in // 2], absmax [*stack, out, in // block]
 
@@ -147,17 +165,13 @@ def _leaf_specs(path: tuple[str, ...], value: Any, rules: dict[str, str | None],
 
         return jax.tree_util.tree_map_with_path(leaf_spec, value)
     if path[-1] == "lora_a":  # [*stack, in, r]
-        _check(name, "input axis", value.shape[-2], lin, mesh)
-        return PartitionSpec(*[None] * (value.ndim - 2), lin, None)
-    if path[-1] == "lora_b":  # [*stack, r, out]
-        _check(name, "output axis", value.shape[-1], lout, mesh)
-        return PartitionSpec(*[None] * (value.ndim - 1), lout)
-    if path[-1] == "bias":  # [*stack, out]
-        _check(name, "output axis", value.shape[-1], lout, mesh)
-        return PartitionSpec(*[None] * (value.ndim - 1), lout)
+        return PartitionSpec(*[None] * (value.ndim - 2), _fit(name, "input axis", value.shape[-2], lin, mesh, notes),
+                             None)
+    if path[-1] in ("lora_b", "bias"):  # [*stack, r, out], [*stack, out]
+        return PartitionSpec(*[None] * (value.ndim - 1), _fit(name, "output axis", value.shape[-1], lout, mesh,
+                                                              notes))
     # A float kernel [*stack, in, out].
-    _check(name, "input axis", value.shape[-2], lin, mesh)
-    _check(name, "output axis", value.shape[-1], lout, mesh)
+    lin, lout = _kernel_axes(name, value.shape[-2], value.shape[-1], lin, lout, mesh, notes)
     return PartitionSpec(*[None] * (value.ndim - 2), lin, lout)
 
 
@@ -204,11 +218,15 @@ def partition_specs(
             on a path element, e.g. `qj.models.LLAMA_AXES`); default the
             model's own `logical_axes` (the models of `qj.models` have them).
 
+    A mesh axis whose size does not divide the dimension the strategy
+    splits with it (for a packed input axis: the number of blocks, which a
+    split must keep whole) never fails: a kernel's input axis is then split
+    on its output dimension where that fits, else the dimension stays whole;
+    one warning (logger `qlora_jax._src.sharding`) names each such variable.
+
     Raises:
-        ValueError: A mesh axis size that does not divide the dimension it
-            splits (for a packed input axis: the number of blocks), naming the
-            variable and the axis; an unknown strategy or mesh axis; no `axes`
-            for a model without `logical_axes`.
+        ValueError: An unknown strategy or mesh axis; no `axes` for a model
+            without `logical_axes`.
 
     Example:
         >>> import jax, jax.numpy as jnp, qlora_jax as qj
@@ -226,12 +244,17 @@ def partition_specs(
     rules = _rules(mesh, strategy)
     axes = _model_axes(model, axes)
     state = nnx.state(model)
+    notes: list[str] = []
 
     def spec(path: tuple, variable: Any) -> Any:
         names = tuple(str(p) for p in path)
-        return variable.replace(_leaf_specs(names, variable.get_value(), rules, axes, mesh))
+        return variable.replace(_leaf_specs(names, variable.get_value(), rules, axes, mesh, notes))
 
-    return _map_state(spec, state)
+    specs = _map_state(spec, state)
+    if notes:
+        _logger.warning("sharding: %d of the strategy's splits do not fit the mesh; those dimensions are split "
+                        "otherwise or kept whole: %s", len(notes), "; ".join(notes))
+    return specs
 
 
 def _model_axes(model: nnx.Module, axes: Mapping[str, tuple[str | None, str | None]] | None
