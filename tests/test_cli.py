@@ -8,7 +8,11 @@ import time
 from qlora_jax.app import cli
 
 
-def test_demo_formats_only_writes_its_table(tmp_path, capsys):
+def test_demo_formats_only_writes_its_table(tmp_path, capsys, monkeypatch):
+    """The command's path (table, round trip, JSON); the full-size table's numbers: `run_formats`' doctest."""
+    from qlora_jax.app import demo
+
+    monkeypatch.setattr(demo, "STACK_SHAPES", ((256, 704), (704, 256)))  # the same kinds of kernel, smaller
     assert cli.main(["demo", "--formats-only", "--output", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| nf4 | True | 0.5159 |" in out
