@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from test_models import hf_logits
+from test_models import hf_logits, peft_with_random_b
 from test_models_quant import NF4_TABLE, _exact_dequant
 
 import qlora_jax as qj
@@ -227,22 +227,14 @@ def test_greedy_generation_matches_transformers(checkpoint, loaded, name):
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_peft_adapters_round_trip(checkpoint, tmp_path, name):
     """An adapter made by PEFT loads here with PEFT's logits; one saved here loads in `PeftModel` with ours."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
     path, hf = checkpoint(name)
     targets = TARGETS[name]
     lora = qj.LoraConfig(rank=4, alpha=8, targets=targets, dropout=0.0)
-    made = get_peft_model(copy.deepcopy(hf), PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                            lora_dropout=0.0))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in made.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn_like(p) * 0.1)
-    made.save_pretrained(tmp_path / "peft_made")
+    made = peft_with_random_b(copy.deepcopy(hf), tmp_path, targets)
     model = models.from_pretrained(path, lora=lora)
-    models.load_peft_adapter(model, tmp_path / "peft_made")
+    models.load_peft_adapter(model, tmp_path / "adapter")
     np.testing.assert_allclose(_logits(model, IDS), hf_logits(made.eval(), IDS), atol=1e-4, rtol=0)
 
     fresh = models.from_pretrained(path, lora=lora)
@@ -302,19 +294,9 @@ def test_merged_export_reloads_in_transformers(checkpoint, tmp_path, name):
 def test_adapter_gradients_match_peft(checkpoint, tmp_path, name, remat):
     """The adapters' gradients (soft-capped attention's backward pass, GeGLU's, the per-layer flags through the
     scan with and without `remat`, fused projections) equal PyTorch autograd's through PEFT on the same weights."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
     path, hf = checkpoint(name)
     targets = TARGETS[name]
-    peft_model = get_peft_model(copy.deepcopy(hf), PeftLoraConfig(r=4, lora_alpha=8, target_modules=targets,
-                                                                  lora_dropout=0.0))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in peft_model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn_like(p) * 0.1)
-    peft_model.save_pretrained(tmp_path / "adapter")
+    peft_model = peft_with_random_b(copy.deepcopy(hf), tmp_path, targets)
     model = models.from_pretrained(path, lora=qj.LoraConfig(rank=4, alpha=8, targets=targets, dropout=0.0),
                                    remat=remat)
     models.load_peft_adapter(model, tmp_path / "adapter")

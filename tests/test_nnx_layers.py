@@ -436,12 +436,15 @@ def test_scanned_stack_matches_per_layer_reference(remat):
     assert not np.allclose(model(x), h, atol=1e-4)
 
 
-def test_scanned_gradient_step_keeps_no_dequantized_weights():
-    """8 scanned 1024 x 1024 QLoRA layers (rank 4): the compiled gradient step's temporaries stay below
-    4 float32 weights (16 MiB); the same scan over `x @ dequantize(q)` keeps every layer's weight (> 32 MiB)."""
-    n, d = 8, 1024
+@pytest.mark.parametrize("d", [1024, 1000], ids=["aligned", "flat-layout"])
+def test_scanned_gradient_step_keeps_no_dequantized_weights(d):
+    """8 scanned d x d QLoRA layers (rank 4): the compiled gradient step's temporaries stay below 4 float32
+    weights; the same scan over `x @ dequantize(q)` keeps every layer's weight. d = 1000 (15.6 blocks of 64) puts
+    the kernels in flat layout (blocks across rows), d = 1024 in rows of whole blocks."""
+    n = 8
     model = apply_qlora(ScannedStack(n, d, nnx.Rngs(0)), quant=QuantConfig(), lora=LoraConfig(rank=4),
                         rngs=nnx.Rngs(1))
+    assert model.blocks.fc.kernel.get_value().row_layout == (d % 64 == 0)
     x = jnp.ones((8, d))
     grad_fn, lora, rest = _split_grad_fn(model)
     ours = grad_fn.lower(lora, rest, x).compile().memory_analysis().temp_size_in_bytes

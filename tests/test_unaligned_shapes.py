@@ -268,31 +268,8 @@ def test_stacked_layers_scan_merge_and_requantize():
             np.testing.assert_array_equal(x1, x2)
 
 
-def test_scanned_gradient_step_keeps_no_dequantized_weights():
-    """As tests/test_nnx_layers.py for aligned kernels, with 8 scanned 1000 x 1000 layers (input 1000 = 15.6
-    blocks of 64: flat layout): the compiled gradient step's temporaries stay below 4 float32 weights; the same
-    scan over `x @ dequantize(q)` keeps every layer's weight."""
-    n, d = 8, 1000
-    model = qj.apply_qlora(ScannedStack(n, d, nnx.Rngs(0)), quant=qj.QuantConfig(), lora=qj.LoraConfig(rank=4),
-                           rngs=nnx.Rngs(1))
-    fc = model.blocks.fc
-    assert not fc.kernel.get_value().row_layout
-    x = jnp.ones((8, d))
-    grad_fn, lora, rest = _split_grad_fn(model)
-    ours = grad_fn.lower(lora, rest, x).compile().memory_analysis().temp_size_in_bytes
-
-    def naive(ab, q, x):
-        def body(h, layer):
-            ql, a, b = layer
-            return jnp.tanh(h @ qj.dequantize(ql, jnp.float32) + (h @ a) @ b * 8.0), None
-
-        return jnp.sum(jax.lax.scan(body, x, (q, *ab))[0])
-
-    naive_bytes = jax.jit(jax.grad(naive)).lower((fc.lora_a[...], fc.lora_b[...]), fc.kernel.get_value(), x) \
-        .compile().memory_analysis().temp_size_in_bytes
-    weight_bytes = d * d * 4
-    assert naive_bytes > n * weight_bytes, naive_bytes
-    assert ours < 4 * weight_bytes, (ours, naive_bytes)
+# The packed-only backward of scanned flat-layout NNX layers: tests/test_nnx_layers.py
+# (test_scanned_gradient_step_keeps_no_dequantized_weights[flat-layout]).
 
 
 class LinenStack(nn.Module):
