@@ -21,7 +21,7 @@ Example:
     (3, 64)
 """
 
-from qlora_jax._src.config import LoraConfig, QuantConfig, lora_scale
+from qlora_jax._src.config import LoraConfig, QuantConfig, lora_scale, pissa_niter
 from qlora_jax._src.nn import (
     FrozenWeight,
     QLoRAEinsum,
@@ -68,6 +68,7 @@ __all__ = [
     "lora_delta",
     "lora_einsum",
     "lora_scale",
+    "pissa_niter",
     "merge_lora",
     "merge_report",
     "qlora_report",

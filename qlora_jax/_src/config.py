@@ -17,14 +17,20 @@ import numpy as np
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
 from qlora_jax._src.formats.qarray import BLOCK_SIZES, FORMATS
 
-__all__ = ["QuantConfig", "LoraConfig", "ALL_LINEAR", "HEAD_NAMES", "INITS", "lora_scale"]
+__all__ = ["QuantConfig", "LoraConfig", "ALL_LINEAR", "HEAD_NAMES", "INITS", "WEIGHT_INITS", "lora_scale",
+           "pissa_niter"]
 
 # `LoraConfig.targets` value meaning every linear layer (nnx.Linear, LinearGeneral, Einsum) except the output head.
 ALL_LINEAR = "all-linear"
 # Last path components that mark an output head, excluded from "all-linear" and from quantization.
 HEAD_NAMES: tuple[str, ...] = ("lm_head", "head", "output")
-# Adapter initializations: PEFT's `init_lora_weights=True` and "gaussian".
-INITS: tuple[str, ...] = ("default", "gaussian")
+# Adapter initializations, PEFT's `init_lora_weights` values: True ("default"), "gaussian", and the ones that read
+# the base weight: "pissa" (exact SVD; "pissa_niter_N": randomized SVD with N subspace iterations), "olora" (QR)
+# and "loftq" (alternating NF4 quantization and SVD, `loftq_iter` rounds).
+INITS: tuple[str, ...] = ("default", "gaussian", "pissa", "pissa_niter_N", "olora", "loftq")
+# Inits computed from the base weight (and, on a quantized base, changing the stored base to a residual).
+WEIGHT_INITS: tuple[str, ...] = ("pissa", "olora", "loftq")
+_PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,7 +98,10 @@ class LoraConfig:
     dropout: float = 0.0  # dropout probability of the adapter input, in [0, 1)
     targets: str | tuple[str, ...] = ALL_LINEAR  # "all-linear", layer names, or a regex over the path
     rslora: bool = False  # rank-stabilized scaling alpha / sqrt(rank)
-    init: str = "default"  # "default" (kaiming-uniform A, zero B) or "gaussian" (A ~ N(0, 1/r^2), zero B)
+    init: str = "default"  # "default" (kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r^2), zero B), or from
+    #   the base weight: "pissa", "pissa_niter_N", "olora", "loftq" (see INITS)
+    loftq_iter: int = 1  # alternations of NF4 quantization and SVD for init="loftq" (PEFT's LoftQConfig.loftq_iter)
+    use_dora: bool = False  # DoRA (weight-decomposed LoRA): a trained magnitude per output (PEFT's use_dora)
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, np.integer)) or self.rank <= 0:
@@ -108,9 +117,22 @@ class LoraConfig:
         if not isinstance(self.rslora, (bool, np.bool_)):
             raise ValueError(f"LoraConfig.rslora: expected a bool, got {self.rslora!r}")
         object.__setattr__(self, "rslora", bool(self.rslora))
-        if self.init not in INITS:
-            raise ValueError(f"LoraConfig.init: unknown init {self.init!r}; expected one of {INITS}")
+        if pissa_niter(self.init) is None and (self.init not in INITS or self.init == "pissa_niter_N"):
+            raise ValueError(f"LoraConfig.init: unknown init {self.init!r}; expected one of {INITS} "
+                             "(N a positive integer)")
+        if (isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, (int, np.integer))
+                or self.loftq_iter < 1):
+            raise ValueError(f"LoraConfig.loftq_iter: must be a positive integer, got {self.loftq_iter!r}")
+        object.__setattr__(self, "loftq_iter", int(self.loftq_iter))
+        if not isinstance(self.use_dora, (bool, np.bool_)):
+            raise ValueError(f"LoraConfig.use_dora: expected a bool, got {self.use_dora!r}")
+        object.__setattr__(self, "use_dora", bool(self.use_dora))
         object.__setattr__(self, "targets", _normalize_targets(self.targets))
+
+    @property
+    def weight_init(self) -> bool:
+        """Whether the adapter's init reads the base weight ("pissa", "pissa_niter_N", "olora", "loftq")."""
+        return self.init in WEIGHT_INITS or pissa_niter(self.init) is not None
 
     @property
     def scale(self) -> float:
@@ -151,3 +173,21 @@ def lora_scale(rank: int, alpha: float, rslora: bool = False) -> float:
         (2.0, 8.0)
     """
     return float(alpha) / (math.sqrt(rank) if rslora else float(rank))
+
+
+def pissa_niter(init: str) -> int | None:
+    """The `N` of a `"pissa_niter_N"` init (randomized SVD with N subspace iterations), else None.
+
+    Args:
+        init: A `LoraConfig.init` value.
+
+    Returns:
+        `N`, or None when `init` is not of that form.
+
+    Example:
+        >>> from qlora_jax.nnx import pissa_niter
+        >>> pissa_niter("pissa_niter_4"), pissa_niter("pissa")
+        (4, None)
+    """
+    m = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
+    return int(m.group(1)) if m else None
