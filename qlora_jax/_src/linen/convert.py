@@ -32,7 +32,7 @@ from qlora_jax._src.formats.blockwise import FLOAT_DTYPES, quantize
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.linen.interceptor import SUPPORTED_MODULES, unsupported_reason
 from qlora_jax._src.linen.layers import FROZEN
-from qlora_jax._src.nn.lora import init_lora
+from qlora_jax._src.nn.lora import dora_norm, init_lora
 from qlora_jax._src.surgery.report import QLoRAReport, ReplacedLayer
 
 __all__ = ["DenseLayer", "dense_layers", "convert_params"]
@@ -249,6 +249,12 @@ def convert_params(
             node["lora_b"] = b.reshape(*d.stack_shape, lora.rank, *out_shape)  # [*stack, r, *out]
             lora_params = int(a.size + b.size)
             after += int(a.nbytes + b.nbytes)
+            if lora.use_dora:  # DoRA's magnitude: the weight's norm per output (dequantized kernel), as PEFT
+                node["lora_magnitude_vector"] = m = dora_norm(
+                    stored, node["lora_a"], node["lora_b"], lora.scale, tuple(range(d.n_in)),
+                    stack_shape=d.stack_shape).astype(node["lora_a"].dtype)  # [*stack, *out]
+                lora_params += int(m.size)
+                after += int(m.nbytes)
         rows.append(ReplacedLayer(
             path=d.path, layer=("QLoRA" if d.path in adapted_paths else "Quant") + d.kind,
             kernel_shape=d.kernel_shape, quantized=d.path in quantized, base_params=int(math.prod(d.kernel_shape)),
@@ -388,7 +394,7 @@ def _check_layer(tree: Mapping[str, Any], d: DenseLayer, quant: QuantConfig | No
     if not _is_array(kernel) or np.dtype(kernel.dtype) not in FLOAT_DTYPES:
         raise ValueError(f"{d.path}: kernel {type(kernel).__name__} {getattr(kernel, 'dtype', '')} cannot be "
                          "converted; expected a float32, bfloat16 or float16 array")
-    if any(k in node for k in ("lora_a", "lora_b")):
+    if any(k in node for k in ("lora_a", "lora_b", "lora_magnitude_vector")):
         raise ValueError(f"{d.path}: already has adapters; convert_params takes the params of an unconverted model")
 
 

@@ -170,7 +170,11 @@ def _converted_call(module: nn.Module, args: tuple, kwargs: dict, quant: QuantCo
                              f"LoraConfig.rank={lora.rank}")
         if lora.dropout > 0 and not deterministic:
             rng = module.make_rng("dropout")
+    magnitude = None  # DoRA's, from convert_params with LoraConfig(use_dora=True)
+    if module.has_variable("params", "lora_magnitude_vector"):
+        magnitude = nn.meta.unbox(module.get_variable("params", "lora_magnitude_vector"))
     axis = (-1,) if type(module) is nn.Dense else tuple(int(a) for a in np.atleast_1d(module.axis))
     return dense_forward(inputs, kernel, bias, adapter, axis=axis, dtype=compute_dtype(quant, module.dtype),
                          precision=module.precision, scale=lora.scale if lora is not None else 1.0,
-                         dropout_rate=lora.dropout if lora is not None else 0.0, dropout_rng=rng, name=path)
+                         dropout_rate=lora.dropout if lora is not None else 0.0, dropout_rng=rng,
+                         magnitude=magnitude, name=path)

@@ -28,7 +28,7 @@ from jax import lax
 from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.formats.blockwise import quantize
 from qlora_jax._src.formats.qarray import QuantizedArray
-from qlora_jax._src.nn.lora import init_lora, lora_delta
+from qlora_jax._src.nn.lora import dora_norm, init_lora, lora_delta
 from qlora_jax._src.ops.qmatmul import qdot_general
 
 __all__ = ["FROZEN", "ADAPTER_NAMES", "QLoRADense", "QLoRADenseGeneral", "dense_forward", "compute_dtype",
@@ -36,8 +36,8 @@ __all__ = ["FROZEN", "ADAPTER_NAMES", "QLoRADense", "QLoRADenseGeneral", "dense_
 
 # The variable collection that holds the frozen base kernels (packed or float).
 FROZEN = "frozen"
-# Names of the adapter factors in the "params" collection.
-ADAPTER_NAMES: tuple[str, ...] = ("lora_a", "lora_b")
+# Names of the adapter leaves in the "params" collection: the factors and DoRA's magnitude (PEFT's name).
+ADAPTER_NAMES: tuple[str, ...] = ("lora_a", "lora_b", "lora_magnitude_vector")
 
 _default_kernel_init = nn.initializers.lecun_normal()  # nn.Dense's default
 
@@ -61,9 +61,16 @@ def dense_forward(
     scale: float = 1.0,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    magnitude: jax.Array | None = None,
     name: str = "dense",
 ) -> jax.Array:
     """`nn.DenseGeneral`'s output over a frozen kernel, plus `scale · B(A(dropout(x)))`.
+
+    With a DoRA `magnitude` `m [*features]`, PEFT's DoRA instead (see
+    `qlora_jax/_src/nn/adapter.py`): with `c = m / ‖W + s·A ⊗ B‖` per
+    output (no gradient through the norm) and `x @ W` without the bias,
+    `c · (x @ W + s·B(A(x))) + bias`, or with dropout `d`
+    `x @ W + bias + (c - 1) · (d(x) @ W) + c · s·B(A(d(x)))`.
 
     The float-kernel path performs exactly `nn.Dense`'s / `nn.DenseGeneral`'s
     operations (dtype promotion, `lax.dot_general`, bias add), so a float
@@ -84,6 +91,7 @@ def dense_forward(
         scale: The LoRA scaling `s`.
         dropout_rate: Dropout probability of the adapter input.
         dropout_rng: Key for the dropout mask; None means no dropout.
+        magnitude: DoRA's `lora_magnitude_vector` `[*features]`, or None (plain LoRA).
         name: The layer's path, for error messages.
 
     Returns:
@@ -121,17 +129,27 @@ def dense_forward(
             dtype = linen_dtypes.canonicalize_dtype(x, bias, jnp.zeros((), kernel.dtype))
         x = x.astype(dtype)
         bias = None if bias is None else jnp.asarray(bias).astype(dtype)
-        y = qdot_general(x, kernel, dims, precision=precision)  # [*x_free, *features]
+
+        def product(v: jax.Array) -> jax.Array:
+            return qdot_general(v, kernel, dims, precision=precision)  # [*x_free, *features]
     else:
         # Exactly nn.DenseGeneral's operations; stop_gradient: the kernel is frozen.
         x, k, bias = linen_dtypes.promote_dtype(x, lax.stop_gradient(kernel), bias, dtype=dtype)
-        y = lax.dot_general(x, k, dims, precision=precision)  # [*x_free, *features]
-    if bias is not None:
-        if tuple(bias.shape) != features:
-            raise ValueError(f"{name}: bias shape {tuple(bias.shape)}, expected {features}")
-        y = y + jnp.reshape(bias, (1,) * (ndim - n_axis) + features)
-    if adapter is None:
-        return y
+
+        def product(v: jax.Array) -> jax.Array:
+            return lax.dot_general(v, k, dims, precision=precision)  # [*x_free, *features]
+    if bias is not None and tuple(bias.shape) != features:
+        raise ValueError(f"{name}: bias shape {tuple(bias.shape)}, expected {features}")
+
+    def add_bias(y: jax.Array) -> jax.Array:
+        return y if bias is None else y + jnp.reshape(bias, (1,) * (ndim - n_axis) + features)
+
+    if magnitude is not None and adapter is None:
+        raise ValueError(f"{name}: a DoRA magnitude needs the adapter factors (adapter is None)")
+    if magnitude is None:
+        y = add_bias(product(x))
+        if adapter is None:
+            return y
     a, b = adapter
     n_in, n_out = math.prod(in_shape), math.prod(features)
     if tuple(a.shape[:-1]) != in_shape or tuple(b.shape[1:]) != features or a.shape[-1:] != b.shape[:1]:
@@ -139,17 +157,30 @@ def dense_forward(
                          f"kernel {k_shape}; expected lora_a [{', '.join(map(str, in_shape))}, r] and lora_b "
                          f"[r, {', '.join(map(str, features))}]")
     rank = a.shape[-1]
-    h = x.astype(y.dtype)  # the adapter input, in the compute dtype
-    if dropout_rng is not None and dropout_rate > 0:
+
+    def delta(h: jax.Array) -> jax.Array:  # s·B(A(h)): [*free, *features]
+        if axis != tuple(range(ndim - n_axis, ndim)):
+            h = jnp.moveaxis(h, axis, tuple(range(ndim - n_axis, ndim)))
+        free = h.shape[: ndim - n_axis]
+        d = lora_delta(h.reshape(*free, n_in), a.reshape(n_in, rank), b.reshape(rank, n_out), scale,
+                       precision=precision)  # [*free, out]
+        return d.reshape(*free, *features)
+
+    h = x.astype(y.dtype) if magnitude is None else x  # the adapter input, in the compute dtype
+    dropped = dropout_rng is not None and dropout_rate > 0
+    if dropped:
         keep = 1.0 - dropout_rate
         mask = jax.random.bernoulli(dropout_rng, keep, h.shape)
         h = lax.select(mask, h / keep, jnp.zeros_like(h))  # inverted dropout, as nn.Dropout and torch
-    if axis != tuple(range(ndim - n_axis, ndim)):
-        h = jnp.moveaxis(h, axis, tuple(range(ndim - n_axis, ndim)))
-    free = h.shape[: ndim - n_axis]
-    delta = lora_delta(h.reshape(*free, n_in), a.reshape(n_in, rank), b.reshape(rank, n_out), scale,
-                       precision=precision)  # [*free, out]
-    return y + delta.reshape(*free, *features)
+    if magnitude is None:
+        return y + delta(h)
+    if tuple(magnitude.shape) != features:
+        raise ValueError(f"{name}: lora_magnitude_vector shape {tuple(magnitude.shape)}, expected {features}")
+    norm = dora_norm(kernel, a, b, scale, tuple(range(n_axis)), precision=precision)  # [*features], no gradient
+    c = (magnitude.astype(jnp.float32) / norm).astype(x.dtype)
+    if dropped:
+        return add_bias(product(x) + (c - 1) * product(h) + c * delta(h))
+    return add_bias(c * (product(x) + delta(x)))
 
 
 def normalize_axes(axis: int | Sequence[int], ndim: int, name: str) -> tuple[int, ...]:
@@ -186,19 +217,23 @@ class QLoRABase(nn.Module):
 
         kernel = self.variable(FROZEN, "kernel", init_kernel).value
         bias = self.param("bias", bias_init, features, self.param_dtype) if self.use_bias else None
-        adapter, rng = None, None
+        adapter, rng, magnitude = None, None, None
         if self.lora is not None:
             n_in, n_out, rank = math.prod(in_shape), math.prod(features), self.lora.rank
             a = self.param("lora_a", lambda key: init_lora(key, n_in, n_out, rank, init=self.lora.init,
                                                            dtype=self.param_dtype)[0].reshape(*in_shape, rank))
             b = self.param("lora_b", lambda key: jnp.zeros((rank, *features), self.param_dtype))  # [r, *features]
             adapter = (a, b)
+            if self.lora.use_dora:  # DoRA: the magnitude starts as the weight's norm per output (PEFT)
+                magnitude = self.param("lora_magnitude_vector", lambda key: dora_norm(
+                    kernel, a, b, self.lora.scale, tuple(range(n_axis)), precision=self.precision
+                ).astype(self.param_dtype))  # [*features]
             if self.lora.dropout > 0 and not nn.merge_param("deterministic", self.deterministic, deterministic):
                 rng = self.make_rng("dropout")
         return dense_forward(inputs, kernel, bias, adapter, axis=axis, dtype=compute_dtype(self.quant, self.dtype),
                              precision=self.precision, scale=self.lora.scale if self.lora is not None else 1.0,
                              dropout_rate=self.lora.dropout if self.lora is not None else 0.0, dropout_rng=rng,
-                             name=name)
+                             magnitude=magnitude, name=name)
 
 
 class QLoRADense(QLoRABase):
@@ -214,7 +249,9 @@ class QLoRADense(QLoRABase):
     Variables: `"frozen"/"kernel"` — a `QuantizedArray` of the `[in, out]`
     kernel (a float array with `quant=None`); `"params"/"bias"` `[out]`;
     `"params"/"lora_a"` `[in, r]` and `"params"/"lora_b"` `[r, out]` unless
-    `lora=None`. Dropout (rate `lora.dropout`) draws from the "dropout" rng
+    `lora=None`; with `lora.use_dora` (DoRA, as the NNX layers and PEFT) also
+    `"params"/"lora_magnitude_vector"` `[out]`, initialised to the weight's
+    norm per output (the dequantized kernel's). Dropout (rate `lora.dropout`) draws from the "dropout" rng
     stream unless deterministic.
 
     Attributes:

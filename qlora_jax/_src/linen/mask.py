@@ -1,7 +1,7 @@
 """`lora_mask` and `masked`: train the adapters of a params pytree and nothing else.
 
 In Linen the adapters are the `"params"` leaves named `lora_a` / `lora_b`
-(`QLoRADense`, `convert_params`); in an NNX state they are the
+and DoRA's `lora_magnitude_vector` (`QLoRADense`, `convert_params`); in an NNX state they are the
 `nnx.LoRAParam` variables. `optax.masked` alone is not enough to freeze the
 rest: it passes the updates of masked-out leaves through unchanged (the raw
 gradient would be applied). `masked` therefore partitions the tree
@@ -27,7 +27,7 @@ __all__ = ["lora_mask", "masked"]
 def lora_mask(params: Any) -> Any:
     """A boolean pytree: True at the adapter leaves of `params`, False elsewhere.
 
-    Adapters are leaves whose last key is "lora_a" or "lora_b" (dict keys,
+    Adapters are leaves whose last key is "lora_a", "lora_b" or "lora_magnitude_vector" (dict keys,
     attribute or index names), and `nnx.LoRAParam` variables in an NNX state
     (where the mask holds one bool per variable). Biases, norms, embeddings,
     heads and any frozen kernel are False.

@@ -4,6 +4,15 @@ A kernel with input axes `in` and output axes `out` gets factors A `[*stack,
 *in, r]` and B `[*stack, r, *out]`: A maps the flattened input (size
 `prod(in)`) to the rank, B the rank to the flattened output, exactly as a
 Linear `[prod(in), prod(out)]` would; A's init uses `fan_in = prod(in)`.
+
+With DoRA (`LoraConfig.use_dora`) the layer also holds PEFT's
+`lora_magnitude_vector` `[*stack, *out]` (an `nnx.LoRAParam`, trained with the
+factors), initialised to the weight norm `‖W + s·A ⊗ B‖` per output (the
+dequantized weight for a packed kernel), and computes, as PEFT's
+`DoraLinearLayer.forward`, with `c = m / ‖W + s·A ⊗ B‖` (no gradient through
+the norm) and `x @ W` the base product without bias:
+`y = c · (x @ W + s·B(A(x))) + bias` without dropout, and
+`y = x @ W + bias + (c - 1) · (d(x) @ W) + c · s·B(A(d(x)))` with dropout `d`.
 """
 
 from __future__ import annotations
@@ -17,7 +26,7 @@ from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 
 from qlora_jax._src.config import LoraConfig
-from qlora_jax._src.nn.lora import init_lora
+from qlora_jax._src.nn.lora import dora_norm, init_lora
 
 __all__ = ["AdapterMixin"]
 
@@ -28,7 +37,9 @@ class AdapterMixin:
     Takes a `LoraConfig` (its `targets` play no part in one layer) and sets
     `lora_a`, `lora_b` (`nnx.LoRAParam`), `rank`, `alpha`, `rslora`, `scale`,
     `dropout_rate`, `deterministic` and `rngs` (the dropout `nnx.RngStream`,
-    split per stacked layer, or None without dropout).
+    split per stacked layer, or None without dropout) and, with DoRA,
+    `lora_magnitude_vector` (`nnx.LoRAParam`, else None). The layer provides
+    `kernel`, `contract_axes`, `stack_shape` and `precision`.
     """
 
     def _init_adapter(
@@ -54,12 +65,43 @@ class AdapterMixin:
         self.scale = lora.scale
         self.dropout_rate = lora.dropout
         self.deterministic = False
+        # DoRA's magnitude, PEFT's `lora_magnitude_vector`; kept next to the factors.
+        self.lora_magnitude_vector = nnx.data(None)
+        if lora.use_dora:
+            self.lora_magnitude_vector = nnx.LoRAParam(self.dora_weight_norm().astype(param_dtype))  # [*stack, *out]
         if self.dropout_rate > 0:
             key = rngs["dropout"]()
             keys = jax.random.split(key, stack_shape) if stack_shape else key
             self.rngs = nnx.RngStream(keys, tag="dropout")
         else:
             self.rngs = nnx.data(None)
+
+    @property
+    def use_dora(self) -> bool:
+        """Whether the layer is a DoRA layer (has a `lora_magnitude_vector`)."""
+        return self.lora_magnitude_vector is not None
+
+    def dora_weight_norm(self) -> jax.Array:
+        """`‖W + s·A ⊗ B‖` per output feature, `[*stack, *out]` float32 (see `dora_norm`), from the current
+        kernel and factors: the initial DoRA magnitude, and the divisor of the magnitude at every call.
+
+        Stacked layers are computed one at a time (`lax.map`), so at most one layer's weight is dequantized.
+        """
+        return dora_norm(self.kernel.get_value(), self.lora_a[...], self.lora_b[...], self.scale, self.contract_axes,
+                         stack_shape=self.stack_shape, precision=self.precision)
+
+    def _dora(self, x: jax.Array, deterministic: bool | None, product, delta, broadcast) -> jax.Array:
+        """DoRA's output without the bias (see the module docstring).
+
+        `x` is in the compute dtype; `product(h)` is `h @ W` (the frozen kernel, no bias), `delta(h)` the
+        adapter's `s·B(A(h))`, `broadcast(c)` reshapes `c [*out]` to broadcast against the output.
+        """
+        c = broadcast((self.lora_magnitude_vector[...].astype(jnp.float32) / self.dora_weight_norm()).astype(x.dtype))
+        off = self.deterministic if deterministic is None else deterministic
+        if self.dropout_rate > 0 and not off:
+            h = self._adapter_input(x, deterministic)  # one dropout mask for both uses, as PEFT's x = dropout(x)
+            return product(x) + (c - 1) * product(h) + c * delta(h)
+        return c * (product(x) + delta(x))
 
     def _adapter_input(self, h: jax.Array, deterministic: bool | None) -> jax.Array:
         """`h` with inverted dropout (as `torch.nn.Dropout`) unless deterministic."""

@@ -140,15 +140,21 @@ class QuantEinsum(nnx.Module):
         """
         spec = self._spec(einsum_str)
         x = x.astype(x.dtype if self.dtype is None else self.dtype)
+        return self._add_bias(self._product(x, spec), spec)
+
+    def _product(self, x: jax.Array, spec: str) -> jax.Array:
+        """`einsum(spec, x, kernel)` for `x` in the compute dtype, without the bias."""
         kernel = self.kernel.get_value()
         check_unstacked(kernel, len(self.kernel_shape), type(self).__name__)
         if isinstance(kernel, QuantizedArray):
-            y = qeinsum(spec, x, kernel, precision=self.precision)
-        else:  # as nnx.Einsum: the kernel in the compute dtype, no gradient (frozen)
-            y = jnp.einsum(spec, x, lax.stop_gradient(kernel.astype(x.dtype)), precision=self.precision)
-        if self.bias is not None:
-            y = y + jnp.reshape(self.bias[...].astype(y.dtype), self._bias_broadcast(spec, y.ndim))
-        return y
+            return qeinsum(spec, x, kernel, precision=self.precision)
+        # as nnx.Einsum: the kernel in the compute dtype, no gradient (frozen)
+        return jnp.einsum(spec, x, lax.stop_gradient(kernel.astype(x.dtype)), precision=self.precision)
+
+    def _add_bias(self, y: jax.Array, spec: str) -> jax.Array:
+        if self.bias is None:
+            return y
+        return y + jnp.reshape(self.bias[...].astype(y.dtype), self._bias_broadcast(spec, y.ndim))
 
     def _spec(self, einsum_str: str | None) -> str:
         if einsum_str is None:
@@ -188,12 +194,14 @@ class QLoRAEinsum(QuantEinsum, AdapterMixin):
     the flattened input axes (size `prod(in)`) to the rank, B the rank to the
     flattened output axes; `ΔW = s · A ⊗ B`, transposed to kernel order, is
     the update `merge_lora` folds into the kernel. Computed by `lora_einsum`
-    without forming `ΔW`. Scaling, init, dropout and float32 factors as in
-    `QLoRALinear`.
+    without forming `ΔW`. Scaling, init, dropout, float32 factors and DoRA
+    (`lora.use_dora`: a magnitude per output position of the kernel, the norm
+    over its input axes) as in `QLoRALinear`.
 
     Attributes:
         lora_a: `nnx.LoRAParam` `[*stack, *in, rank]`.
         lora_b: `nnx.LoRAParam` `[*stack, rank, *out]`.
+        lora_magnitude_vector: DoRA's magnitude, `nnx.LoRAParam` `[*stack, *out]` (kernel order), or None.
         rank: `r`.
         alpha: `lora_alpha`.
         scale: The scaling `s`.
@@ -251,6 +259,30 @@ class QLoRAEinsum(QuantEinsum, AdapterMixin):
                  deterministic: bool | None = None) -> jax.Array:
         """As `QuantEinsum`, plus the adapter; `deterministic` overrides the attribute."""
         spec = self._spec(einsum_str)
+
+        def delta(h: jax.Array) -> jax.Array:
+            return lora_einsum(spec, h, self.lora_a[...], self.lora_b[...], self.scale, precision=self.precision)
+
+        if self.use_dora:
+            h = x.astype(x.dtype if self.dtype is None else self.dtype)
+            y = self._dora(h, deterministic, lambda v: self._product(v, spec), delta,
+                           lambda c: self._out_broadcast(c, spec, h.ndim))
+            return self._add_bias(y, spec)
         y = super().__call__(x, spec)
         h = self._adapter_input(x.astype(y.dtype), deterministic)  # dropout on the adapter input only
-        return y + lora_einsum(spec, h, self.lora_a[...], self.lora_b[...], self.scale, precision=self.precision)
+        return y + delta(h)
+
+    def _out_broadcast(self, c: jax.Array, spec: str, x_ndim: int) -> jax.Array:
+        """`c [*out]` (the kernel's output axes in kernel order) arranged to broadcast against the output."""
+        xs, ks, out = split_einsum(spec)
+        k_out = "".join(ks[i] for i in range(len(ks)) if i not in self.contract_axes)
+        kept = "".join(ch for ch in out if ch in k_out)  # the kernel's output letters in output order
+        c = jnp.einsum(f"{k_out}->{kept}", c)
+        n_dots = x_ndim - (len(xs) - 3) if "..." in xs else 0
+        shape = []
+        for ch in out.replace("...", "."):
+            if ch == ".":
+                shape += [1] * n_dots
+            else:
+                shape.append(c.shape[kept.index(ch)] if ch in kept else 1)
+        return c.reshape(shape)

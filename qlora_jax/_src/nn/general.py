@@ -131,17 +131,23 @@ class QuantLinearGeneral(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """`x` with `in` on `axis` → `[*other axes of x, *out]` in the compute dtype."""
         x = x.astype(x.dtype if self.dtype is None else self.dtype)
+        return self._add_bias(self._product(x))
+
+    def _product(self, x: jax.Array) -> jax.Array:
+        """`x` (in the compute dtype) times the frozen kernel, without the bias: `[*free, *out]`."""
         dims = self._dims(x)
         kernel = self.kernel.get_value()
         check_unstacked(kernel, len(self.in_features) + len(self.out_features), type(self).__name__)
         if isinstance(kernel, QuantizedArray):
-            y = qdot_general(x, kernel, dims, precision=self.precision)
-        else:  # as nnx.LinearGeneral: the kernel in the compute dtype, no gradient (frozen)
-            y = lax.dot_general(x, lax.stop_gradient(kernel.astype(x.dtype)), dims, precision=self.precision)
-        if self.bias is not None:  # [*free, *out]
-            y = y + jnp.reshape(self.bias[...].astype(y.dtype), (1,) * (y.ndim - len(self.out_features))
-                                + self.out_features)
-        return y
+            return qdot_general(x, kernel, dims, precision=self.precision)
+        # as nnx.LinearGeneral: the kernel in the compute dtype, no gradient (frozen)
+        return lax.dot_general(x, lax.stop_gradient(kernel.astype(x.dtype)), dims, precision=self.precision)
+
+    def _add_bias(self, y: jax.Array) -> jax.Array:
+        if self.bias is None:
+            return y
+        return y + jnp.reshape(self.bias[...].astype(y.dtype), (1,) * (y.ndim - len(self.out_features))
+                               + self.out_features)  # [*free, *out]
 
     def _dims(self, x: jax.Array) -> tuple:
         """`dot_general` dimension numbers of `x` against a kernel `[*in, ...]`."""
@@ -176,12 +182,14 @@ class QLoRALinearGeneral(QuantLinearGeneral, AdapterMixin):
     A maps the flattened input axes (size `prod(in)`) to the rank and B the
     rank to the flattened output axes, stored unflattened: A `[*stack, *in, r]`,
     B `[*stack, r, *out]`, so `ΔW = s · A ⊗ B` has the kernel's shape. Scaling,
-    init (with fan-in `prod(in)`), dropout and the float32 `nnx.LoRAParam`
-    factors are as in `QLoRALinear`.
+    init (with fan-in `prod(in)`), dropout, the float32 `nnx.LoRAParam`
+    factors and DoRA (`lora.use_dora`: a magnitude per output position, the
+    norm over the input axes) are as in `QLoRALinear`.
 
     Attributes:
         lora_a: `nnx.LoRAParam` `[*stack, *in, rank]`.
         lora_b: `nnx.LoRAParam` `[*stack, rank, *out]`.
+        lora_magnitude_vector: DoRA's magnitude, `nnx.LoRAParam` `[*stack, *out]`, or None.
         rank: `r`.
         alpha: `lora_alpha`.
         scale: The scaling `s`.
@@ -238,13 +246,19 @@ class QLoRALinearGeneral(QuantLinearGeneral, AdapterMixin):
 
     def __call__(self, x: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
         """As `QuantLinearGeneral`, plus the adapter; `deterministic` overrides the attribute."""
+        if self.use_dora:
+            h = x.astype(x.dtype if self.dtype is None else self.dtype)
+            return self._add_bias(self._dora(h, deterministic, self._product, self._delta, lambda c: c))
         y = super().__call__(x)  # [*free, *out]
         h = self._adapter_input(x.astype(y.dtype), deterministic)  # dropout on the adapter input only
-        dims = self._dims(h)
-        t = lax.dot_general(h, self.lora_a[...].astype(h.dtype), dims, precision=self.precision)  # [*free, r]
+        return y + self._delta(h)
+
+    def _delta(self, h: jax.Array) -> jax.Array:
+        """The adapter's `s · B(A(h))`: `[*free, *out]`."""
+        t = lax.dot_general(h, self.lora_a[...].astype(h.dtype), self._dims(h), precision=self.precision)  # [*free, r]
         d = lax.dot_general(t, self.lora_b[...].astype(h.dtype), (((t.ndim - 1,), (0,)), ((), ())),
                             precision=self.precision)  # [*free, *out]
-        return y + d * self.scale
+        return d * self.scale
 
 
 def _as_tuple(value: int | Sequence[int], name: str) -> tuple[int, ...]:

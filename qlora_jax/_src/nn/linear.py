@@ -155,9 +155,16 @@ class QLoRALinear(QuantLinear, AdapterMixin):
     @ B)`, with its own gradient (`qlora_jax/_src/ops/merged.py`); otherwise,
     and on the Pallas paths, the adapter's two thin products are added.
 
+    With `lora.use_dora` (DoRA, PEFT's definition; see `nn/adapter.py`) the
+    output is scaled per output feature by `m / ‖W + s·A @ B‖`, `m` the
+    trained `lora_magnitude_vector` (initialised to the weight's norm, so a
+    fresh DoRA layer also leaves the output unchanged) and the norm computed
+    from the packed kernel without a gradient.
+
     Attributes:
         lora_a: `nnx.LoRAParam` `[*stack, in, rank]`.
         lora_b: `nnx.LoRAParam` `[*stack, rank, out]`.
+        lora_magnitude_vector: DoRA's magnitude, `nnx.LoRAParam` `[*stack, out]`, or None.
         rank: `r`.
         alpha: `lora_alpha`.
         scale: The scaling `s`.
@@ -195,7 +202,7 @@ class QLoRALinear(QuantLinear, AdapterMixin):
             kernel: As `QuantLinear`.
             bias: As `QuantLinear`.
             lora: The adapter: `rank`, `alpha`, `dropout` (of the adapter
-                input), `rslora`, `init`; `targets` is ignored.
+                input), `rslora`, `init`, `use_dora`; `targets` is ignored.
             dtype: Compute dtype, or None for the input's dtype.
             param_dtype: Dtype of the adapter factors.
             precision: `lax` precision of the dots.
@@ -215,6 +222,16 @@ class QLoRALinear(QuantLinear, AdapterMixin):
         off = self.deterministic if deterministic is None else deterministic
         h = x.astype(x.dtype if self.dtype is None else self.dtype)
         kernel = self.kernel.get_value()
+        a, b = self.lora_a[...], self.lora_b[...]
+        if self.use_dora:
+            if (self.dropout_rate == 0 or off) and can_merge(h, kernel):
+                # c · x @ (W + s·A @ B): the merged product (ops/merged.py), scaled per output
+                c = (self.lora_magnitude_vector[...].astype(jnp.float32) / self.dora_weight_norm()).astype(h.dtype)
+                return self._add_bias(c * lora_matmul(h, kernel, a, b, self.scale, precision=self.precision))
+            name = type(self).__name__
+            y = self._dora(h, deterministic, lambda v: _frozen_matmul(v, kernel, self.precision, name),
+                           lambda v: lora_delta(v, a, b, self.scale, precision=self.precision), lambda c: c)
+            return self._add_bias(y)
         if (self.dropout_rate == 0 or off) and can_merge(h, kernel):
             # float32 without dropout: one product with the merged weight (ops/merged.py)
             return self._add_bias(lora_matmul(h, kernel, self.lora_a[...], self.lora_b[...], self.scale,

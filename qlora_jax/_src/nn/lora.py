@@ -8,6 +8,12 @@ A starts as kaiming-uniform with a = √5, which is U(-1/√in, 1/√in), or as
 N(0, (1/r)²) for "gaussian"; B starts at zero, so a fresh adapter changes
 nothing. In Flax layout A is `[in, r]` and B is `[r, out]`, the transposes of
 PEFT's `lora_A.weight` and `lora_B.weight`.
+
+DoRA (Liu et al., 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") adds a
+trained magnitude `m` per output feature: `W' = m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖`,
+the norm taken per output over the input axes (PEFT's `get_weight_norm`, dim 1
+of the torch weight `[out, in]`) and treated as a constant in the backward
+pass (the paper's §4.3; PEFT detaches it). `dora_norm` computes that norm.
 """
 
 from __future__ import annotations
@@ -21,9 +27,12 @@ import numpy as np
 from jax import lax
 
 from qlora_jax._src.config import INITS
+from qlora_jax._src.formats.blockwise import dequantize
+from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn.spec import einsum_kernel_axes, split_einsum
+from qlora_jax._src.ops.qmatmul import qeinsum
 
-__all__ = ["lora_delta", "lora_einsum", "init_lora"]
+__all__ = ["lora_delta", "lora_einsum", "init_lora", "dora_norm"]
 
 
 def lora_delta(
@@ -207,6 +216,86 @@ def init_lora(
     else:
         raise ValueError(f"init: unknown LoRA init {init!r}; expected one of {INITS}")
     return a.astype(dtype), jnp.zeros((*stack_shape, rank, out_features), dtype)
+
+
+def dora_norm(
+    kernel: QuantizedArray | jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    scale: float,
+    contract_axes: tuple[int, ...],
+    *,
+    stack_shape: tuple[int, ...] = (),
+    precision: lax.PrecisionLike = None,
+) -> jax.Array:
+    """DoRA's weight norm `‖W + s · A ⊗ B‖` per output feature, float32, without a gradient.
+
+    `W` is the kernel (dequantized, for a packed one), `contract_axes` its
+    input axes; the norm runs over them, one value per output position (the
+    other axes, in kernel order), as PEFT's `get_weight_norm` does over dim 1
+    of the torch weight `[out, in]`. Computed without forming `W + s·A ⊗ B`:
+    per output column `o`, `‖W_o‖² + 2s · Σ_r B[r, o] (AᵀW)[r, o] + s² ·
+    B_oᵀ (AᵀA) B_o`, where `AᵀW` is a product of the (packed) kernel with `Aᵀ`
+    as the activations (`qeinsum`) and `‖W_o‖²` a reduction that XLA fuses
+    with the dequantization. Nothing here is differentiated (PEFT detaches
+    the norm), so no weight is kept for a backward pass.
+
+    Args:
+        kernel: A `QuantizedArray` (its `contract_axes` must be
+            `contract_axes`) or a float array `[*stack, *kernel_shape]`.
+        a: Down projection `[*stack, *in, r]` (`in`: the kernel's sizes on `contract_axes`).
+        b: Up projection `[*stack, r, *out]` (`out`: the kernel's other sizes, in kernel order).
+        scale: The LoRA scaling `s`.
+        contract_axes: The kernel's input axes (of one layer's kernel), sorted.
+        stack_shape: Leading stack dimensions of every operand; the layers are
+            computed one at a time (`lax.map`), so at most one layer's weight
+            is dequantized at once.
+        precision: Passed to the products.
+
+    Returns:
+        `[*stack, *out]` float32.
+
+    Raises:
+        ValueError: Factors that do not fit the kernel.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from qlora_jax._src.nn.lora import dora_norm
+        >>> w, a, b = jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3))
+        >>> dora_norm(w, a, b, 0.5, (0,))  # each column of W + 0.5 A B is 4 twos
+        Array([4., 4., 4.], dtype=float32)
+    """
+    stack = tuple(int(d) for d in stack_shape)
+    if stack:
+        flat = jax.tree.map(lambda leaf: leaf.reshape(-1, *leaf.shape[len(stack):]), (kernel, a, b))
+        norms = lax.map(lambda layer: dora_norm(*layer, scale, contract_axes, precision=precision), flat)
+        return norms.reshape(*stack, *norms.shape[1:])  # [*stack, *out]
+    shape = tuple(kernel.shape)
+    contract = tuple(int(i) for i in contract_axes)
+    other = tuple(i for i in range(len(shape)) if i not in contract)
+    in_shape, out_shape = tuple(shape[i] for i in contract), tuple(shape[i] for i in other)
+    if isinstance(kernel, QuantizedArray) and (kernel.stack_shape or tuple(kernel.contract_axes) != contract):
+        raise ValueError(f"dora_norm: expected one layer's kernel with contract_axes {contract}; got {kernel!r}")
+    if tuple(a.shape[:-1]) != in_shape or tuple(b.shape[1:]) != out_shape or a.shape[-1:] != b.shape[:1]:
+        raise ValueError(f"dora_norm: factors a {tuple(a.shape)}, b {tuple(b.shape)} do not fit the kernel {shape} "
+                         f"with input axes {contract}: expected a [*{in_shape}, r], b [r, *{out_shape}]")
+    letters = "abcdefghijklmnopqstuvw"[: len(shape)]
+    k_in, k_out = "".join(letters[i] for i in contract), "".join(letters[i] for i in other)
+    f32 = np.dtype(np.float32)
+    a, b = lax.stop_gradient(a.astype(f32)), lax.stop_gradient(b.astype(f32))
+    if isinstance(kernel, QuantizedArray):
+        q = lax.stop_gradient(kernel)
+        w2 = jnp.sum(jnp.square(dequantize(q, f32)), axis=contract)  # [*out], fused with the dequantization
+        atw = qeinsum(f"{k_in}r,{letters}->r{k_out}", a, q, precision=precision)  # [r, *out]
+    else:
+        w = lax.stop_gradient(kernel).astype(f32)
+        w2 = jnp.sum(jnp.square(w), axis=contract)
+        atw = jnp.einsum(f"{k_in}r,{letters}->r{k_out}", a, w, precision=precision)
+    ata = jnp.einsum(f"{k_in}r,{k_in}z->rz", a, a, precision=precision)  # [r, r]
+    ata_b = jnp.einsum(f"rz,z{k_out}->r{k_out}", ata, b, precision=precision)  # [r, *out]
+    s = np.float32(scale)
+    n2 = w2 + 2 * s * jnp.sum(b * atw, axis=0) + s * s * jnp.sum(b * ata_b, axis=0)  # [*out]
+    return lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0)))
 
 
 def _dot(x: jax.Array, w: jax.Array, precision: lax.PrecisionLike) -> jax.Array:

@@ -38,7 +38,7 @@ class ReplacedLayer:
     kernel_shape: tuple[int, ...]  # (*stack, in, out); (*stack, *in, *out) / (*stack, *kernel_shape) for N-D
     quantized: bool  # whether the kernel is now packed
     base_params: int  # elements of the kernel
-    lora_params: int  # elements of lora_a and lora_b
+    lora_params: int  # elements of lora_a and lora_b (and DoRA's lora_magnitude_vector)
     bytes_before: int  # bytes of the kernel in its original float dtype (`QuantizedArray.dtype`)
     bytes_after: int  # bytes of the kernel as stored now (packed or float) plus the adapter
 
@@ -170,6 +170,9 @@ def _row(path: tuple[Any, ...], m: nnx.Module) -> ReplacedLayer:
     if isinstance(m, QLORA_LAYERS):
         lora_params = int(m.lora_a[...].size + m.lora_b[...].size)
         after += int(m.lora_a[...].nbytes + m.lora_b[...].nbytes)
+        if getattr(m, "lora_magnitude_vector", None) is not None:  # DoRA
+            lora_params += int(m.lora_magnitude_vector[...].size)
+            after += int(m.lora_magnitude_vector[...].nbytes)
     dtype = stored.dtype  # QuantizedArray.dtype: the dtype the kernel had before quantization
     return ReplacedLayer(path=path_str(path), layer=type(m).__name__, kernel_shape=kernel_shape,
                          quantized=isinstance(stored, QuantizedArray), base_params=base_params,
