@@ -8,6 +8,9 @@ Subcommands:
   generation with a KV cache (chat template when the tokenizer has one).
 * `export --model PATH --adapter DIR --merged OUT`: a Hugging Face checkpoint
   with the adapter merged into the dequantized base.
+* `eval --model PATH [--adapter DIR] --data FILE [--samples N] [--json]`:
+  perplexity over the loss-carrying tokens of the data (the training masks),
+  the token count, and optional greedy generations (`qlora_jax.app.eval`).
 * `memory --model PRESET|PATH`: the memory of one fine-tuning step for full
   fine-tuning, 16-bit LoRA and QLoRA, the paper's formulas next to what the
   compiled step needs (`memory_analysis()` with abstract shapes).
@@ -38,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,7 @@ from qlora_jax._src.memory import METHODS, step_memory
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.loading import load_config
 from qlora_jax.app import demo
+from qlora_jax.app.eval import EvalArgs, inference_model, main_eval
 from qlora_jax.app.finetune import FinetuneArgs, initialize_distributed, run_finetune
 from qlora_jax.app.plan import RESERVE_BYTES, RESERVE_FRACTION, DoesNotFit, plan_fit, plan_table
 from qlora_jax.app.report import PRESETS, memory_table
@@ -196,6 +199,10 @@ def _build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     finetune.add_argument("--distributed", action="store_true",
                           help="multi-host with JAX's cluster auto-detection (Slurm, Cloud TPU, ...)")
+    finetune.add_argument("--report-to", nargs="+", default=["none"], metavar="NAME",
+                          help="also log the metrics (loss, learning rate, grad norm, tokens/s, peak memory, eval "
+                               "loss) to tensorboard (event files in --output/tensorboard/), wandb (--output/wandb/; "
+                               "offline without an API key or connection) or both (tensorboard,wandb); default none")
     finetune.set_defaults(func=_run_finetune)
 
     for name, helptext in (("generate", "generate text with a checkpoint and an optional adapter"),
@@ -223,6 +230,32 @@ def _build_parser() -> argparse.ArgumentParser:
                              help="dtype of every tensor of the merged checkpoint (the merge W + s * B @ A is "
                                   "computed in float32 and cast once; default float32)")
             sub.set_defaults(func=_run_export)
+
+    evaluate = commands.add_parser(
+        "eval", help="perplexity of a checkpoint (+ adapter) on a dataset, over the tokens that carry loss",
+        description=("Tokenizes --data as finetune does (the same loss masks, truncation and packing) and prints "
+                     "the perplexity exp(mean cross entropy) over the tokens that carry loss, their count and, with "
+                     "--samples N, greedy generations from the first N examples' prompts. --adapter takes a PEFT "
+                     "adapter directory or a finetune --output directory (whose run_config.json gives the defaults "
+                     "of --format, --block-size, double quantization and --seq-len)."))
+    evaluate.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    evaluate.add_argument("--data", required=True, help="dataset file (the rows finetune's --data takes)")
+    evaluate.add_argument("--adapter", default=None, help="PEFT adapter directory or finetune --output directory")
+    evaluate.add_argument("--samples", type=int, default=0, help="greedy generations of the first N examples")
+    evaluate.add_argument("--max-new-tokens", type=int, default=32, help="tokens per generation (default 32)")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    evaluate.add_argument("--seq-len", type=int, default=None,
+                          help="tokens per row; longer rows are truncated (default: the run's, else 512 or the "
+                               "model's max_position_embeddings if smaller)")
+    evaluate.add_argument("--batch-size", type=int, default=4, help="rows per batch (default 4)")
+    evaluate.add_argument("--format", choices=["nf4", "fp4", "int4", "int8", "none"], default=None,
+                          help="base weight format (default: the run's, else nf4; 'none': the float base)")
+    evaluate.add_argument("--block-size", type=int, default=None, help="default: the run's, else 64")
+    evaluate.add_argument("--no-double-quant", action="store_true", help="default: the run's, else double quant")
+    evaluate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                          help="compute dtype (default float32)")
+    evaluate.add_argument("--no-pack", action="store_true", help="one example per row instead of packed rows")
+    evaluate.set_defaults(func=_run_eval)
 
     memory = commands.add_parser(
         "memory", help="memory of a fine-tuning step: full, 16-bit LoRA and QLoRA, formula and compiled",
@@ -270,7 +303,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
         format=None if args.format == "none" else args.format, block_size=args.block_size,
         double_quant=not args.no_double_quant, remat=args.remat, pack=not args.no_pack, mesh=args.mesh,
         strategy=args.strategy, fit=not args.no_fit,
-        available_bytes=None if args.available_gib is None else int(args.available_gib * 2**30))
+        available_bytes=None if args.available_gib is None else int(args.available_gib * 2**30),
+        report_to=tuple(args.report_to))
     try:
         # Both before the first JAX computation: the distributed runtime, then the CPU setup (which checks the
         # dispatch mode by running a small computation, creating the backends).
@@ -291,23 +325,18 @@ def _inference_model(args: argparse.Namespace):
     """The checkpoint (quantized as --format says) with the PEFT adapter of --adapter loaded."""
     quant = None if args.format == "none" else qj.QuantConfig(fmt=args.format, block_size=args.block_size,
                                                               double_quant=not args.no_double_quant)
-    lora = None
-    if args.adapter:
-        config_path = Path(args.adapter) / "adapter_config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path}: missing (not a PEFT adapter directory)")
-        cfg = json.loads(config_path.read_text())
-        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-            raise ValueError(f"{config_path}: per-module rank_pattern/alpha_pattern are not supported")
-        targets = cfg.get("target_modules")
-        lora = qj.LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=0.0,
-                             targets=sorted(targets) if isinstance(targets, list) else targets,
-                             rslora=bool(cfg.get("use_rslora", False)))
-    model = qj.models.from_pretrained(args.model, quant=quant, lora=lora, dtype=np.dtype(args.dtype))
-    if args.adapter:
-        qj.models.load_peft_adapter(model, args.adapter)
-    model.eval()
-    return model
+    return inference_model(args.model, args.adapter, quant=quant, dtype=np.dtype(args.dtype))
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    """The `eval` subcommand (`qlora_jax.app.eval`)."""
+    fmt = "nf4" if args.format is None else None if args.format == "none" else args.format
+    settings = EvalArgs(model=args.model, data=args.data, adapter=args.adapter, seq_len=args.seq_len,
+                        batch_size=args.batch_size, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                        format=fmt, format_set=args.format is not None, block_size=args.block_size,
+                        double_quant=False if args.no_double_quant else None, dtype=args.dtype,
+                        pack=not args.no_pack)
+    return main_eval(settings, as_json=args.json)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
