@@ -141,7 +141,8 @@ def _leaf_specs(path: tuple[str, ...], value: Any, rules: dict[str, str | None],
                 axes: Mapping[str, tuple[str | None, str | None]], mesh: Mesh, notes: list[str]) -> Any:
     name = "/".join(path)
     logical = _logical(path, axes)
-    if logical is None or path[-1] not in ("kernel", "embedding", "lora_a", "lora_b", "bias"):
+    if logical is None or path[-1] not in ("kernel", "embedding", "lora_a", "lora_b", "lora_magnitude_vector",
+                                           "bias"):
         return jax.tree.map(lambda x: PartitionSpec(), value)
     lin, lout = (rules.get(a) if a is not None else None for a in logical)
     if path[-1] == "embedding":  # [vocab, embed]: the table's (in, out) axes as named
@@ -167,7 +168,7 @@ def _leaf_specs(path: tuple[str, ...], value: Any, rules: dict[str, str | None],
     if path[-1] == "lora_a":  # [*stack, in, r]
         return PartitionSpec(*[None] * (value.ndim - 2), _fit(name, "input axis", value.shape[-2], lin, mesh, notes),
                              None)
-    if path[-1] in ("lora_b", "bias"):  # [*stack, r, out], [*stack, out]
+    if path[-1] in ("lora_b", "lora_magnitude_vector", "bias"):  # [*stack, r, out]; magnitude, bias [*stack, out]
         return PartitionSpec(*[None] * (value.ndim - 1), _fit(name, "output axis", value.shape[-1], lout, mesh,
                                                               notes))
     # A float kernel [*stack, in, out].

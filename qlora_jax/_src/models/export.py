@@ -2,7 +2,8 @@
 
 Every quantized projection is merged by `merged_kernel` (the function
 `merge_lora` uses): dequantized exactly (`codebook[code] * absmax` in
-float32), its LoRA update `s · A @ B` added in float32, and the result cast to
+float32), its LoRA update `s · A @ B` added in float32 (for DoRA, the sum
+scaled per output by `m / ‖W + s · A @ B‖`, PEFT's merge), and the result cast to
 the requested dtype once — the base is never re-quantized. The
 output is `config.json` plus safetensors (sharded with an index when larger
 than `max_shard_bytes`), loadable by `transformers.AutoModelForCausalLM`.

@@ -3,8 +3,9 @@
 The saved directory is exactly what `peft` writes for a LoRA model
 (`adapter_config.json` + `adapter_model.safetensors`, keys
 `base_model.model.<HF module path>.lora_A.weight` `(r, in)` and `lora_B.weight`
-`(out, r)`), so `PeftModel.from_pretrained(base, dir)` loads it over the same
-base model in PyTorch, and an adapter trained with PEFT loads here.
+`(out, r)`; with DoRA also `<HF module path>.lora_magnitude_vector` `(out,)`
+and `"use_dora": true`), so `PeftModel.from_pretrained(base, dir)` loads it
+over the same base model in PyTorch, and an adapter trained with PEFT loads here.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
 
     Raises:
         ValueError: A model without adapters, adapters whose settings PEFT
-            cannot express in one config (mixed dropout or rsLoRA), or a
+            cannot express in one config (mixed dropout, rsLoRA or DoRA), or a
             `directory` holding other files (named).
         OSError: A failed write, naming the file.
 
@@ -113,8 +114,12 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
             a, b = a[index], b[index]
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)  # (r, in)
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)  # (out, r)
+        if layer.use_dora:  # PEFT's key: no ".weight" (its state dict drops the DoRA layer's parameter name)
+            m = np.asarray(layer.lora_magnitude_vector[...], np.float32)
+            tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(m[index] if layer.stack_shape
+                                                                                     else m)  # (out,)
     unique = list({id(v): v for v in layers.values()}.values())
-    for attr in ("dropout_rate", "rslora"):
+    for attr in ("dropout_rate", "rslora", "use_dora"):
         values = {getattr(layer, attr) for layer in unique}
         if len(values) > 1:
             raise ValueError(f"model: adapters differ in {attr} ({sorted(values)}); a PEFT config has one value")
@@ -126,7 +131,7 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": rank, "lora_alpha": alpha, "lora_dropout": unique[0].dropout_rate, "use_rslora": unique[0].rslora,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}), "bias": "none",
-        "fan_in_fan_out": False, "use_dora": False, "inference_mode": True, "init_lora_weights": True,
+        "fan_in_fan_out": False, "use_dora": unique[0].use_dora, "inference_mode": True, "init_lora_weights": True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {n: r for n, r in ranks.items() if r != rank},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
@@ -156,7 +161,8 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Mo
 
     Raises:
         FileNotFoundError: Missing files.
-        ValueError: Not a LoRA adapter, DoRA / fan_in_fan_out / bias training,
+        ValueError: Not a LoRA adapter, fan_in_fan_out / bias training, DoRA
+            (`use_dora`) on one side only,
             target modules without an adapter layer here, or shapes and
             scalings that do not fit (each named).
 
@@ -187,7 +193,7 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Mo
     config = json.loads(config_path.read_text())
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_path}: peft_type {config.get('peft_type')!r} is not 'LORA'")
-    for key, ok in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
+    for key, ok in (("fan_in_fan_out", False), ("bias", "none")):
         if config.get(key, ok) != ok:
             raise ValueError(f"{config_path}: {key}={config.get(key)!r} is not supported (expected {ok!r})")
     layers = adapter_layers(model)
@@ -202,7 +208,8 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Mo
                          f"have no adapter layer in this model; layers with adapters: "
                          f"{sorted(layers)[:8]}{'...' if len(layers) > 8 else ''}")
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    updates: dict[int, tuple[QLoRALinear, np.ndarray, np.ndarray]] = {}
+    dora = bool(config.get("use_dora", False))
+    updates: dict[int, tuple[QLoRALinear, np.ndarray, np.ndarray, np.ndarray | None]] = {}
     index: dict[int, int] = {}
     for name, layer in layers.items():
         i = index.get(id(layer), 0)
@@ -222,14 +229,25 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Mo
         if float(alpha) != layer.alpha or bool(config.get("use_rslora", False)) != layer.rslora:
             raise ValueError(f"{config_path}: {name}: lora_alpha={alpha}, use_rslora={config.get('use_rslora')} "
                              f"differ from the layer's alpha={layer.alpha}, rslora={layer.rslora}")
+        if dora != layer.use_dora:
+            kind = "a DoRA" if layer.use_dora else "a plain"
+            raise ValueError(f"{config_path}: use_dora={dora}, but {name} is {kind} LoRA layer here; create the "
+                             f"model with LoraConfig(use_dora={dora})")
+        m = reader.get(f"{_PREFIX}{name}.lora_magnitude_vector") if dora else None
+        if dora and (m is None or m.shape != (layer.out_features,)):
+            raise ValueError(f"{weights_path}: {name}: use_dora needs lora_magnitude_vector of shape "
+                             f"({layer.out_features},), found {None if m is None else m.shape}")
         if id(layer) not in updates:
-            updates[id(layer)] = (layer, np.array(layer.lora_a[...]), np.array(layer.lora_b[...]))
-        _, new_a, new_b = updates[id(layer)]
-        if layer.stack_shape:
-            new_a[i], new_b[i] = a.T, b.T
-        else:
-            new_a[...], new_b[...] = a.T, b.T
-    for layer, new_a, new_b in updates.values():
+            updates[id(layer)] = (layer, np.array(layer.lora_a[...]), np.array(layer.lora_b[...]),
+                                  np.array(layer.lora_magnitude_vector[...]) if dora else None)
+        _, new_a, new_b, new_m = updates[id(layer)]
+        at = i if layer.stack_shape else ...
+        new_a[at], new_b[at] = a.T, b.T
+        if dora:
+            new_m[at] = m
+    for layer, new_a, new_b, new_m in updates.values():
         layer.lora_a[...] = jnp.asarray(new_a, layer.lora_a[...].dtype)
         layer.lora_b[...] = jnp.asarray(new_b, layer.lora_b[...].dtype)
+        if new_m is not None:
+            layer.lora_magnitude_vector[...] = jnp.asarray(new_m, layer.lora_magnitude_vector[...].dtype)
     return model

@@ -4,8 +4,9 @@ PEFT merges into a 4-bit layer by dequantizing, adding `s·B@A` and quantizing
 again, which changes the model's outputs (users report quality loss:
 peft#1043, transformers#31293); the safe export merges into a 16/32-bit copy
 of the base weights. So merging here always gives float kernels,
-`W = dequantize(codes) + s · A ⊗ B`, in plain Flax layers (`nnx.Linear`,
-`nnx.LinearGeneral`, `nnx.Einsum`). Re-quantizing happens only when asked
+`W = dequantize(codes) + s · A ⊗ B` (DoRA: scaled per output by
+`m / ‖W‖`), in plain Flax layers (`nnx.Linear`, `nnx.LinearGeneral`,
+`nnx.Einsum`). Re-quantizing happens only when asked
 (`requantize=QuantConfig(...)`), and `merge_report` gives the error it adds
 per layer.
 
@@ -336,6 +337,10 @@ def merge_report(model: nnx.Module, original: nnx.Module) -> MergeReport:
 def merged_kernel(layer: nnx.Module, dtype: jnp.dtype | None = None, *, index: int | None = None) -> jax.Array:
     """The merged float kernel of a frozen layer: `dequantize(base) + s · A ⊗ B`, `[*stack, *kernel_shape]`.
 
+    For a DoRA layer (with a `lora_magnitude_vector` m), PEFT's DoRA merge:
+    `m / ‖W + s·A ⊗ B‖ ⊙ (W + s·A ⊗ B)`, the norm per output over the input
+    axes, formed in float32 before the cast.
+
     The one implementation of PEFT's merge `W + s·(B@A)` (in Flax layout
     `W + s · A @ B`), used by `merge_lora` and `save_merged`: the base is
     dequantized to float32 (`codebook[code] · absmax`), `A ⊗ B` (A
@@ -373,13 +378,16 @@ def merged_kernel(layer: nnx.Module, dtype: jnp.dtype | None = None, *, index: i
     """
     kernel = layer.kernel.get_value()
     dtype = np.dtype(kernel.dtype if dtype is None else dtype)
+    m = None
     if isinstance(layer, QLORA_LAYERS):
         a, b, scale = layer.lora_a[...], layer.lora_b[...], float(layer.scale)
+        if layer.lora_magnitude_vector is not None:
+            m = layer.lora_magnitude_vector[...]
     else:
         a = b = None
         scale = 0.0
     stack = tuple(layer.stack_shape)
-    merge = functools.partial(_merged_entry, kernel, a, b, scale=scale, contract_axes=tuple(layer.contract_axes),
+    merge = functools.partial(_merged_entry, kernel, a, b, m, scale=scale, contract_axes=tuple(layer.contract_axes),
                               n_stack=len(stack), dtype=dtype)
     if index is not None:
         if len(stack) != 1 or not -stack[0] <= int(index) < stack[0]:
@@ -392,7 +400,7 @@ def merged_kernel(layer: nnx.Module, dtype: jnp.dtype | None = None, *, index: i
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "contract_axes", "n_stack", "dtype"))
-def _merged_entry(kernel, a, b, index, *, scale: float, contract_axes: tuple[int, ...], n_stack: int,
+def _merged_entry(kernel, a, b, m, index, *, scale: float, contract_axes: tuple[int, ...], n_stack: int,
                   dtype: np.dtype) -> jax.Array:
     """One entry `index` (`[n_stack]` int32) of a stacked layer's merged kernel, `[*kernel_shape]`."""
     def pick(x):
@@ -410,7 +418,11 @@ def _merged_entry(kernel, a, b, index, *, scale: float, contract_axes: tuple[int
     other = [i for i in range(w.ndim) if i not in contract_axes]
     order = np.argsort([*contract_axes, *other])  # (*in, *out) -> kernel order
     delta = jnp.transpose(delta, tuple(int(i) for i in order))
-    return (w + delta * np.float32(scale)).astype(dtype)
+    w = w + delta * np.float32(scale)
+    if m is not None:  # DoRA (PEFT's merge): m / ‖W + s·ΔW‖ per output, the norm over the input axes
+        norm = jnp.sqrt(jnp.sum(w * w, axis=contract_axes, keepdims=True))  # [*kernel_shape], 1 on the input axes
+        w = w * (jnp.expand_dims(pick(m).astype(jnp.float32), contract_axes) / norm)
+    return w.astype(dtype)
 
 
 @jax.jit
