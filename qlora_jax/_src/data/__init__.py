@@ -1,4 +1,5 @@
-"""Fine-tuning data: JSON Lines rows, tokenization with loss masks, packed or padded batches.
+"""Fine-tuning data: rows from JSONL, JSON, CSV, Parquet, Arrow or `datasets`; tokenization with loss masks;
+packed or padded batches.
 
 Example:
     >>> from qlora_jax._src.data import Batcher, Example
@@ -9,6 +10,7 @@ Example:
 
 from qlora_jax._src.data.batching import Batcher, collate, count_tokens, pack_examples
 from qlora_jax._src.data.jsonl import ROLES, SCHEMAS, load_jsonl, row_kind
+from qlora_jax._src.data.sources import iter_rows
 from qlora_jax._src.data.tokenize import DataStats, Example, load_examples, tokenize_examples
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "Example",
     "collate",
     "count_tokens",
+    "iter_rows",
     "load_examples",
     "load_jsonl",
     "pack_examples",

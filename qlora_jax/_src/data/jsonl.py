@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,14 +103,14 @@ def _check_messages(messages: Any, where: str) -> None:
         raise ValueError(f'{where}: "messages" has no assistant message, so nothing to train on')
 
 
-def read_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[int]]:
-    """`load_jsonl`, also returning each row's 1-based line number (for later error messages)."""
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[Any, int]]:
+    """The parsed lines of a JSON Lines file, not validated, with their 1-based line numbers; blank lines are
+    skipped. Reads one line at a time."""
     path = Path(path)
     if not path.is_file():
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such file")
         raise ValueError(f"{path}: not a regular file")
-    rows, lines = [], []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -125,9 +126,17 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[int]
                 raise ValueError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
             except (ValueError, RecursionError) as e:  # an integer too long to convert, nesting too deep
                 raise ValueError(f"{where}: invalid JSON: {type(e).__name__}: {e}") from None
-            row_kind(row, where)
-            rows.append(row)
-            lines.append(lineno)
+            yield row, lineno
+
+
+def read_jsonl(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[int]]:
+    """`load_jsonl`, also returning each row's 1-based line number (for later error messages)."""
+    path = Path(path)
+    rows, lines = [], []
+    for row, lineno in iter_jsonl(path):
+        row_kind(row, f"{path}:{lineno}")
+        rows.append(row)
+        lines.append(lineno)
     if not rows:
         raise ValueError(f"{path}: empty dataset (no rows, only blank lines or nothing)")
     return rows, lines

@@ -36,15 +36,17 @@ counted in `DataStats` and logged.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from qlora_jax._src.data.jsonl import read_jsonl, row_kind
+from qlora_jax._src.data.jsonl import row_kind
+from qlora_jax._src.data.sources import iter_rows
 
 __all__ = ["DataStats", "Example", "load_examples", "tokenize_examples"]
 
@@ -161,26 +163,36 @@ def tokenize_examples(
 
 
 def load_examples(
-    path: str | os.PathLike,
+    source: str | os.PathLike,
     tokenizer: Any,
     seq_len: int,
     *,
     add_eos: bool = True,
+    text_field: str | None = None,
+    prompt_field: str | None = None,
+    completion_field: str | None = None,
+    messages_field: str | None = None,
 ) -> tuple[list[Example], DataStats]:
-    """`load_jsonl` then `tokenize_examples`; every error names `path:line`.
+    """`iter_rows` then `tokenize_examples`, a batch of rows at a time; every error names the row's place.
 
     Args:
-        path: A JSON Lines dataset.
+        source: A JSONL, JSON, CSV, Parquet or Arrow file, a `save_to_disk`
+            directory or a hub dataset `org/name[:split]` (see `iter_rows`).
         tokenizer: A fast `transformers` tokenizer (with a chat template for `messages` rows).
         seq_len: Longer rows are truncated to their first `seq_len` tokens.
         add_eos: As in `tokenize_examples`.
+        text_field: The column of plain text (see `iter_rows`).
+        prompt_field: The column of prompts.
+        completion_field: The column of completions.
+        messages_field: The column of conversations.
 
     Returns:
-        The kept examples (in file order) and their `DataStats`.
+        The kept examples (in source order) and their `DataStats`.
 
     Raises:
-        FileNotFoundError: No such file.
-        ValueError: As `load_jsonl` and `tokenize_examples`, naming the line.
+        FileNotFoundError: No such file (and no hub dataset of that name).
+        ImportError: A format that needs the optional `pyarrow`/`datasets` without them.
+        ValueError: As `iter_rows` and `tokenize_examples`, naming the line or row.
 
     Example:
         >>> from qlora_jax._src.data import load_examples
@@ -189,28 +201,76 @@ def load_examples(
         ...
         FileNotFoundError: /nonexistent.jsonl: no such file
     """
-    rows, lines = read_jsonl(path)
-    return _tokenize(rows, [f"{path}:{n}" for n in lines], tokenizer, seq_len, add_eos, source=f"{path}: ")
+    rows = iter_rows(source, text_field=text_field, prompt_field=prompt_field, completion_field=completion_field,
+                     messages_field=messages_field)
+    return _tokenize_stream(rows, tokenizer, seq_len, add_eos, source=f"{source}: ")
 
 
 def _tokenize(rows, wheres, tokenizer, seq_len, add_eos, source: str = "") -> tuple[list[Example], DataStats]:
+    return _tokenize_stream(zip(rows, wheres, strict=True), tokenizer, seq_len, add_eos, source)
+
+
+def _tokenize_stream(pairs: Iterable[tuple[dict[str, Any], str]], tokenizer, seq_len, add_eos,
+                     source: str = "") -> tuple[list[Example], DataStats]:
+    """Tokenizes `(row, where)` pairs `_CHUNK` rows at a time: the rows are not kept, only the examples."""
     if not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len: expected an int >= 2, got {seq_len!r}")
-    if not rows:
-        raise ValueError("rows: empty dataset (no rows)")
-    kinds = [row_kind(row, where) for row, where in zip(rows, wheres, strict=True)]
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"tokenizer: {type(tokenizer).__name__} is not a fast (Rust `tokenizers`) tokenizer; "
-                         "character offsets are needed to place the loss")
-    prefix, suffix = _added_special_tokens(tokenizer)
+    examples: list[Example] = []
+    num_rows = truncated = truncated_tokens = dropped = max_length = 0
+    context: dict[str, Any] = {}  # the tokenizer's added special tokens and chat template, found once
+    pairs = iter(pairs)
+    while chunk := list(itertools.islice(pairs, _CHUNK)):
+        num_rows += len(chunk)
+        for ids, mask in _encode_chunk(chunk, tokenizer, add_eos, context):
+            max_length = max(max_length, len(ids))
+            if len(ids) > seq_len:
+                truncated += 1
+                truncated_tokens += len(ids) - seq_len
+                ids, mask = ids[:seq_len], mask[:seq_len]
+            if not mask[1:].any():
+                dropped += 1
+                continue
+            examples.append(Example(np.asarray(ids, np.int32), mask))
+    if not num_rows:
+        raise ValueError(f"{source or 'rows: '}empty dataset (no rows)")
+    if truncated or dropped:
+        _logger.warning("data: %d of %d rows truncated to seq_len=%d (%d tokens cut); %d dropped with no "
+                        "loss-carrying target left", truncated, num_rows, seq_len, truncated_tokens, dropped)
+    if not examples:
+        raise ValueError(f"{source}no example left: all {num_rows} rows have no loss-carrying target within "
+                         f"seq_len={seq_len} tokens")
+    stats = DataStats(
+        num_rows=num_rows,
+        num_examples=len(examples),
+        num_tokens=sum(len(e) for e in examples),
+        num_loss_tokens=sum(e.num_loss_tokens for e in examples),
+        num_truncated=truncated,
+        num_truncated_tokens=truncated_tokens,
+        num_dropped=dropped,
+        max_length=max_length,
+    )
+    return examples, stats
+
+
+def _encode_chunk(chunk: list[tuple[dict[str, Any], str]], tokenizer, add_eos,
+                  context: dict[str, Any]) -> list[tuple[list[int], np.ndarray]]:
+    """Validated, tokenized rows (ids, loss mask before truncation), in order."""
+    rows = [row for row, _ in chunk]
+    wheres = [where for _, where in chunk]
+    kinds = [row_kind(row, where) for row, where in chunk]
+    if not context:
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(f"tokenizer: {type(tokenizer).__name__} is not a fast (Rust `tokenizers`) tokenizer; "
+                             "character offsets are needed to place the loss")
+        context["special"] = _added_special_tokens(tokenizer)
+    prefix, suffix = context["special"]
     eos = tokenizer.eos_token_id if add_eos else None
     encoded: list[tuple[list[int], np.ndarray] | None] = [None] * len(rows)
 
     plain = [i for i, k in enumerate(kinds) if k != "messages"]
-    for start in range(0, len(plain), _CHUNK):
-        chunk = plain[start:start + _CHUNK]
+    if plain:
         texts, spans = [], []
-        for i in chunk:
+        for i in plain:
             row = rows[i]
             if kinds[i] == "text":
                 texts.append(row["text"])
@@ -219,7 +279,7 @@ def _tokenize(rows, wheres, tokenizer, seq_len, add_eos, source: str = "") -> tu
                 texts.append(row["prompt"] + row["completion"])
                 spans.append([(len(row["prompt"]), len(texts[-1]))])
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-        for i, ids, offsets, row_spans in zip(chunk, enc["input_ids"], enc["offset_mapping"], spans, strict=True):
+        for i, ids, offsets, row_spans in zip(plain, enc["input_ids"], enc["offset_mapping"], spans, strict=True):
             mask = _overlapping(offsets, row_spans)
             if kinds[i] == "text":
                 mask[:] = True
@@ -230,41 +290,11 @@ def _tokenize(rows, wheres, tokenizer, seq_len, add_eos, source: str = "") -> tu
                 mask = np.append(mask, True)
             encoded[i] = (ids, mask)
 
-    template = None
     for i in (i for i, k in enumerate(kinds) if k == "messages"):
-        if template is None:
-            template = _chat_template(tokenizer, wheres[i])
-        encoded[i] = _encode_messages(rows[i]["messages"], tokenizer, template, wheres[i])
-
-    examples = []
-    truncated = truncated_tokens = dropped = max_length = 0
-    for ids, mask in encoded:
-        max_length = max(max_length, len(ids))
-        if len(ids) > seq_len:
-            truncated += 1
-            truncated_tokens += len(ids) - seq_len
-            ids, mask = ids[:seq_len], mask[:seq_len]
-        if not mask[1:].any():
-            dropped += 1
-            continue
-        examples.append(Example(np.asarray(ids, np.int32), mask))
-    if truncated or dropped:
-        _logger.warning("data: %d of %d rows truncated to seq_len=%d (%d tokens cut); %d dropped with no "
-                        "loss-carrying target left", truncated, len(rows), seq_len, truncated_tokens, dropped)
-    if not examples:
-        raise ValueError(f"{source}no example left: all {len(rows)} rows have no loss-carrying target within "
-                         f"seq_len={seq_len} tokens")
-    stats = DataStats(
-        num_rows=len(rows),
-        num_examples=len(examples),
-        num_tokens=sum(len(e) for e in examples),
-        num_loss_tokens=sum(e.num_loss_tokens for e in examples),
-        num_truncated=truncated,
-        num_truncated_tokens=truncated_tokens,
-        num_dropped=dropped,
-        max_length=max_length,
-    )
-    return examples, stats
+        if "template" not in context:
+            context["template"] = _chat_template(tokenizer, wheres[i])
+        encoded[i] = _encode_messages(rows[i]["messages"], tokenizer, context["template"], wheres[i])
+    return encoded
 
 
 def _overlapping(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
