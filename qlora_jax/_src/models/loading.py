@@ -27,13 +27,15 @@ from flax import nnx
 from tqdm import tqdm
 
 from qlora_jax._src.config import LoraConfig, QuantConfig
-from qlora_jax._src.formats.blockwise import quantize_streaming
+from qlora_jax._src.formats.blockwise import dequantize, quantize_streaming
 from qlora_jax._src.formats.bnb import from_bnb
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.models.safetensors_io import DTYPES, SafetensorsReader
+from qlora_jax._src.nn.weight_init import check_weight_init, set_adapter, weight_init
 from qlora_jax._src.surgery.apply import apply_qlora
+from qlora_jax._src.surgery.targets import child, find_heads, find_linears, match_targets
 
 __all__ = ["from_pretrained", "load_config", "load_tokenizer", "hf_name_to_path", "checkpoint_dir"]
 
@@ -207,6 +209,11 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
                  and (p[-2].endswith("_proj") or p[-3] == "experts")}
     values: dict[tuple[str, ...], Any] = {}
     kernels: dict[tuple[str, ...], _StackedKernel] = {}
+    # PiSSA / OLoRA / LoftQ on a quantized base: each targeted projection's factors and quantized residual are
+    # computed from its float weight as it is read (one tensor at a time); the factors are collected here.
+    initialized = _weight_init_targets(abstract, quantized, quant, lora)
+    factors: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+    init_key = (rngs or nnx.Rngs(0))["params"]() if initialized else None
     filled: dict[tuple[str, ...], set] = {p: set() for p in slots}
     names = [n for n in reader if not _is_bnb_aux(n)]
     targets = {}
@@ -220,8 +227,10 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
         targets[name] = target
     # Decoder projections are read and quantized by worker threads (file reads and XLA release the GIL, so one
     # tensor is read while another is quantized), at most `_IN_FLIGHT` at a time; results are placed in order.
-    pending = _Ahead((lambda n=n: _read_quantized(reader, n, quant, bnb is not None))
-                     for n in targets if targets[n][0] in quantized)
+    pending = _Ahead((lambda n=n, i=i: _read_quantized(
+        reader, n, quant, bnb is not None, lora if targets[n][0] in initialized else None,
+        None if init_key is None else jax.random.fold_in(init_key, i)))
+        for i, n in enumerate(n for n in targets if targets[n][0] in quantized))
     with pending:
         for name in tqdm(names, desc=f"loading {directory.name}", unit="tensor", disable=not progress):
             if name not in targets:
@@ -231,6 +240,12 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
             expected = tuple(slot.shape[_depth(layer):])
             if key in quantized:
                 q = pending.next()
+                if key in initialized:
+                    q, a, b = q
+                    lead = slot.shape[:_depth(layer)]
+                    if key not in factors:
+                        factors[key] = tuple(np.zeros((*lead, *f.shape), np.float32) for f in (a, b))
+                    factors[key][0][layer], factors[key][1][layer] = a, b
                 if q.shape != expected:
                     raise ValueError(f"{reader.file_of(name)}: tensor {name!r} holds a kernel of shape {q.shape} "
                                      f"[in, out], the model expects {expected}")
@@ -274,8 +289,28 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
     if quant is None and lora is None:
         return model
     stacked = {"/".join(key[:-1]): kernels.pop(key).array() for key in list(kernels)}
+    if initialized:  # the residuals are the kernels; the layers take the computed factors after construction
+        lora = dataclasses.replace(lora, init="default")
     model = apply_qlora(model, quant=quant, lora=lora, rngs=rngs or nnx.Rngs(0), kernels=stacked)
+    for key, (a, b) in factors.items():
+        layer = functools.reduce(child, key[:-1], model)
+        set_adapter(layer, a, b)
     return model
+
+
+def _weight_init_targets(abstract: CausalLM, quantized: set, quant: QuantConfig | None,
+                         lora: LoraConfig | None) -> set[tuple[str, ...]]:
+    """The kernel paths whose adapters `lora.init` computes from the weight while the checkpoint streams: the
+    quantized projections among `lora.targets` (without `quant`, `apply_qlora` computes them from the loaded
+    float kernels)."""
+    if lora is None or not lora.weight_init:
+        return set()
+    check_weight_init(lora, quant)
+    if not quantized:
+        return set()
+    sites, _ = find_linears(abstract)
+    adapted = {s.name for s in match_targets(abstract, lora.targets, sites, find_heads(abstract, sites))}
+    return {p for p in quantized if "/".join(p[:-1]) in adapted}
 
 
 def _depth(index) -> int:
@@ -360,9 +395,23 @@ _WORKERS = 2
 _IN_FLIGHT = 3
 
 
-def _read_quantized(reader: SafetensorsReader, name: str, quant: QuantConfig, from_bnb_state: bool) -> QuantizedArray:
+def _read_quantized(reader: SafetensorsReader, name: str, quant: QuantConfig, from_bnb_state: bool,
+                    lora: LoraConfig | None = None, key: jax.Array | None = None
+                    ) -> QuantizedArray | tuple[QuantizedArray, np.ndarray, np.ndarray]:
     """One layer's kernel `[in, out]` as a `QuantizedArray`: quantized from the float
-    weight, or taken bit for bit from bitsandbytes' packed state."""
+    weight, or taken bit for bit from bitsandbytes' packed state. With `lora` (a weight-reading init), the
+    whole float weight (bitsandbytes': dequantized) is read and `(residual QuantizedArray, a [in, r], b [r, out])`
+    returned."""
+    if lora is not None:
+        if from_bnb_state:
+            kernel = dequantize(_read_quantized(reader, name, quant, True), jnp.float32)  # [in, out]
+        else:
+            kernel = jnp.asarray(reader[name]).T  # [in, out]
+        try:
+            a, b, q = weight_init(kernel, lora=lora, quant=quant, key=key)
+        except ValueError as e:
+            raise ValueError(f"{reader.file_of(name)}: tensor {name!r}: {e}") from None
+        return q, np.asarray(a), np.asarray(b)
     if from_bnb_state:
         if reader.dtype_name(name) != "U8":
             raise ValueError(f"{reader.file_of(name)}: tensor {name!r} is {reader.dtype_name(name)}, not the packed "
