@@ -1,62 +1,61 @@
-"""Loss-curve PNGs decode with an independent reader and show the curves."""
+"""Loss plots are matplotlib figures: their lines hold the data given, the PNGs are real PNGs of the requested size
+(read back by PIL and matplotlib), and no pyplot / global matplotlib state is touched."""
 
-import struct
-import zlib
+import json
+import math
+import sys
 
+import matplotlib
+import matplotlib.image
 import numpy as np
+from PIL import Image
 
-from qlora_jax.app.plot import plot_curves
-
-
-def _decode_png(data: bytes) -> np.ndarray:
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat, width, height = 8, b"", None, None
-    while pos < len(data):
-        (length,) = struct.unpack(">I", data[pos:pos + 4])
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
-        assert struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(kind + body)
-        if kind == b"IHDR":
-            width, height, depth, color = struct.unpack(">IIBB", body[:10])
-            assert (depth, color) == (8, 2)
-        elif kind == b"IDAT":
-            idat += body
-        pos += 12 + length
-    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(height, 1 + 3 * width)
-    assert (raw[:, 0] == 0).all()  # filter type "none" on every row
-    return raw[:, 1:].reshape(height, width, 3)
+from qlora_jax.app.plot import curves_figure, loss_figure, plot_curves, plot_loss
 
 
-def test_curves_png_decodes_and_contains_both_colors(tmp_path):
+def test_curves_png_and_lines(tmp_path):
+    backend, pyplot = matplotlib.get_backend(), sys.modules.get("matplotlib.pyplot")
     steps = np.arange(30)
-    plot_curves(tmp_path / "loss.png", {"qlora": (steps, 2 / (1 + steps)), "lora": (steps, 2.2 / (1 + steps))},
-                width=320, height=200)
-    image = _decode_png((tmp_path / "loss.png").read_bytes())
-    assert image.shape == (200, 320, 3)
-    colors = {tuple(c) for c in image.reshape(-1, 3)}
-    assert (31, 119, 180) in colors and (214, 39, 40) in colors
-    blue = np.argwhere((image == (31, 119, 180)).all(-1))
-    assert blue[:, 1].max() - blue[:, 1].min() > 200  # the curve spans the plot, not just the legend
+    qlora, lora = 2 / (1 + steps), 2.2 / (1 + steps)
+    lora[5] = np.nan
+    fig = curves_figure({"qlora": (steps, qlora), "lora": (steps, lora)}, title="fine-tuning loss", xlabel="step",
+                        ylabel="loss", width=320, height=200)
+    (ax,) = fig.axes
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ("fine-tuning loss", "step", "loss")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["qlora", "lora"]
+    first, second = ax.get_lines()
+    np.testing.assert_array_equal(first.get_xdata(), steps)
+    np.testing.assert_array_equal(first.get_ydata(), qlora)
+    np.testing.assert_array_equal(second.get_ydata(), lora)  # NaN stays NaN: a gap in the line
+    plot_curves(tmp_path / "loss.png", {"qlora": (steps, qlora)}, width=320, height=200)
+    with Image.open(tmp_path / "loss.png") as image:
+        assert image.format == "PNG" and image.size == (320, 200)
+        pixels = np.asarray(image.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 2  # drawn, not blank
+    assert matplotlib.get_backend() == backend and sys.modules.get("matplotlib.pyplot") is pyplot
+    assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_ticks_fall_on_round_steps_and_labels_are_drawn(tmp_path):
-    steps = np.arange(1, 301)
-    loss = 9.0 / np.sqrt(steps)
-    plain, labelled = tmp_path / "plain.png", tmp_path / "labelled.png"
-    plot_curves(plain, {"train": (steps, loss)})
-    plot_curves(labelled, {"train": (steps, loss)}, title="fine-tuning loss", xlabel="step", ylabel="loss")
-    image = _decode_png(plain.read_bytes())
-    height, width = image.shape[:2]
-    black = (image == 0).all(-1)
-    # Tick marks hang below the x axis (row height - 30); the plot spans x 1..300 over pixels 60..width - 12.
-    ticks = np.flatnonzero(black[height - 30 + 2, :])
-    expected = [int(60 + (t - 1) / 299 * (width - 72)) for t in (50, 100, 150, 200, 250, 300)]
-    np.testing.assert_array_equal(ticks, expected)
-    # y ticks: the loss runs 0.52..9.0 (+5% padding), so round steps of 2 from 2 to 8 (not 0: below the padding).
-    y_ticks = np.flatnonzero(black[:, 60 - 2])
-    y0, y1 = 9.0 / np.sqrt(300), 9.0
-    y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)
-    np.testing.assert_array_equal(y_ticks, [int(12 + (y1 - v) / (y1 - y0) * (height - 42)) for v in (8, 6, 4, 2)])
-    # Title, y label and x label add ink above and below the plot that the plain figure does not have.
-    ink = (_decode_png(labelled.read_bytes()) == 0).all(-1)
-    assert not black[:12].any() and ink[:12].any()
-    assert ink[-14:].any() and not black[-14:].any()
+def test_loss_figure_from_metrics_jsonl(tmp_path):
+    rows = []
+    for step in range(1, 11):
+        rows.append({"step": step, "loss": 3.0 / math.sqrt(step), "lr": 2e-4 * min(1.0, step / 3), "grad_norm": 0.1})
+        if step % 5 == 0:
+            rows.append({"step": step, "eval_loss": 3.2 / math.sqrt(step)})
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loss_axes, lr_axes = loss_figure(metrics, title="run").axes
+    train, evals = loss_axes.get_lines()
+    assert (train.get_label(), evals.get_label(), loss_axes.get_title()) == ("train loss", "eval loss", "run")
+    np.testing.assert_array_equal(train.get_xdata(), np.arange(1, 11))
+    np.testing.assert_allclose(train.get_ydata(), 3.0 / np.sqrt(np.arange(1, 11)), rtol=1e-15)
+    np.testing.assert_array_equal(evals.get_xdata(), [5, 10])
+    np.testing.assert_allclose(evals.get_ydata(), 3.2 / np.sqrt([5, 10]), rtol=1e-15)
+    (rate,) = lr_axes.get_lines()
+    np.testing.assert_allclose(rate.get_ydata(), 2e-4 * np.minimum(1.0, np.arange(1, 11) / 3), rtol=1e-15)
+    assert lr_axes.get_xlabel() == "step" and lr_axes.get_ylabel() == "learning rate"
+    # A run without evaluation data: one line on top.
+    (only,) = loss_figure([r for r in rows if "loss" in r]).axes[0].get_lines()
+    assert only.get_label() == "train loss"
+    plot_loss(tmp_path / "loss.png", metrics)
+    assert matplotlib.image.imread(tmp_path / "loss.png").shape[:2] == (480, 640)

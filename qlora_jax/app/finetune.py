@@ -8,8 +8,10 @@ it needs, before anything is written.
 The output directory holds `run_config.json` (the settings as given, and the
 memory plan applied),
 `checkpoints/` (Orbax: adapters, optimizer, RNG and data position),
-`metrics.jsonl` (one line per step and per evaluation), `loss.png`, and the
-final PEFT adapter in `adapter/`.
+`metrics.jsonl` (one line per step and per evaluation), `loss.png` (matplotlib:
+loss and learning rate per step), the final PEFT adapter in `adapter/`, and
+with `report_to` TensorBoard event files in `tensorboard/` and a W&B run in
+`wandb/` (`qlora_jax.app.report_to`).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from qlora_jax._src.sharding import make_mesh, shard_batch, shard_model
 from qlora_jax._src.train import TrainConfig, Trainer
 from qlora_jax._src.train.config import SCHEDULES
 from qlora_jax.app.plan import DoesNotFit, Plan, plan_fit
-from qlora_jax.app.plot import plot_curves
+from qlora_jax.app.plot import plot_loss
+from qlora_jax.app.report_to import ReportTo, check_report_to
 
 __all__ = ["FinetuneArgs", "initialize_distributed", "run_finetune"]
 
@@ -94,6 +97,7 @@ class FinetuneArgs:
     strategy: str = "fsdp"  # how the model is sharded over the mesh (see qj.shard_model)
     fit: bool = True  # plan remat and micro-batches to fit the memory before loading (one device, one process)
     available_bytes: int | None = None  # memory the plan fits in; None: the device's free memory (host: MemAvailable)
+    report_to: str | tuple[str, ...] = "none"  # "tensorboard", "wandb", "tensorboard,wandb" (app.report_to)
 
 
 def _check_output(args: FinetuneArgs) -> Path:
@@ -179,6 +183,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         FileNotFoundError: /nonexistent: no config.json (not a Hugging Face checkpoint directory)
     """
     _check_settings(args)
+    check_report_to(args.report_to)  # a writer's package that is missing: named, with its pip install
     config = load_config(args.model)
     mesh = None if args.mesh is None else make_mesh(args.mesh)
     out = _check_output(args)
@@ -214,7 +219,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         # How the step is run (the plan, and what it was made for) may change between sessions; what is trained not.
         changed = {k: (previous.get(k), v) for k, v in resolved.items()
                    if k not in ("resume", "overwrite", "output", "mesh", "strategy", "fit", "available_bytes",
-                                "memory_plan") and previous.get(k) != v}
+                                "memory_plan", "report_to") and previous.get(k) != v}
         if changed:
             raise ValueError(f"--resume: settings differ from the run in {out}: {changed}")
     quant = None if args.format is None else QuantConfig(fmt=args.format, block_size=args.block_size,
@@ -243,17 +248,32 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     if args.resume:
         _resume(trainer, batcher, checkpoints, main_process)
     # Metrics written after the restored checkpoint (a killed run) are dropped.
-    history = [r for r in _read_metrics(out / "metrics.jsonl") if r["step"] <= trainer.step]
+    logged = _read_metrics(out / "metrics.jsonl")
+    history = [r for r in logged if r["step"] <= trainer.step]
     if main_process:
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+    report = ReportTo.open(args.report_to if main_process else "none", out, config=resolved,
+                           resume_step=trainer.step if args.resume else None,
+                           logged_through=max((r["step"] for r in logged), default=0))
+    try:
+        return _train(args, trainer, batcher, model, out, checkpoints, steps, history, report, eval_examples,
+                      eval_batches, place=lambda batch: batch if mesh is None else shard_batch(batch, mesh))
+    finally:
+        report.close()
 
-    def place(batch: dict[str, np.ndarray]) -> Any:
-        return batch if mesh is None else shard_batch(batch, mesh)
+
+def _train(args: FinetuneArgs, trainer: Trainer, batcher: Batcher, model: Any, out: Path, checkpoints: Path,
+           steps: int, history: list[dict[str, Any]], report: ReportTo, eval_examples: Any, eval_batches: Any,
+           place: Any) -> dict[str, Any]:
+    """The training loop of `run_finetune`, the final evaluation and the adapter; each row to `history`,
+    `metrics.jsonl` and `report`."""
+    main_process = jax.process_index() == 0
 
     def log(row: dict[str, Any]) -> None:
         history.append(row)
         if main_process:
             _append_jsonl(out / "metrics.jsonl", row)
+            report.log(row)
 
     bar = tqdm(total=steps, initial=trainer.step, desc="finetune", unit="step", disable=not main_process)
     saved_step = trainer.step if args.resume else -1
@@ -264,9 +284,12 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
             metrics = {k: float(v) for k, v in trainer.train_step(place(batch)).items()}
             seconds = time.perf_counter() - start
             tokens = float(np.sum(batch["weights"]))
-            log({"step": trainer.step, **metrics, "seconds": seconds, "tokens_per_s": tokens / seconds})
+            where, peak = peak_memory()
+            log({"step": trainer.step, **metrics, "seconds": seconds, "tokens_per_s": tokens / seconds,
+                 "peak_memory_gib": peak / 2**30})
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}", mem=memory_in_use())
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{tokens / seconds:.0f}",
+                            mem=f"{where} {peak / 2**30:.2f}GiB")
             if eval_examples is not None and args.eval_every and trainer.step % args.eval_every == 0:
                 result = trainer.evaluate(eval_batches())
                 log({"step": trainer.step, "eval_loss": result["loss"]})
@@ -401,12 +424,7 @@ def _sync(name: str) -> None:
 
 
 def _plot(path: Path, history: list[dict[str, Any]]) -> None:
-    train = [(r["step"], r["loss"]) for r in history if "loss" in r]
-    curves = {"train loss": ([s for s, _ in train], [v for _, v in train])}
-    evals = [(r["step"], r["eval_loss"]) for r in history if "eval_loss" in r]
-    if evals:
-        curves["eval loss"] = ([s for s, _ in evals], [v for _, v in evals])
-    plot_curves(path, curves, title="qlora-jax finetune", xlabel="step", ylabel="loss")
+    plot_loss(path, history, title="qlora-jax finetune")  # train and eval loss; the learning rate below
 
 
 class _StopOnInterrupt:
@@ -439,20 +457,32 @@ class _StopOnInterrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def memory_in_use() -> str:
-    """Memory the progress bar shows: the device's peak bytes in use where JAX reports them (GPU, TPU),
-    else this process's peak resident host memory (CPU).
+def peak_memory() -> tuple[str, int]:
+    """The memory a step row records (`peak_memory_gib`) and the progress bar shows: `("device", bytes)`, the
+    device's peak bytes in use where JAX reports them (GPU, TPU), else `("host", bytes)`, this process's peak
+    resident host memory (CPU).
 
     Example:
-        >>> memory_in_use().split()[0] in ("device", "host")
+        >>> where, peak = peak_memory()
+        >>> where in ("device", "host") and peak > 0
         True
     """
     stats = jax.local_devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use", stats.get("bytes_in_use"))
     if peak is not None:
-        return f"device {peak / 2**30:.2f}GiB"
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return f"host {rss / 2**30:.2f}GiB"
+        return "device", int(peak)
+    return "host", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_in_use() -> str:
+    """`peak_memory()` as the progress bar shows it.
+
+    Example:
+        >>> memory_in_use().split()[0] in ("device", "host")
+        True
+    """
+    where, peak = peak_memory()
+    return f"{where} {peak / 2**30:.2f}GiB"
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -1,0 +1,156 @@
+"""`qlora-jax finetune --report-to tensorboard,wandb`: TensorBoard's own reader and W&B's record format read back
+what metrics.jsonl holds, one value per step, also after a resumed run recomputed steps; a missing writer package
+is refused before anything is written.
+
+The run is on a JSONL file: no Parquet `--data` source existed in the tree when this test was written.
+"""
+
+import json
+import shutil
+import struct
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_data import finetune_files
+from wandb.proto import wandb_internal_pb2
+
+from qlora_jax.app.cli import main
+from qlora_jax.app.plot import loss_figure
+
+ROWS = [{"prompt": "what is two plus two", "completion": "two plus two is four"},
+        {"text": "the cat sat on the mat"},
+        {"prompt": "hello there", "completion": "i am fine thanks"}] * 2
+# metrics.jsonl key -> tag
+TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
+        "tokens_per_s": "train/tokens_per_second", "peak_memory_gib": "train/peak_memory_gib",
+        "seconds": "train/step_seconds", "tokens": "train/tokens", "eval_loss": "eval/loss"}
+
+
+def _wandb_records(path):
+    """The records of a W&B transaction log (`run-<id>.wandb`), decoded with W&B's own protobuf schema.
+
+    The framing is the LevelDB log format W&B documents for these files: a 7-byte header (`:W&B`, magic 0xBEE1,
+    version 0), then 32 KiB blocks of chunks, each `crc32c (4) | length (2, little endian) | type (1) | data`
+    (type 1 a whole record, 2/3/4 its first/middle/last piece; a block's tail under 7 bytes is padding)."""
+    data = path.read_bytes()
+    assert data[:7] == b":W&B" + struct.pack("<HB", 0xBEE1, 0), data[:7]
+    pos, block, pieces = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if (length, kind) == (0, 0):  # zero padding to the block's end
+            pos += block - pos % block
+            continue
+        pieces += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            pieces = b""
+            yield record
+
+
+def _wandb_history(out):
+    """{step: {tag: value}} over every offline W&B run directory of `out` (sessions in order), and the run ids."""
+    history, ids = {}, []
+    for path in sorted((out / "wandb").glob("offline-run-*/run-*.wandb")):
+        for record in _wandb_records(path):
+            if record.WhichOneof("record_type") == "run":
+                ids.append(record.run.run_id)
+            elif record.WhichOneof("record_type") == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                step = items.pop("_step")
+                assert step not in history, f"step {step} logged twice to W&B"
+                history[step] = {k: v for k, v in items.items() if not k.startswith("_")}
+    return history, ids
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tensorboard(out):
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    return events
+
+
+def _expected(rows, key):
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+def test_tensorboard_and_wandb_hold_metrics_jsonl(tmp_path, monkeypatch, capsys):
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no W&B login: the run is logged offline
+    path, _, data = finetune_files(tmp_path, ROWS)
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(path), "--data", str(data), "--output", str(out), "--steps", "4",
+            "--batch-size", "2", "--seq-len", "16", "--rank", "2", "--alpha", "4", "--lr", "1e-2",
+            "--warmup-ratio", "0.5", "--targets", "q_proj", "v_proj", "--eval-data", str(data), "--eval-every", "2",
+            "--save-every", "2", "--no-fit", "--report-to", "tensorboard,wandb"]
+    assert main(args) == 0
+    first = _metrics(out)
+    first_wandb, first_ids = _wandb_history(out)
+
+    # A run killed after logging step 4 but before its checkpoint: resume from step 2 recomputes steps 3 and 4.
+    shutil.rmtree(out / "checkpoints" / "4")
+    assert main([*args, "--resume"]) == 0
+    rows = _metrics(out)
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 4]  # every 2 steps, and at the end
+    lr = [v for _, v in _expected(rows, "lr")]
+    assert lr[0] < lr[1] < lr[2] == lr[3]  # warm-up over 2 of the 4 steps, then constant
+
+    # TensorBoard's reader: each metric once per step (the rewritten steps 3, 4 replace the stopped session's),
+    # equal to metrics.jsonl's values as float32.
+    events = _tensorboard(out)
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one file per session
+    assert set(TAGS.values()) <= set(events.Tags()["scalars"])
+    for key, name in TAGS.items():
+        got, expected = [(e.step, e.value) for e in events.Scalars(name)], _expected(rows, key)
+        assert [s for s, _ in got] == [s for s, _ in expected], name
+        np.testing.assert_allclose([v for _, v in got], np.float32([v for _, v in expected]), rtol=1e-7,
+                                   err_msg=name)
+
+    # W&B, offline: both sessions in the same run; the resumed one logged no step the first had, so the history
+    # is the first session's, and steps 3, 4 recomputed from the checkpoint equal those values.
+    history, ids = _wandb_history(out)
+    assert first_ids == ids[:1] and ids == ids[:1] * 2, ids
+    assert history == first_wandb and sorted(history) == [1, 2, 3, 4]
+    for key, name in TAGS.items():
+        # A step's last value (the evaluation at step 4 is logged twice: every 2 steps, and at the end); the
+        # timings of the first session (those of the recomputed steps differ).
+        expected = dict(_expected(first if key in ("seconds", "tokens_per_s", "peak_memory_gib") else rows, key))
+        np.testing.assert_allclose([history[s][name] for s in expected], list(expected.values()), rtol=1e-6,
+                                   err_msg=name)
+    assert "wandb sync" in "".join(capsys.readouterr())  # W&B says how to upload the offline run
+
+    # loss.png: a PNG of the figure's size that PIL reads; the figure plots metrics.jsonl.
+    with Image.open(out / "loss.png") as image:
+        assert image.format == "PNG" and image.size == (640, 480)
+    loss_axes, lr_axes = loss_figure(out / "metrics.jsonl").axes
+    (train, evals), (rate,) = loss_axes.get_lines(), lr_axes.get_lines()
+    for line, key in ((train, "loss"), (evals, "eval_loss"), (rate, "lr")):
+        assert list(zip(line.get_xdata().tolist(), line.get_ydata().tolist(), strict=True)) == _expected(rows, key)
+
+
+@pytest.mark.parametrize("name, extra", [("wandb", "wandb"), ("tensorboard", "tensorboard")])
+def test_missing_writer_package_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys, name, extra):
+    monkeypatch.setitem(sys.modules, {"wandb": "wandb", "tensorboard": "tensorboardX"}[name], None)  # not importable
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "d.jsonl"), "--output",
+            str(out), "--report-to", f"none,{name}"]
+    assert main(argv) == 2
+    assert "'none' together with" in capsys.readouterr().err
+    assert main([*argv[:-1], name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"pip install 'qlora_jax[{extra}]'" in err, err
+    assert not out.exists()
