@@ -46,7 +46,7 @@ import numpy as np
 from jax import lax
 
 from qlora_jax._src.config import LoraConfig, QuantConfig, pissa_niter
-from qlora_jax._src.formats.blockwise import dequantize, quantize
+from qlora_jax._src.formats.blockwise import dequantize, quantize, quantize_streaming
 from qlora_jax._src.formats.qarray import QuantizedArray
 
 __all__ = ["weight_init", "weight_init_kernel", "check_weight_init", "set_adapter", "svd_lowrank"]
@@ -282,8 +282,16 @@ def _mm(x: jax.Array, y: jax.Array) -> jax.Array:
 
 def _quantize_2d(r: jax.Array, quant: QuantConfig | None) -> tuple[QuantizedArray, jax.Array]:
     """`r [in, out]` quantized with the layer's config, and its dequantized float32 value."""
-    q = quantize(r, quant.fmt, quant.block_size, quant.double_quant, contract_axes=(0,))
+    q = _quantize(r, quant, (0,))
     return q, dequantize(q, jnp.float32)
+
+
+def _quantize(x: jax.Array, quant: QuantConfig, axes: tuple[int, ...]) -> QuantizedArray:
+    """`quantize` with the config; a kernel `[in, out]` by `quantize_streaming` (bit for bit the same), the programs
+    the checkpoint loader and `apply_qlora` compile for plain quantization."""
+    if x.ndim == 2 and axes == (0,):
+        return quantize_streaming(x.T, quant.fmt, quant.block_size, quant.double_quant, as_kernel=True)
+    return quantize(x, quant.fmt, quant.block_size, quant.double_quant, contract_axes=axes)
 
 
 def _finish(pre: jax.Array, quant: QuantConfig | None, axes: tuple[int, ...],
@@ -291,8 +299,7 @@ def _finish(pre: jax.Array, quant: QuantConfig | None, axes: tuple[int, ...],
     """The stored base: `pre` quantized (recording the kernel's dtype), or cast back to the kernel's dtype."""
     if quant is None:
         return pre.astype(dtype)
-    q = quantize(pre, quant.fmt, quant.block_size, quant.double_quant, contract_axes=axes)
-    return dataclasses.replace(q, dtype=dtype)
+    return dataclasses.replace(_quantize(pre, quant, axes), dtype=dtype)
 
 
 def set_adapter(layer: object, a: jax.Array | np.ndarray, b: jax.Array | np.ndarray) -> None:
