@@ -177,7 +177,7 @@ def dense_forward(
     if tuple(magnitude.shape) != features:
         raise ValueError(f"{name}: lora_magnitude_vector shape {tuple(magnitude.shape)}, expected {features}")
     norm = dora_norm(kernel, a, b, scale, tuple(range(n_axis)), precision=precision)  # [*features], no gradient
-    c = (magnitude.astype(jnp.float32) / norm).astype(x.dtype)
+    c = (magnitude.astype(jnp.float32) / norm).astype(x.dtype).reshape((1,) * (ndim - n_axis) + features)
     if dropped:
         return add_bias(product(x) + (c - 1) * product(h) + c * delta(h))
     return add_bias(c * (product(x) + delta(x)))

@@ -87,21 +87,39 @@ class AdapterMixin:
 
         Stacked layers are computed one at a time (`lax.map`), so at most one layer's weight is dequantized.
         """
-        return dora_norm(self.kernel.get_value(), self.lora_a[...], self.lora_b[...], self.scale, self.contract_axes,
-                         stack_shape=self.stack_shape, precision=self.precision)
+        a = self.lora_a[...]
+        if isinstance(a, jax.core.Tracer):  # under a transformation (e.g. nnx.eval_shape): trace it in place
+            return self._weight_norm(self.stack_shape)
+        precision = tuple(self.precision) if isinstance(self.precision, list) else self.precision
+        return _dora_norm_jit(self.kernel.get_value(), a, self.lora_b[...], scale=float(self.scale),
+                              contract_axes=tuple(self.contract_axes), stack_shape=tuple(self.stack_shape),
+                              precision=precision)
 
-    def _dora(self, x: jax.Array, deterministic: bool | None, product, delta, broadcast) -> jax.Array:
+    def _weight_norm(self, stack_shape: tuple[int, ...] = ()) -> jax.Array:
+        """`dora_norm` of the variables as they are here: stacked (`stack_shape`), or one layer's slice inside
+        `nnx.scan` (where `self.stack_shape` still names the stack)."""
+        return dora_norm(self.kernel.get_value(), self.lora_a[...], self.lora_b[...], self.scale, self.contract_axes,
+                         stack_shape=stack_shape, precision=self.precision)
+
+    def dora_scale(self) -> jax.Array:
+        """`m / ‖W + s·A ⊗ B‖`, `[*out]` float32, for one layer (called where the layer computes)."""
+        return self.lora_magnitude_vector[...].astype(jnp.float32) / self._weight_norm()
+
+    def _dora(self, x: jax.Array, deterministic: bool | None, product, delta, broadcast=None) -> jax.Array:
         """DoRA's output without the bias (see the module docstring).
 
         `x` is in the compute dtype; `product(h)` is `h @ W` (the frozen kernel, no bias), `delta(h)` the
-        adapter's `s·B(A(h))`, `broadcast(c)` reshapes `c [*out]` to broadcast against the output.
+        adapter's `s·B(A(h))`, `broadcast(c, ndim)` reshapes `c [*out]` to broadcast against an output of rank
+        `ndim` (default: `out` trailing).
         """
-        c = broadcast((self.lora_magnitude_vector[...].astype(jnp.float32) / self.dora_weight_norm()).astype(x.dtype))
+        base = product(x)
+        c = self.dora_scale().astype(x.dtype)
+        c = (broadcast or _trailing)(c, base.ndim)
         off = self.deterministic if deterministic is None else deterministic
         if self.dropout_rate > 0 and not off:
             h = self._adapter_input(x, deterministic)  # one dropout mask for both uses, as PEFT's x = dropout(x)
-            return product(x) + (c - 1) * product(h) + c * delta(h)
-        return c * (product(x) + delta(x))
+            return base + (c - 1) * product(h) + c * delta(h)
+        return c * (base + delta(x))
 
     def _adapter_input(self, h: jax.Array, deterministic: bool | None) -> jax.Array:
         """`h` with inverted dropout (as `torch.nn.Dropout`) unless deterministic."""
@@ -113,3 +131,12 @@ class AdapterMixin:
             mask = checkpoint_name(jax.random.bernoulli(self.rngs(), keep, h.shape), "lora_dropout_mask")
             h = lax.select(mask, h / keep, jnp.zeros_like(h))
         return h
+
+
+# The initial magnitude of a concrete layer: one compilation per kernel shape (the layers of a model share a few).
+_dora_norm_jit = jax.jit(dora_norm, static_argnames=("scale", "contract_axes", "stack_shape", "precision"))
+
+
+def _trailing(c: jax.Array, ndim: int) -> jax.Array:
+    """`c` with leading unit axes up to rank `ndim`."""
+    return c.reshape((1,) * (ndim - c.ndim) + c.shape)

@@ -266,7 +266,7 @@ class QLoRAEinsum(QuantEinsum, AdapterMixin):
         if self.use_dora:
             h = x.astype(x.dtype if self.dtype is None else self.dtype)
             y = self._dora(h, deterministic, lambda v: self._product(v, spec), delta,
-                           lambda c: self._out_broadcast(c, spec, h.ndim))
+                           lambda c, ndim: self._out_broadcast(c, spec, h.ndim))
             return self._add_bias(y, spec)
         y = super().__call__(x, spec)
         h = self._adapter_input(x.astype(y.dtype), deterministic)  # dropout on the adapter input only

@@ -248,7 +248,7 @@ class QLoRALinearGeneral(QuantLinearGeneral, AdapterMixin):
         """As `QuantLinearGeneral`, plus the adapter; `deterministic` overrides the attribute."""
         if self.use_dora:
             h = x.astype(x.dtype if self.dtype is None else self.dtype)
-            return self._add_bias(self._dora(h, deterministic, self._product, self._delta, lambda c: c))
+            return self._add_bias(self._dora(h, deterministic, self._product, self._delta))
         y = super().__call__(x)  # [*free, *out]
         h = self._adapter_input(x.astype(y.dtype), deterministic)  # dropout on the adapter input only
         return y + self._delta(h)

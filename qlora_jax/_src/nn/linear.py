@@ -226,11 +226,11 @@ class QLoRALinear(QuantLinear, AdapterMixin):
         if self.use_dora:
             if (self.dropout_rate == 0 or off) and can_merge(h, kernel):
                 # c · x @ (W + s·A @ B): the merged product (ops/merged.py), scaled per output
-                c = (self.lora_magnitude_vector[...].astype(jnp.float32) / self.dora_weight_norm()).astype(h.dtype)
-                return self._add_bias(c * lora_matmul(h, kernel, a, b, self.scale, precision=self.precision))
+                y = lora_matmul(h, kernel, a, b, self.scale, precision=self.precision)  # [..., out]
+                return self._add_bias(self.dora_scale().astype(y.dtype).reshape((1,) * (y.ndim - 1) + (-1,)) * y)
             name = type(self).__name__
             y = self._dora(h, deterministic, lambda v: _frozen_matmul(v, kernel, self.precision, name),
-                           lambda v: lora_delta(v, a, b, self.scale, precision=self.precision), lambda c: c)
+                           lambda v: lora_delta(v, a, b, self.scale, precision=self.precision))
             return self._add_bias(y)
         if (self.dropout_rate == 0 or off) and can_merge(h, kernel):
             # float32 without dropout: one product with the merged weight (ops/merged.py)

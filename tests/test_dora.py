@@ -1,0 +1,206 @@
+"""DoRA / QDoRA (`LoraConfig(use_dora=True)`) against PEFT's implementation, bitsandbytes and float64 NumPy.
+
+PEFT's DoRA (peft/tuners/lora/dora.py): `lora_magnitude_vector` m per output, initialised to the row norms of
+the (dequantized) torch weight; forward `c · (x W) + c · s·B(A(x)) + bias`, `c = m / ‖W + s·B A‖` with the norm
+detached; merge `c ⊙ (W + s·B A)`. bitsandbytes' CPU 4-bit *forward* is not an exact reference (see
+../shared/reference/bitsandbytes-4bit.md), so over a 4-bit base PEFT runs over the bnb model for the magnitude's
+init (which reads bnb's dequantized weight) and over a float32 model holding the exactly dequantized weights
+(`codebook[code] · absmax`) for forward, gradients and adapter loading.
+"""
+
+import copy
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors.numpy import load_file
+
+import qlora_jax as qj
+from qlora_jax import models
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+BLOCKS = {p: ("self_attn" if p in ALL[:4] else "mlp") for p in ALL}
+RANK, ALPHA = 4, 8
+# Every output size a multiple of 64 (bitsandbytes' CPU 4-bit layers need it): no GQA, intermediate 128.
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=64, tie_word_embeddings=False)
+IDS = np.random.default_rng(0).integers(0, 128, (2, 10))
+WEIGHTS = np.random.default_rng(1).standard_normal((2, 10, 128)).astype(np.float32)  # loss = sum(logits * w)
+
+
+def _f64(x):
+    return np.asarray(x, np.float64)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dora") / "llama"
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, attn_implementation="eager")).float().eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(path)
+    return path, hf
+
+
+def _peft(base, **kw):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(base, LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=ALL, lora_dropout=0.0,
+                                           use_dora=True, **kw))
+
+
+def _dora_modules(peft_model):
+    """`{(proj, i): the PEFT LoRA module}` over the decoder layers."""
+    layers = peft_model.base_model.model.model.layers
+    return {(p, i): getattr(getattr(layer, BLOCKS[p]), p) for p in ALL for i, layer in enumerate(layers)}
+
+
+def _ours(model, proj):
+    return getattr(getattr(model.layers, BLOCKS[proj]), proj)
+
+
+def _logits(torch_model):
+    with torch.no_grad():
+        return torch_model(torch.from_numpy(IDS)).logits.numpy()
+
+
+def _assert_init_magnitude(model, peft_model, rtol):
+    for (p, i), mod in _dora_modules(peft_model).items():
+        np.testing.assert_allclose(np.asarray(_ours(model, p).lora_magnitude_vector[...][i]),
+                                   mod.lora_magnitude_vector["default"].weight.detach().numpy(), rtol=rtol,
+                                   err_msg=f"layer {i} {p}")
+
+
+def _loss(model):
+    logits = model(jnp.asarray(IDS))
+    return jnp.sum(logits * WEIGHTS), logits
+
+
+# The adapters' gradients of `sum(logits · w)` and the logits, compiled once per model structure.
+_grads_and_logits = nnx.jit(nnx.grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True))
+
+
+def _assert_grads_match(grads, peft_model, atol):
+    """`grads` (w.r.t. A, B and m of every layer) equal PyTorch autograd's through PEFT (atol: relative to each
+    tensor's largest entry)."""
+    peft_model.train()  # lora_dropout=0: the same computation as eval, with gradients
+    peft_model.zero_grad()
+    (peft_model(torch.from_numpy(IDS)).logits * torch.from_numpy(WEIGHTS)).sum().backward()
+    for (p, i), mod in _dora_modules(peft_model).items():
+        g = _ours(grads, p)
+        for mine, ref in ((g.lora_a[...][i], mod.lora_A["default"].weight.grad.T),
+                          (g.lora_b[...][i], mod.lora_B["default"].weight.grad.T),
+                          (g.lora_magnitude_vector[...][i], mod.lora_magnitude_vector["default"].weight.grad)):
+            scale = float(ref.abs().max())
+            assert scale > 0
+            np.testing.assert_allclose(np.asarray(mine), ref.numpy(), rtol=0, atol=atol * scale,
+                                       err_msg=f"layer {i} {p}")
+    peft_model.eval()
+
+
+def _merged_reference(w, a, b, m, scale):
+    """PEFT's DoRA merge in float64, Flax layout: w [in, out], a [in, r], b [r, out], m [out]."""
+    v = _f64(w) + scale * _f64(a) @ _f64(b)
+    return v * (_f64(m) / np.linalg.norm(v, axis=0))
+
+
+def test_dora_float_base_matches_peft(checkpoint, tmp_path):
+    """Float base: the initial magnitude, PEFT's saved DoRA adapter (random A, B, m) loaded here, logits and the
+    gradients of A, B, m, our export equal to PEFT's file, and the merged export against PEFT and float64."""
+    path, hf = checkpoint
+    lora = qj.LoraConfig(rank=RANK, alpha=ALPHA, targets=ALL, use_dora=True)
+    model = models.from_pretrained(path, lora=lora)
+    peft_model = _peft(copy.deepcopy(hf))
+    _assert_init_magnitude(model, peft_model, rtol=1e-6)
+    torch.manual_seed(1)
+    with torch.no_grad():  # nonzero B, a changed magnitude
+        for n, prm in peft_model.named_parameters():
+            if "lora_B" in n:
+                prm.copy_(torch.randn_like(prm) * 0.1)
+            elif "lora_magnitude_vector" in n:
+                prm.mul_(1 + 0.2 * torch.rand_like(prm))
+    peft_model.save_pretrained(tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
+    assert saved[key].shape == (64,) and json.loads((tmp_path / "peft" / "adapter_config.json").read_text())[
+        "use_dora"] is True
+
+    models.load_peft_adapter(model, tmp_path / "peft")
+    peft_model.eval()
+    expected = _logits(peft_model)
+    grads, logits = _grads_and_logits(model)
+    np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=1e-5)
+    _assert_grads_match(grads, peft_model, atol=1e-5)
+
+    models.save_peft_adapter(model, tmp_path / "ours")  # PEFT's keys, shapes and values, use_dora
+    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(saved)
+    for k in saved:
+        np.testing.assert_allclose(ours[k], saved[k], rtol=0, atol=1e-7, err_msg=k)
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"] is True
+
+    q = _ours(model, "q_proj")  # PEFT's merge in float64
+    from qlora_jax._src.surgery.merge import merged_kernel
+
+    ref = _merged_reference(q.kernel.get_value()[1], q.lora_a[...][1], q.lora_b[...][1],
+                            q.lora_magnitude_vector[...][1], q.scale)
+    np.testing.assert_allclose(np.asarray(merged_kernel(q)[1]), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    models.save_merged(model, tmp_path / "merged")
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").float().eval()
+    np.testing.assert_allclose(_logits(merged), expected, rtol=0, atol=1e-4)
+
+
+def _exact_reference(hf, model):
+    """A float32 copy of `hf` whose decoder projections are `model`'s exactly dequantized kernels."""
+    ref = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in ALL:
+            w = np.asarray(qj.dequantize(_ours(model, p).kernel.get_value(), jnp.float32))  # [L, in, out]
+            for i, layer in enumerate(ref.model.layers):
+                getattr(getattr(layer, BLOCKS[p]), p).weight.copy_(torch.from_numpy(w[i].T.copy()))
+    return ref
+
+
+def test_qdora_over_bnb_4bit_matches_peft(checkpoint, tmp_path):
+    """A bitsandbytes NF4 checkpoint loaded here with DoRA: the initial magnitude equals PEFT's over the bnb
+    model (the norms of bnb's dequantized weights); after one optimizer step here (B != 0, m changed) the saved
+    adapter loads in PeftModel over the exactly dequantized base with the same logits, and the gradients of
+    A, B, m equal PEFT's there; the merge equals float64 NumPy's."""
+    from peft import PeftModel
+
+    path, hf = checkpoint
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    hf4 = transformers.LlamaForCausalLM.from_pretrained(path, quantization_config=bnb, device_map="cpu")
+    hf4.save_pretrained(tmp_path / "nf4")
+    lora = qj.LoraConfig(rank=RANK, alpha=ALPHA, targets=ALL, use_dora=True)
+    model = models.from_pretrained(tmp_path / "nf4", lora=lora)
+    assert _ours(model, "q_proj").quantized
+    _assert_init_magnitude(model, _peft(hf4), rtol=1e-5)
+
+    before = np.asarray(_ours(model, "up_proj").lora_magnitude_vector[...])
+    optimizer = nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.LoRAParam)
+    optimizer.update(model, _grads_and_logits(model)[0])
+    up = _ours(model, "up_proj")
+    assert float(jnp.abs(up.lora_b[...]).min()) > 0 and not np.allclose(up.lora_magnitude_vector[...], before)
+
+    models.save_peft_adapter(model, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(_exact_reference(hf, model), tmp_path / "adapter", is_trainable=True)
+    grads, logits = _grads_and_logits(model)
+    np.testing.assert_allclose(np.asarray(logits), _logits(peft_model.eval()), rtol=0, atol=1e-4)
+    _assert_grads_match(grads, peft_model, atol=1e-5)
+
+    from qlora_jax._src.surgery.merge import merged_kernel
+
+    k = _ours(model, "k_proj")
+    w = qj.dequantize(k.kernel.get_value(), jnp.float32)[0]
+    ref = _merged_reference(w, k.lora_a[...][0], k.lora_b[...][0], k.lora_magnitude_vector[...][0], k.scale)
+    np.testing.assert_allclose(np.asarray(merged_kernel(k)[0]), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
