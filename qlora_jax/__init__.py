@@ -42,6 +42,7 @@ from qlora_jax._src.surgery import (
     merge_lora,
     merge_report,
     qlora_report,
+    register_linear,
     unmerge_lora,
 )
 
@@ -103,6 +104,7 @@ __all__ = [
     "qmatmul",
     "qmatmul_path",
     "quantize",
+    "register_linear",
     "shard_batch",
     "shard_model",
     "to_bnb",

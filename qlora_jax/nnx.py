@@ -36,23 +36,31 @@ from qlora_jax._src.nn import (
     lora_einsum,
 )
 from qlora_jax._src.surgery import (
+    FloatParam,
     MergedLayer,
     MergeReport,
+    ProductOperand,
+    QLoRAProduct,
     QLoRAReport,
+    QuantProduct,
     ReplacedLayer,
     apply_qlora,
     merge_lora,
     merge_report,
     qlora_report,
     quantize_kernel,
+    register_linear,
     unmerge_lora,
 )
 
 __all__ = [
+    "FloatParam",
     "FrozenWeight",
     "LoraConfig",
     "MergeReport",
     "MergedLayer",
+    "ProductOperand",
+    "QLoRAProduct",
     "QLoRAEinsum",
     "QLoRALinear",
     "QLoRALinearGeneral",
@@ -61,6 +69,7 @@ __all__ = [
     "QuantEinsum",
     "QuantLinear",
     "QuantLinearGeneral",
+    "QuantProduct",
     "QuantizedWeight",
     "ReplacedLayer",
     "apply_qlora",
@@ -73,5 +82,6 @@ __all__ = [
     "merge_report",
     "qlora_report",
     "quantize_kernel",
+    "register_linear",
     "unmerge_lora",
 ]

@@ -10,13 +10,14 @@ model is touched, so a failing call leaves it as it was.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from qlora_jax._src.config import LoraConfig, QuantConfig
+from qlora_jax._src.config import ALL_LINEAR, LoraConfig, QuantConfig
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES, quantize, quantize_streaming
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn import (
@@ -26,6 +27,15 @@ from qlora_jax._src.nn import (
     QuantEinsum,
     QuantLinear,
     QuantLinearGeneral,
+)
+from qlora_jax._src.surgery.intercept import (
+    build_products,
+    check_products,
+    find_products,
+    install_products,
+    left_out,
+    product_heads,
+    warn_left_out,
 )
 from qlora_jax._src.surgery.targets import (
     LinearSite,
@@ -48,6 +58,7 @@ def apply_qlora(
     lora: LoraConfig | None,
     rngs: nnx.Rngs | None = None,
     kernels: Mapping[str, QuantizedArray] | None = None,
+    trace: Any = None,
 ) -> nnx.Module:
     """Replaces the linear layers of `model` **in place** and returns it.
 
@@ -96,6 +107,16 @@ def apply_qlora(
             shape, contract axes and stack dims.
         rngs: Draws the adapters (stream "params") and seeds dropout ("dropout");
             each falls back to "default". Required when `lora` is given.
+        trace: Finds the weights multiplied inside modules apply_qlora does
+            not know (a bare `nnx.Param` given to `jnp.einsum`, `jnp.dot`,
+            `jnp.matmul` or `lax.dot_general`): example arguments for
+            `model(*trace)` (arrays or `jax.ShapeDtypeStruct`s) or a function
+            `trace(model)` running the forward pass, traced once, abstractly,
+            on a clone. Without it, such weights are found when
+            `qj.register_linear` declares them or when their module holds one
+            parameter and its einsum spec as a string attribute. Each becomes
+            a `QuantProduct` / `QLoRAProduct` at the parameter's path
+            (docs/own-model.md, "Weights multiplied inside your own modules").
 
     Returns:
         The same `model` object. `qlora_report(model)` tells what it holds
@@ -142,9 +163,13 @@ def apply_qlora(
 
     sites, _ = find_linears(model)
     heads = find_heads(model, sites)
-    adapted = {s.name for s in match_targets(model, lora.targets, sites, heads)} if lora is not None else set()
-    quantized = {s.name for s in sites if s.name not in heads and s.problem is None} | adapted \
+    products, not_products = find_products(model, trace)  # parameters multiplied inside other modules
+    heads.update(product_heads(model, products))
+    adapted = {s.name for s in match_targets(model, lora.targets, sites, heads, products)} \
+        if lora is not None else set()
+    quantized = {s.name for s in [*sites, *products] if s.name not in heads and s.problem is None} | adapted \
         if quant is not None else set()
+    product_plan = [s for s in products if s.name in adapted or s.name in quantized]
     plan = [s for s in sites if s.name in adapted or s.name in quantized]
     aliases = node_aliases(model)
     kernels = dict(kernels or {})
@@ -161,12 +186,18 @@ def apply_qlora(
                              f"stack {tuple(stack)})")
     for site in plan:  # every check before the first change
         _check_site(site, quant if site.name in quantized else None, aliases)
+    check_products(product_plan, quant, lora, adapted, aliases)
 
     new_layers = [_build_layer(site, quant if site.name in quantized else None,
                                lora if site.name in adapted else None, rngs, kernels.get(site.name))
                   for site in plan]
+    product_layers = build_products(product_plan, quant, lora, quantized, adapted, rngs, quantize_kernel)
     for site, layer in zip(plan, new_layers, strict=True):
         replace_node(model, site.path, layer, aliases)  # a shared layer stays shared
+    install_products(product_plan, product_layers)
+    _, warn = left_out(products, not_products, heads, {s.name for s in product_plan})  # recorded for qlora_report
+    if lora is not None and lora.targets == ALL_LINEAR:
+        warn_left_out(warn)
     return model
 
 

@@ -15,11 +15,16 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
 from qlora_jax._src.formats.qarray import QuantizedArray
-from qlora_jax._src.nn import FROZEN_LAYERS, QLORA_LAYERS
+from qlora_jax._src.nn import FROZEN_LAYERS, QLORA_LAYERS, FrozenWeight
+from qlora_jax._src.surgery.intercept import LEFT_OUT, at_path, find_products, is_embedding_name
 from qlora_jax._src.surgery.targets import LinearSite, find_heads, find_linears, path_str
 
-__all__ = ["ReplacedLayer", "QLoRAReport", "qlora_report"]
+__all__ = ["ReplacedLayer", "FloatParam", "QLoRAReport", "qlora_report"]
+
+# A float parameter holding at least this share of the model's parameters is listed in `QLoRAReport.float_params`.
+FLOAT_SHARE = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +49,22 @@ class ReplacedLayer:
 
 
 @dataclasses.dataclass(frozen=True)
+class FloatParam:
+    """A float parameter left unquantized, and why.
+
+    Example:
+        >>> from qlora_jax.nnx import FloatParam
+        >>> FloatParam("embed/embedding", (128, 64), "embedding", 8192).params
+        8192
+    """
+
+    path: str  # '/'-joined nnx path of the variable
+    shape: tuple[int, ...]
+    reason: str  # embedding, output head, norm, not a product operand, excluded by targets, ...
+    params: int  # its elements
+
+
+@dataclasses.dataclass(frozen=True)
 class QLoRAReport:
     """Replaced layers, and linear layers left as they were (with the reason).
 
@@ -53,6 +74,12 @@ class QLoRAReport:
             heads, layers whose computation cannot be reproduced, unsupported
             types, and supported layers left in float because no LoRA target
             named them (plain LoRA, `quant=None`).
+        float_params: Every float `nnx.Param` (adapters aside) left
+            unquantized that holds at least 1% of the model's parameters, with
+            its shape and why (embedding, output head, norm, not a product
+            operand, excluded by targets, ...), largest first.
+        model_params: The model's parameters before quantization (float
+            parameters, adapters aside, plus the elements of frozen kernels).
 
     Example:
         >>> from qlora_jax.nnx import QLoRAReport, ReplacedLayer
@@ -64,6 +91,8 @@ class QLoRAReport:
 
     layers: tuple[ReplacedLayer, ...]
     skipped: tuple[tuple[str, str], ...]
+    float_params: tuple[FloatParam, ...] = ()
+    model_params: int = 0
 
     @property
     def paths(self) -> tuple[str, ...]:
@@ -100,6 +129,12 @@ class QLoRAReport:
         lines.append(f"{'total':<80} {self.base_params:>12,} {self.lora_params:>12,} {self.bytes_before:>13,} "
                      f"{self.bytes_after:>12,}")
         lines += [f"left as is: {path} ({reason})" for path, reason in self.skipped]
+        if self.model_params:
+            share = self.base_params / self.model_params
+            lines.append(f"quantized or frozen: {self.base_params:,} of {self.model_params:,} parameters "
+                         f"({share:.1%})")
+        lines += [f"left in float: {p.path} {p.shape}, {p.params / max(self.model_params, 1):.1%} ({p.reason})"
+                  for p in self.float_params]
         return "\n".join(lines)
 
 
@@ -115,6 +150,13 @@ def qlora_report(model: nnx.Module) -> QLoRAReport:
 
     Args:
         model: Any NNX module, e.g. after `apply_qlora`.
+
+    Every float `nnx.Param` left unquantized that holds at least 1% of the
+    model's parameters is in `float_params`, with why: the reason
+    `apply_qlora` recorded on it (a multiplied weight excluded by targets or
+    an output head, not a product operand, a parameter of an unknown module
+    that was not traced), or else embedding, norm, output head, not a LoRA
+    target.
 
     Returns:
         A `QLoRAReport`; `str()` of it is a table.
@@ -153,7 +195,55 @@ def qlora_report(model: nnx.Module) -> QLoRAReport:
         else:
             skipped.append((s.name, f"float {s.kind}, not a LoRA target"))
     skipped += others
-    return QLoRAReport(layers=tuple(_row(path, m) for path, m in replaced), skipped=tuple(skipped))
+    floats, total = _float_params(model, sites, dict(skipped))
+    return QLoRAReport(layers=tuple(_row(path, m) for path, m in replaced), skipped=tuple(skipped),
+                       float_params=floats, model_params=total)
+
+
+def _float_params(model: nnx.Module, sites: list[LinearSite], skipped: dict[str, str]
+                  ) -> tuple[tuple[FloatParam, ...], int]:
+    """The float parameters holding ≥ FLOAT_SHARE of the model's parameters, with why; and that total."""
+    total, params = 0, []
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, FrozenWeight):
+            value = node.get_value()
+            total += math.prod((*getattr(value, "stack_shape", ()), *value.shape))
+        elif isinstance(node, nnx.Param) and not isinstance(node, nnx.LoRAParam):
+            value = node.get_value()
+            if hasattr(value, "dtype") and np.dtype(value.dtype) in FLOAT_DTYPES:
+                total += int(value.size)
+                params.append((tuple(path), node, value))
+    if not params:
+        return (), total
+    linear = {s.path: s for s in sites}
+    products, others = find_products(model)
+    static = {s.path: s for s in products}
+    out = []
+    for path, node, value in params:
+        if value.size < FLOAT_SHARE * total:
+            continue
+        owner = at_path(model, path[:-1])
+        name = path_str(path)
+        reason = node.get_metadata(LEFT_OUT, None)
+        if reason is None:
+            if path[:-1] in linear:
+                layer = path_str(path[:-1])
+                reason = skipped.get(layer, "a float layer") if path[-1] == "kernel" else f"{path[-1]} of {layer}"
+            elif isinstance(owner, nnx.Embed) or is_embedding_name(path):
+                reason = "embedding"
+            elif "norm" in type(owner).__name__.lower() or any("norm" in str(p).lower() for p in path[-2:]):
+                reason = "norm"
+            elif isinstance(owner, FROZEN_LAYERS):
+                reason = f"{path[-1]} of {path_str(path[:-1])}"
+            elif path in static:
+                site = static[path]
+                reason = f"multiplied as {site.spec!r}, not replaced" + (f" ({site.problem})" if site.problem else "")
+            elif name in others:
+                reason = others[name][1]
+            else:
+                reason = f"a {value.ndim}-D parameter of {type(owner).__name__}, not a weight matrix"
+        out.append(FloatParam(name, tuple(int(d) for d in value.shape), reason, int(value.size)))
+    return tuple(sorted(out, key=lambda p: -p.params)), total
 
 
 def _site(path: tuple[Any, ...], m: nnx.Module) -> LinearSite:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -175,8 +175,13 @@ def find_heads(model: nnx.Module, sites: list[LinearSite]) -> dict[str, str]:
 
 
 def match_targets(model: nnx.Module, targets: str | tuple[str, ...], sites: list[LinearSite],
-                  heads: dict[str, str]) -> list[LinearSite]:
+                  heads: dict[str, str], products: Sequence[Any] = ()) -> list[Any]:
     """The sites selected by `LoraConfig.targets`.
+
+    `products` are the parameters multiplied inside other modules
+    (`intercept.ProductSite`): a name matches one when it is the parameter's
+    name or its module's (`"q_proj"` for `attn/q_proj/w`), a regex when it
+    fully matches the parameter's path or its module's.
 
     Raises:
         ValueError: A target that matches no layer, or that matches a module
@@ -187,12 +192,17 @@ def match_targets(model: nnx.Module, targets: str | tuple[str, ...], sites: list
     """
     available = "available layer paths (nnx.Linear, LinearGeneral, Einsum): " + (
         ", ".join(s.name for s in sites) or "(none)")
+    if products:
+        available += "; multiplied parameters: " + ", ".join(p.name for p in products)
     if targets == ALL_LINEAR:
-        chosen = [s for s in sites if s.name not in heads and s.problem is None]
+        chosen = [s for s in [*sites, *products] if s.name not in heads and s.problem is None]
         if not chosen:
             raise ValueError(f"LoraConfig.targets: 'all-linear' matches no layer (output heads excluded); {available}")
         return chosen
     by_name = {s.name: s for s in sites}
+    owned = {}  # module path -> its product sites
+    for p in products:
+        owned.setdefault(path_str(p.owner_path), []).append(p)
     aliases = node_aliases(model)
     # A shared module is listed once, under its first path; it matches a target under any of its paths.
     modules = [(path_str(alias), alias, path_str(p), m) for p, m in nnx.iter_modules(model) if p
@@ -200,6 +210,7 @@ def match_targets(model: nnx.Module, targets: str | tuple[str, ...], sites: list
     if isinstance(targets, str):
         pattern = re.compile(targets)
         matched = [(name, m) for alias, _, name, m in modules if pattern.fullmatch(alias)]
+        matched += [(p.name, p) for p in products if pattern.fullmatch(p.name)]
         if not matched:
             raise ValueError(f"LoraConfig.targets: regex {targets!r} matches no layer path "
                              f"(re.fullmatch on '/'-joined paths); {available}")
@@ -207,12 +218,19 @@ def match_targets(model: nnx.Module, targets: str | tuple[str, ...], sites: list
         matched = []
         for target in targets:
             hits = [(name, m) for _, p, name, m in modules if str(p[-1]) == target]
+            hits += [(p.name, p) for p in products if p.param == target]
             if not hits:
                 raise ValueError(f"LoraConfig.targets: no layer is named {target!r} (names match the last path "
                                  f"component); {available}")
             matched += hits
     chosen, seen = [], set()
+    by_name.update({p.name: p for p in products})
+    for name, _ in list(matched):
+        if name in owned and name not in by_name:  # a module holding multiplied parameters: those
+            matched += [(p.name, p) for p in owned[name]]
     for name, module in matched:
+        if name in owned and name not in by_name:
+            continue
         if name not in by_name:
             raise ValueError(f"LoraConfig.targets: {name} is a {type(module).__name__}, which apply_qlora does not "
                              f"support (supported: {', '.join(t.__name__ for t in SUPPORTED_MODULES)}); {available}")
