@@ -139,16 +139,22 @@ def _build_parser() -> argparse.ArgumentParser:
     demo_cmd.set_defaults(func=_run_demo)
 
     finetune = commands.add_parser(
-        "finetune", help="QLoRA fine-tuning of a Hugging Face checkpoint on a JSONL file",
+        "finetune", help="QLoRA fine-tuning of a Hugging Face checkpoint on a dataset",
         description=("Loads the checkpoint quantized (NF4 + double quant by default), adds LoRA adapters, trains "
-                     "them on the JSONL rows ({'text'}, {'prompt','completion'} or {'messages'}) and writes a PEFT "
+                     "them on the data's rows ({'text'}, {'prompt','completion'}, {'messages'} or a common layout; "
+                     "JSONL, JSON, CSV, Parquet, Arrow, a save_to_disk directory or a hub dataset) and writes a PEFT "
                      "adapter, Orbax checkpoints, metrics.jsonl, loss.png and run_config.json to --output. "
                      "Defaults follow the QLoRA paper."))
     f = FinetuneArgs
     finetune.add_argument("--model", required=True, help="checkpoint directory or hub id (org/name)")
-    finetune.add_argument("--data", required=True, help="training JSONL file")
+    finetune.add_argument("--data", required=True, help="training data: a .jsonl, .json, .csv, .parquet or .arrow "
+                          "file, a datasets save_to_disk directory, or a hub dataset org/name[:split]")
     finetune.add_argument("--output", required=True, help="run directory")
-    finetune.add_argument("--eval-data", default=None, help="evaluation JSONL file")
+    finetune.add_argument("--eval-data", default=None, help="evaluation data (as --data)")
+    for field, what in (("text", "plain text"), ("prompt", "prompts"), ("completion", "completions"),
+                        ("messages", "conversations (role/content or ShareGPT from/value)")):
+        finetune.add_argument(f"--{field}-field", default=None,
+                              help=f"the data's column of {what}, when not named as a schema or a common layout")
     finetune.add_argument("--rank", type=int, default=f.rank, help=f"LoRA rank (default {f.rank})")
     finetune.add_argument("--alpha", type=float, default=f.alpha, help=f"LoRA alpha (default {f.alpha:g})")
     finetune.add_argument("--dropout", type=float, default=f.dropout, help=f"LoRA dropout (default {f.dropout})")
@@ -304,7 +310,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
         double_quant=not args.no_double_quant, remat=args.remat, pack=not args.no_pack, mesh=args.mesh,
         strategy=args.strategy, fit=not args.no_fit,
         available_bytes=None if args.available_gib is None else int(args.available_gib * 2**30),
-        report_to=tuple(args.report_to))
+        report_to=tuple(args.report_to), text_field=args.text_field, prompt_field=args.prompt_field,
+        completion_field=args.completion_field, messages_field=args.messages_field)
     try:
         # Both before the first JAX computation: the distributed runtime, then the CPU setup (which checks the
         # dispatch mode by running a small computation, creating the backends).
@@ -312,7 +319,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
             initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         configure_cpu_for_command()  # training steps on the CPU reuse their memory
         summary = run_finetune(settings)
-    except (OSError, ValueError) as e:  # a user mistake (a setting, a path, a file): one line, no traceback
+    except (OSError, ValueError, ImportError) as e:  # a user mistake (a setting, a path, a file, a missing extra)
         print(f"qlora-jax finetune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from qlora_jax._src.checkpoint import DamagedCheckpointWarning
 from qlora_jax._src.config import LoraConfig, QuantConfig
-from qlora_jax._src.data import Batcher, load_examples
+from qlora_jax._src.data import Batcher, iter_rows, load_examples
 from qlora_jax._src.formats.qarray import BLOCK_SIZES, FORMATS
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.loading import checkpoint_dir, from_pretrained, load_config, load_tokenizer
@@ -97,6 +97,10 @@ class FinetuneArgs:
     strategy: str = "fsdp"  # how the model is sharded over the mesh (see qj.shard_model)
     fit: bool = True  # plan remat and micro-batches to fit the memory before loading (one device, one process)
     available_bytes: int | None = None  # memory the plan fits in; None: the device's free memory (host: MemAvailable)
+    text_field: str | None = None  # the data's columns, when not named as a schema or a common layout (iter_rows)
+    prompt_field: str | None = None
+    completion_field: str | None = None
+    messages_field: str | None = None
     report_to: str | tuple[str, ...] = "none"  # "tensorboard", "wandb", "tensorboard,wandb" (app.report_to)
 
 
@@ -112,6 +116,19 @@ def _check_output(args: FinetuneArgs) -> Path:
     elif args.resume:
         raise ValueError(f"--resume: {out} holds no run to resume")
     return out
+
+
+def _data_fields(args: FinetuneArgs) -> dict[str, str | None]:
+    return {k: getattr(args, k) for k in ("text_field", "prompt_field", "completion_field", "messages_field")}
+
+
+def _check_data(args: FinetuneArgs, rows: int = 64) -> None:
+    """Reads the first `rows` rows of `--data` and `--eval-data` through `iter_rows` (every row is checked when
+    the data is tokenized, still before anything is written)."""
+    for source in (args.data, args.eval_data):
+        if source is not None:
+            for _ in zip(range(rows), iter_rows(source, **_data_fields(args)), strict=False):
+                pass
 
 
 def _check_settings(args: FinetuneArgs) -> None:
@@ -187,6 +204,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     config = load_config(args.model)
     mesh = None if args.mesh is None else make_mesh(args.mesh)
     out = _check_output(args)
+    _check_data(args)  # the data's first rows (format, columns, schema), before the memory plan compiles
     main_process = jax.process_index() == 0
     if args.seq_len > config.max_position_embeddings:
         raise ValueError(f"--seq-len: {args.seq_len} exceeds the model's max_position_embeddings "
@@ -201,13 +219,13 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise ValueError(f"--model: {args.model} has no tokenizer files; the data cannot be tokenized")
-    examples, stats = load_examples(args.data, tokenizer, args.seq_len)
+    examples, stats = load_examples(args.data, tokenizer, args.seq_len, **_data_fields(args))
     batcher = Batcher(examples, args.batch_size * args.grad_accum, args.seq_len, pack=args.pack, shuffle=True,
                       seed=args.seed, num_epochs=None)
     steps = args.steps or max(1, args.epochs * batcher.num_batches_per_epoch)
     eval_examples = None
     if args.eval_data:
-        eval_examples, _ = load_examples(args.eval_data, tokenizer, args.seq_len)
+        eval_examples, _ = load_examples(args.eval_data, tokenizer, args.seq_len, **_data_fields(args))
 
     def eval_batches() -> Batcher:
         return Batcher.for_eval(eval_examples, args.batch_size, args.seq_len, pack=args.pack)

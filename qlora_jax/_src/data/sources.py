@@ -27,8 +27,8 @@ JSON and CSV do not.
 Columns become one of the three schemas of `row_kind`. Named explicitly
 (`text_field`; `prompt_field` and `completion_field`, each defaulting to its
 schema's name; or `messages_field`), those columns are used and any others
-ignored. Otherwise a row's columns must contain exactly one of these layouts
-(other columns are ignored):
+ignored. Otherwise a row's columns must be exactly those of one of these
+layouts (an extra column is an error, as a misspelt one would be):
 
 * `text`; `prompt` + `completion`; `messages` (lists of `role`/`content`);
 * `instruction` + `output`, with an optional `input` (Alpaca): the prompt is
@@ -41,8 +41,9 @@ ignored. Otherwise a row's columns must contain exactly one of these layouts
 
 Messages given as `from`/`value` are read as `role`/`content` under any
 column name, and keys whose value is null (an Arrow struct's absent fields)
-are dropped. Columns that fit no layout or several are an error naming the
-row, the columns found and the flags that pick them.
+are dropped. Columns that are not exactly one layout's (missing, extra, or
+those of several layouts) are an error naming the row, the columns found,
+the layouts they hold and the flags that pick columns.
 """
 
 from __future__ import annotations
@@ -146,13 +147,13 @@ def iter_rows(
         >>> from qlora_jax._src.data.sources import iter_rows
         >>> path = pathlib.Path(tempfile.mkdtemp()) / "qa.csv"
         >>> with path.open("w", newline="") as f:
-        ...     csv.writer(f).writerows([["id", "question", "answer"], [1, "2+2?", "4"]])
+        ...     csv.writer(f).writerows([["question", "answer"], ["2+2?", "4"]])
         >>> [(row, where.rsplit("/", 1)[1]) for row, where in iter_rows(path)]
         [({'prompt': '2+2?\\n', 'completion': '4'}, 'qa.csv:2')]
         >>> next(iter_rows(path, text_field="body"))  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: ...qa.csv:2: no column 'body' (--text-field / text_field); columns found: ['answer', ...]
+        ValueError: ...qa.csv:2: no column 'body' (--text-field / text_field); columns found: ['answer', 'question']
     """
     fields = _Fields(text_field, prompt_field, completion_field, messages_field)
     label, kind, raw_rows = _open(source)
@@ -281,7 +282,7 @@ def _iter_json_array(path: Path) -> Iterator[tuple[Any, str]]:
                     value, end = decoder.raw_decode(state["buf"], state["pos"])
                 except json.JSONDecodeError as e:
                     if state["eof"]:
-                        raise ValueError(f"{path}:{line_at(e.pos)}: invalid JSON: {e.msg}") from None
+                        raise fail(e.msg) from None
                     fill()
                     continue
                 except RecursionError:
@@ -334,11 +335,13 @@ def _iter_parquet(path: Path) -> Iterator[tuple[Any, str]]:
     pq = _require("pyarrow.parquet", str(path), "Parquet")
     pa = _require("pyarrow", str(path), "Parquet")
     try:
-        file = pq.ParquetFile(path)
+        file = pq.ParquetFile(path, pre_buffer=False)  # pre_buffer reads ahead the whole file's column chunks
     except pa.ArrowException as e:
         raise ValueError(f"{path}: not a Parquet file ({e})") from None
-    try:
-        yield from _iter_batches(str(path), file.iter_batches(batch_size=_BATCH))
+    try:  # one row group at a time: a column chunk is read whole, so a row group is what memory holds
+        batches = (b for i in range(file.num_row_groups)
+                   for b in file.iter_batches(batch_size=_BATCH, row_groups=[i], use_threads=False))
+        yield from _iter_batches(str(path), batches)
     finally:
         file.close()
 
@@ -428,13 +431,15 @@ def _layout(keys: tuple[str, ...], fields: _Fields, where: str, *,
         prompt = need(fields.prompt or "prompt", "--prompt-field / prompt_field")
         completion = need(fields.completion or "completion", "--completion-field / completion_field")
         return lambda r, w: {"prompt": r[prompt], "completion": r[completion]}
-    found = [(name, required, optional) for name, required, optional in _LAYOUTS if set(required) <= set(keys)]
+    found = [name for name, required, optional in _LAYOUTS
+             if set(required) <= set(keys) <= set(required) | set(optional)]
     if len(found) != 1:
-        what = ("fit several schemas: " + ", ".join(name for name, _, _ in found) if found else
-                "match no schema; expected text, prompt + completion, messages, instruction + output (+ input), "
-                "question + answer or conversations")
-        raise ValueError(f"{where}: columns {list(keys)} {what}; name the columns to use with {_FLAGS}")
-    name = found[0][0]
+        held = [name for name, required, _ in _LAYOUTS if set(required) <= set(keys)]
+        raise ValueError(f"{where}: columns {list(keys)} match no schema: expected exactly text | prompt, "
+                         "completion | messages | instruction, output[, input] | question, answer | conversations"
+                         + (f"; they hold those of {' and '.join(held)}" if held else "")
+                         + f"; name the columns to use with {_FLAGS} (other columns are then ignored)")
+    name = found[0]
     if name == "text":
         return lambda r, w: {"text": r["text"]}
     if name == "prompt/completion":
