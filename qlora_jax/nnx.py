@@ -35,6 +35,7 @@ from qlora_jax._src.nn import (
     lora_delta,
     lora_einsum,
 )
+from qlora_jax._src.nn.weight_init import weight_init, weight_init_kernel
 from qlora_jax._src.surgery import (
     FloatParam,
     MergedLayer,
@@ -84,4 +85,6 @@ __all__ = [
     "quantize_kernel",
     "register_linear",
     "unmerge_lora",
+    "weight_init",
+    "weight_init_kernel",
 ]

@@ -33,6 +33,7 @@ from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.linen.interceptor import SUPPORTED_MODULES, unsupported_reason
 from qlora_jax._src.linen.layers import FROZEN
 from qlora_jax._src.nn.lora import dora_norm, init_lora
+from qlora_jax._src.nn.weight_init import check_weight_init, weight_init_kernel
 from qlora_jax._src.surgery.report import QLoRAReport, ReplacedLayer
 
 __all__ = ["DenseLayer", "dense_layers", "convert_params"]
@@ -231,19 +232,28 @@ def convert_params(
     plan = [d for d in layers if d.path in adapted_paths or d.path in quantized]
     for d in plan:  # every check before the first change
         _check_layer(tree, d, quant if d.path in quantized else None)
+    if lora is not None:
+        check_weight_init(lora, quant)
 
     frozen: dict[str, Any] = {}
     rows = []
     for i, d in enumerate(plan):
         node = _lookup(tree, d.path.split("/"))
         kernel = node.pop("kernel")
-        stored = _quantize(jnp.asarray(kernel), d, quant) if d.path in quantized else kernel
+        init = None  # PiSSA / OLoRA / LoftQ: factors and the residual base from the float kernel
+        if d.path in adapted_paths and lora.weight_init:
+            init = weight_init_kernel(jnp.asarray(kernel), contract_axes=tuple(range(d.n_in)),
+                                      kernel_ndim=len(d.layer_shape), lora=lora,
+                                      quant=quant if d.path in quantized else None, key=jax.random.fold_in(rng, i))
+            stored = init[2]
+        else:
+            stored = _quantize(jnp.asarray(kernel), d, quant) if d.path in quantized else kernel
         _lookup(frozen, d.path.split("/"), create=True)["kernel"] = stored
         after = stored.nbytes if isinstance(stored, QuantizedArray) else int(stored.nbytes)
         lora_params = 0
         if d.path in adapted_paths:
-            a, b = init_lora(jax.random.fold_in(rng, i), d.in_size, d.out_size, lora.rank, init=lora.init,
-                             stack_shape=d.stack_shape)
+            a, b = init[:2] if init is not None else init_lora(
+                jax.random.fold_in(rng, i), d.in_size, d.out_size, lora.rank, init=lora.init, stack_shape=d.stack_shape)
             in_shape, out_shape = d.layer_shape[: d.n_in], d.layer_shape[d.n_in:]
             node["lora_a"] = a.reshape(*d.stack_shape, *in_shape, lora.rank)  # [*stack, *in, r]
             node["lora_b"] = b.reshape(*d.stack_shape, lora.rank, *out_shape)  # [*stack, r, *out]

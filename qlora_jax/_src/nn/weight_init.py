@@ -57,8 +57,7 @@ _HI = lax.Precision.HIGHEST
 def check_weight_init(lora: LoraConfig, quant: QuantConfig | None) -> None:
     """Raises ValueError where `lora.init` cannot be computed for this base.
 
-    LoftQ is defined for a quantized base (`quant` given); DoRA's magnitude
-    is not combined with a weight-reading init here.
+    LoftQ is defined for a quantized base (`quant` given).
 
     Example:
         >>> from qlora_jax.nnx import LoraConfig
@@ -72,8 +71,6 @@ def check_weight_init(lora: LoraConfig, quant: QuantConfig | None) -> None:
         return
     if lora.init == "loftq" and quant is None:
         raise ValueError("LoraConfig.init='loftq' needs a quantized base (a QuantConfig); got quant=None")
-    if lora.use_dora:
-        raise ValueError(f"LoraConfig: init={lora.init!r} together with use_dora=True is not supported")
 
 
 def weight_init(
@@ -114,7 +111,7 @@ def weight_init(
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from qlora_jax.nnx import LoraConfig
-        >>> from qlora_jax._src.nn.weight_init import weight_init
+        >>> from qlora_jax.nnx import weight_init
         >>> w = jax.random.normal(jax.random.key(0), (64, 32))
         >>> a, b, base = weight_init(w, lora=LoraConfig(rank=4, alpha=8, init="pissa"))
         >>> a.shape, b.shape, base.shape
@@ -165,7 +162,7 @@ def weight_init_kernel(
     Example:
         >>> import jax, jax.numpy as jnp
         >>> from qlora_jax.nnx import LoraConfig, QuantConfig
-        >>> from qlora_jax._src.nn.weight_init import weight_init_kernel
+        >>> from qlora_jax.nnx import weight_init_kernel
         >>> w = jax.random.normal(jax.random.key(0), (2, 64, 4, 8))  # two layers of [d=64, heads=4, head_dim=8]
         >>> a, b, base = weight_init_kernel(w, contract_axes=(0,), kernel_ndim=3, quant=QuantConfig(),
         ...                                 lora=LoraConfig(rank=4, init="loftq"))
@@ -304,9 +301,13 @@ def _finish(pre: jax.Array, quant: QuantConfig | None, axes: tuple[int, ...],
 
 def set_adapter(layer: object, a: jax.Array | np.ndarray, b: jax.Array | np.ndarray) -> None:
     """Writes computed factors into a QLoRA layer's `lora_a` `[*stack, *in, r]` and `lora_b` `[*stack, r, *out]`
-    (cast to the factors' dtype), after construction; shapes must match exactly."""
+    (cast to the factors' dtype), after construction; shapes must match exactly. A DoRA layer's magnitude is
+    then set to the norm of its new weight `‖base + s·A ⊗ B‖`, as PEFT's `dora_init` runs after the init."""
     for name, value in (("lora_a", a), ("lora_b", b)):
         var = getattr(layer, name)
         if tuple(np.shape(value)) != tuple(var.shape):
             raise ValueError(f"{name}: computed shape {tuple(np.shape(value))}, the layer's is {tuple(var.shape)}")
         var[...] = jnp.asarray(value, var.dtype)
+    magnitude = getattr(layer, "lora_magnitude_vector", None)
+    if magnitude is not None:
+        magnitude[...] = layer.dora_weight_norm().astype(magnitude.dtype)

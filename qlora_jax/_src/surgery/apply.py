@@ -9,6 +9,7 @@ model is touched, so a failing call leaves it as it was.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from qlora_jax._src.nn import (
     QuantLinear,
     QuantLinearGeneral,
 )
+from qlora_jax._src.nn.weight_init import check_weight_init, set_adapter, weight_init_kernel
 from qlora_jax._src.surgery.intercept import (
     build_products,
     check_products,
@@ -90,7 +92,12 @@ def apply_qlora(
     `nnx.remat` around the layers works unchanged.
 
     A fresh adapter has B = 0, so the model computes exactly what it did
-    before (with `quant`, exactly what the quantized model computes).
+    before (with `quant`, exactly what the quantized model computes). The
+    inits that read the weight (`LoraConfig.init` "pissa", "pissa_niter_N",
+    "olora", "loftq") compute each targeted layer's factors from its float
+    kernel, one stacked layer at a time, and store the residual (quantized
+    with `quant`) as the base (`qlora_jax._src.nn.weight_init`); they need
+    the float kernel, not a pre-quantized one from `kernels`.
 
     Args:
         model: Any NNX module; modified in place.
@@ -187,6 +194,12 @@ def apply_qlora(
     for site in plan:  # every check before the first change
         _check_site(site, quant if site.name in quantized else None, aliases)
     check_products(product_plan, quant, lora, adapted, aliases)
+    if lora is not None and lora.weight_init:
+        check_weight_init(lora, quant)
+        given = sorted(name for name in kernels if name in adapted)
+        if given:
+            raise ValueError(f"kernels: LoraConfig.init={lora.init!r} reads the float weight, but {given[0]!r} "
+                             "is given already quantized")
 
     new_layers = [_build_layer(site, quant if site.name in quantized else None,
                                lora if site.name in adapted else None, rngs, kernels.get(site.name))
@@ -297,7 +310,14 @@ def _build_layer(site: LinearSite, quant: QuantConfig | None, lora: LoraConfig |
                  rngs: nnx.Rngs | None, quantized: QuantizedArray | None = None) -> nnx.Module:
     m = site.module
     bias = m.bias[...] if m.bias is not None else None
-    if quant is None:
+    init = None
+    if lora is not None and lora.weight_init:  # PiSSA, OLoRA, LoftQ: factors and residual base from the weight
+        init = weight_init_kernel(m.kernel[...], contract_axes=site.contract_axes, kernel_ndim=len(site.logical_shape),
+                                  lora=lora, quant=quant, key=rngs["params"]())
+        lora = dataclasses.replace(lora, init="default")  # the layer draws placeholders, overwritten below
+    if init is not None:
+        weight = init[2]
+    elif quant is None:
         weight = m.kernel[...]
     elif quantized is not None:
         weight = quantized
@@ -308,8 +328,12 @@ def _build_layer(site: LinearSite, quant: QuantConfig | None, lora: LoraConfig |
     common = dict(dtype=dtype, precision=m.precision)
     adapter = {} if lora is None else dict(lora=lora, rngs=rngs)
     if site.kind == "Linear":
-        return (QuantLinear if lora is None else QLoRALinear)(weight, bias, **common, **adapter)
-    if site.kind == "LinearGeneral":
-        return (QuantLinearGeneral if lora is None else QLoRALinearGeneral)(
+        layer = (QuantLinear if lora is None else QLoRALinear)(weight, bias, **common, **adapter)
+    elif site.kind == "LinearGeneral":
+        layer = (QuantLinearGeneral if lora is None else QLoRALinearGeneral)(
             weight, bias, axis=m.axis, out_features=m.out_features, **common, **adapter)
-    return (QuantEinsum if lora is None else QLoRAEinsum)(m.einsum_str, weight, bias, **common, **adapter)
+    else:
+        layer = (QuantEinsum if lora is None else QLoRAEinsum)(m.einsum_str, weight, bias, **common, **adapter)
+    if init is not None:
+        set_adapter(layer, init[0], init[1])
+    return layer
