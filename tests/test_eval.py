@@ -72,10 +72,11 @@ def test_eval_equals_transformers_peft_perplexity(tmp_path, capsys):
     got = _eval_json(capsys, "--model", str(path), "--data", str(data), "--adapter", str(run), "--batch-size", "2",
                      "--samples", "2", "--max-new-tokens", "6")
     loss_sum, tokens = _reference(peft_model, examples)
+    # 1e-5 relative (the issue asks for 1e-4; measured about 1e-7 on both bases)
     assert got["format"] is None and got["seq_len"] == SEQ_LEN and got["examples"] == len(ROWS)
     assert got["tokens"] == tokens == sum(ex.num_loss_tokens for ex in examples)
-    np.testing.assert_allclose(got["perplexity"], np.exp(loss_sum / tokens), rtol=1e-4)
-    np.testing.assert_allclose(got["loss"], loss_sum / tokens, rtol=1e-4)
+    np.testing.assert_allclose(got["perplexity"], np.exp(loss_sum / tokens), rtol=1e-5)
+    np.testing.assert_allclose(got["loss"], loss_sum / tokens, rtol=1e-5)
     float_ppl = got["perplexity"]
     # Greedy samples from the prompts (the tokenizer's BOS + the prompt), against PyTorch's greedy decoding.
     assert len(got["samples"]) == 2
@@ -104,7 +105,7 @@ def test_eval_equals_transformers_peft_perplexity(tmp_path, capsys):
                      "--seq-len", str(SEQ_LEN), "--batch-size", "2", "--no-double-quant")
     loss_sum, tokens = _reference(peft_model, examples)
     assert got["format"] == "nf4" and got["tokens"] == tokens and got["samples"] == []
-    np.testing.assert_allclose(got["perplexity"], np.exp(loss_sum / tokens), rtol=1e-4)
+    np.testing.assert_allclose(got["perplexity"], np.exp(loss_sum / tokens), rtol=1e-5)
     assert abs(got["perplexity"] / float_ppl - 1) > 1e-3  # the base was quantized: not the float result
 
     # Bad input: one line on stderr naming the offending thing, exit 2, nothing on stdout.
