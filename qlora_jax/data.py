@@ -1,4 +1,5 @@
-"""Fine-tuning data: JSONL rows, loss masks, packed or padded NumPy batches with resumable shuffling.
+"""Fine-tuning data: rows from JSONL, JSON, CSV, Parquet, Arrow or `datasets` sources, loss masks, packed or padded
+NumPy batches with resumable shuffling.
 
 Example:
     >>> from qlora_jax.data import row_kind
