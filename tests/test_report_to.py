@@ -1,16 +1,17 @@
 """`qlora-jax finetune --report-to tensorboard,wandb`: TensorBoard's own reader and W&B's record format read back
 what metrics.jsonl holds, one value per step, also after a resumed run recomputed steps; a missing writer package
-is refused before anything is written.
-
-The run is on a JSONL file: no Parquet `--data` source existed in the tree when this test was written.
+is refused before anything is written. The run trains on a Parquet file written by pyarrow (issue 25's acceptance).
 """
 
 import json
 import shutil
 import struct
 import sys
+import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,9 +20,10 @@ from wandb.proto import wandb_internal_pb2
 
 from qlora_jax.app.cli import main
 from qlora_jax.app.plot import loss_figure
+from qlora_jax.app.report_to import ReportTo
 
 ROWS = [{"prompt": "what is two plus two", "completion": "two plus two is four"},
-        {"text": "the cat sat on the mat"},
+        {"prompt": "the cat sat on", "completion": "the mat"},
         {"prompt": "hello there", "completion": "i am fine thanks"}] * 2
 # metrics.jsonl key -> tag
 TAGS = {"loss": "train/loss", "lr": "train/learning_rate", "grad_norm": "train/grad_norm",
@@ -55,11 +57,22 @@ def _wandb_records(path):
             yield record
 
 
+def _finished_records(path, timeout=30.0):
+    """`_wandb_records(path)` once the file holds the run's exit record: W&B's service process writes the file
+    on its own schedule, and may still be closing it when `run.finish()` has returned."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(_wandb_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
+
+
 def _wandb_history(out):
     """{step: {tag: value}} over every offline W&B run directory of `out` (sessions in order), and the run ids."""
     history, ids = {}, []
     for path in sorted((out / "wandb").glob("offline-run-*/run-*.wandb")):
-        for record in _wandb_records(path):
+        for record in _finished_records(path):
             if record.WhichOneof("record_type") == "run":
                 ids.append(record.run.run_id)
             elif record.WhichOneof("record_type") == "history":
@@ -89,7 +102,9 @@ def test_tensorboard_and_wandb_hold_metrics_jsonl(tmp_path, monkeypatch, capsys)
     for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL", "WANDB_PROJECT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # no W&B login: the run is logged offline
-    path, _, data = finetune_files(tmp_path, ROWS)
+    path, _, _ = finetune_files(tmp_path)
+    data = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), data)
     out = tmp_path / "run"
     args = ["finetune", "--model", str(path), "--data", str(data), "--output", str(out), "--steps", "4",
             "--batch-size", "2", "--seq-len", "16", "--rank", "2", "--alpha", "4", "--lr", "1e-2",
@@ -154,3 +169,22 @@ def test_missing_writer_package_is_refused_before_anything_is_written(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"pip install 'qlora_jax[{extra}]'" in err, err
     assert not out.exists()
+
+
+def test_writers_added_on_resume_log_the_earlier_rows_first(tmp_path, monkeypatch):
+    """`--report-to` given first on `--resume`: TensorBoard and W&B get the rows up to the checkpoint, then the new
+    ones (what metrics.jsonl holds), each step once."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    rows = [{"step": s, "loss": 3.0 / s, "lr": 1e-3 * s, "tokens_per_s": 100.0 + s} for s in (1, 2, 3)]
+    rows.insert(2, {"step": 2, "eval_loss": 2.5})
+    with ReportTo.open("tensorboard,wandb", tmp_path, resume_step=2, logged_through=3, history=rows[:3]) as report:
+        report.log(rows[3])
+    events = _tensorboard(tmp_path)
+    wandb_history, _ = _wandb_history(tmp_path)
+    assert sorted(wandb_history) == [1, 2, 3]
+    for key in ("loss", "lr", "tokens_per_s", "eval_loss"):
+        name = TAGS[key]
+        expected = _expected(rows, key)
+        assert [(e.step, e.value) for e in events.Scalars(name)] == [(s, np.float32(v)) for s, v in expected], name
+        assert [(s, wandb_history[s][name]) for s, _ in expected] == expected, name

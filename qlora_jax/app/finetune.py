@@ -272,7 +272,7 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
     report = ReportTo.open(args.report_to if main_process else "none", out, config=resolved,
                            resume_step=trainer.step if args.resume else None,
-                           logged_through=max((r["step"] for r in logged), default=0))
+                           logged_through=max((r["step"] for r in logged), default=0), history=history)
     try:
         return _train(args, trainer, batcher, model, out, checkpoints, steps, history, report, eval_examples,
                       eval_batches, place=lambda batch: batch if mesh is None else shard_batch(batch, mesh))

@@ -26,12 +26,14 @@ A resumed run (`resume_step`: the step of the checkpoint it continues from)
 appends to the same logs. The steps after that checkpoint that the stopped
 session had logged are run again: TensorBoard shows the new values (the
 writer starts with a purge at `resume_step + 1`, which TensorBoard's reader
-applies to the earlier event files, as it does for `metrics.jsonl`'s rows);
+applies to the earlier event files, as `metrics.jsonl` drops those rows);
 W&B only appends steps beyond the last one it has (`logged_through`), so
 there the first session's values of those steps stay (they are equal where
 the steps are recomputed deterministically: the same checkpoint, data
 position and random keys). The W&B run id is kept in
 `<directory>/wandb/run_id` so the resumed session continues the same run.
+A writer added on `--resume` (no event files, no W&B run yet) first logs
+the run's earlier rows (`history`), so its curves start at step 1.
 """
 
 from __future__ import annotations
@@ -134,14 +136,18 @@ def _scalars(row: Mapping[str, Any]) -> dict[str, float]:
 
 
 class _TensorBoard:
-    def __init__(self, directory: Path, resume_step: int | None) -> None:
+    def __init__(self, directory: Path, resume_step: int | None, history: Sequence[Mapping[str, Any]]) -> None:
         tensorboardx = _package("tensorboard")
         logdir = directory / "tensorboard"
         if resume_step is None:  # a new run: the event files of a run this one replaces (--overwrite) go
             shutil.rmtree(logdir, ignore_errors=True)
+        earlier = resume_step is not None and any(logdir.glob("*tfevents*"))
         # purge_step: TensorBoard's reader drops what the earlier files hold from that step on (rewritten now).
         self.writer = tensorboardx.SummaryWriter(logdir=str(logdir), flush_secs=30,
-                                                 purge_step=None if resume_step is None else resume_step + 1)
+                                                 purge_step=resume_step + 1 if earlier else None)
+        if resume_step is not None and not earlier:  # added on --resume: the rows of the earlier sessions first
+            for row in history:
+                self.log(int(row["step"]), _scalars(row))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         for name, value in scalars.items():
@@ -152,8 +158,8 @@ class _TensorBoard:
 
 
 class _Wandb:
-    def __init__(self, directory: Path, resume_step: int | None, logged_through: int, config: Mapping[str, Any],
-                 name: str) -> None:
+    def __init__(self, directory: Path, resume_step: int | None, logged_through: int,
+                 history: Sequence[Mapping[str, Any]], config: Mapping[str, Any], name: str) -> None:
         wandb = _package("wandb")
         root = directory / "wandb"
         if resume_step is None:  # a new run: the W&B files of a run this one replaces (--overwrite) go
@@ -161,25 +167,28 @@ class _Wandb:
         root.mkdir(parents=True, exist_ok=True)
         id_file = root / "run_id"
         run_id = id_file.read_text().strip() if id_file.is_file() else None
+        self.logged_through = logged_through if run_id is not None else 0
         if run_id is None:
             run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
             id_file.write_text(run_id + "\n")
-        self.logged_through = logged_through if resume_step is not None else 0
         self.mode = wandb_mode()
         self.run = wandb.init(dir=str(directory), project=os.environ.get("WANDB_PROJECT", "qlora-jax"), name=name,
                               id=run_id, resume="allow", config=dict(config), mode=self.mode)
+        if self.logged_through == 0:  # a new W&B run (or one added on --resume): the earlier sessions' rows first
+            for row in history:
+                self.log(int(row["step"]), _scalars(row))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        if step > self.logged_through:  # W&B appends steps only; a step it has is not logged again
+        if step > self.logged_through and scalars:  # W&B appends steps only; a step it has is not logged again
             self.run.log(scalars, step=step)
 
     def close(self) -> None:
         self.run.finish()
 
 
-def wandb_mode() -> str | None:
-    """The mode a `--report-to wandb` run is started in: `None` (W&B's own choice: `WANDB_MODE` when set,
-    else online) with an API key and a connection to the server, else `"offline"`.
+def wandb_mode() -> str:
+    """The mode a `--report-to wandb` run is started in (`wandb.init(mode=...)`): `$WANDB_MODE` when set, else
+    `"online"` with an API key and a connection to the server, else `"offline"`.
 
     The key is `WANDB_API_KEY` or a `~/.netrc` (or `$NETRC`) login for the
     server's host (`WANDB_BASE_URL`, default `https://api.wandb.ai`); the
@@ -187,11 +196,11 @@ def wandb_mode() -> str | None:
 
     Example:
         >>> from qlora_jax.app.report_to import wandb_mode
-        >>> wandb_mode() in (None, "offline")  # "offline" here: no API key, no connection
+        >>> wandb_mode() in ("online", "offline", "disabled")  # "offline" here: no API key, no connection
         True
     """
     if os.environ.get("WANDB_MODE"):
-        return None
+        return os.environ["WANDB_MODE"]
     url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
     host = url.hostname or "api.wandb.ai"
     if not os.environ.get("WANDB_API_KEY"):
@@ -204,7 +213,7 @@ def wandb_mode() -> str | None:
         socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=3).close()
     except OSError:
         return "offline"
-    return None
+    return "online"
 
 
 class ReportTo:
@@ -228,7 +237,7 @@ class ReportTo:
     @classmethod
     def open(cls, names: str | Sequence[str] | None, directory: str | os.PathLike, *,
              config: Mapping[str, Any] | None = None, resume_step: int | None = None, logged_through: int = 0,
-             name: str | None = None) -> ReportTo:
+             history: Sequence[Mapping[str, Any]] = (), name: str | None = None) -> ReportTo:
         """Starts the writers `names` (as `--report-to` spells them) for the run in `directory`.
 
         Args:
@@ -243,6 +252,8 @@ class ReportTo:
                 docstring).
             logged_through: For a resumed run, the last step the stopped
                 session logged (W&B does not get steps up to it again).
+            history: For a resumed run, its rows up to `resume_step`: what
+                a writer the earlier sessions did not have logs first.
             name: The W&B run's name (default: the directory's name).
 
         Raises:
@@ -254,9 +265,9 @@ class ReportTo:
         try:
             for reporter in names:
                 if reporter == "tensorboard":
-                    writers.append(_TensorBoard(directory, resume_step))
+                    writers.append(_TensorBoard(directory, resume_step, history))
                 else:
-                    writers.append(_Wandb(directory, resume_step, logged_through, config or {},
+                    writers.append(_Wandb(directory, resume_step, logged_through, history, config or {},
                                           name or directory.resolve().name))
         except BaseException:
             for writer in writers:
