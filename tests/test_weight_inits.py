@@ -273,6 +273,10 @@ def test_exports_load_in_peft_over_the_original_and_over_the_residual_base(spiky
     models.save_residual_base(model, tmp_path / "loftq" / "base")
     models.save_peft_adapter(model, tmp_path / "loftq" / "adapter")
     base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "loftq" / "base").float().eval()
+    # bitsandbytes quantizes the saved (dequantized) residual back to the 4-bit codes stored here.
+    codes, _ = _bnb_nf4(base.model.layers[1].self_attn.q_proj.weight.detach().numpy(), double_quant=True)
+    stored = jax.tree.map(lambda x: x[1], model.layers.self_attn.q_proj.kernel.get_value())
+    np.testing.assert_array_equal(np.asarray(qj.to_bnb(stored)["weight"]).ravel(), codes)
     peft_model = PeftModel.from_pretrained(base, tmp_path / "loftq" / "adapter").eval()
     np.testing.assert_allclose(_logits(model, IDS), _hf_logits(peft_model, IDS), rtol=0, atol=1e-4)
 

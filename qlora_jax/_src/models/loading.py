@@ -156,7 +156,11 @@ def from_pretrained(
     `transformers` + `bitsandbytes` in 4 bit is used as is: its packed codes
     and scales become the kernels without dequantizing (then `quant` must be
     None or describe the same format). With `lora`, `apply_qlora` adds the
-    adapters (`quant=None`: plain LoRA over float kernels).
+    adapters (`quant=None`: plain LoRA over float kernels). An init that reads
+    the weight (`LoraConfig.init` "pissa", "pissa_niter_N", "olora", "loftq")
+    is computed per targeted projection as it is read (the whole tensor in
+    float32, a bitsandbytes one dequantized), and the quantized residual
+    becomes its kernel (docs/loading.md).
 
     Args:
         path: A checkpoint directory (single or sharded safetensors) or a hub id.

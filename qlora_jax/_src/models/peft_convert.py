@@ -18,8 +18,9 @@ means something over `W_res`. Two ways to hand it to PEFT:
   written as a Hugging Face checkpoint; the adapter saved by
   `save_peft_adapter` applies to it unchanged. This is what PEFT's LoftQ needs
   (PEFT's own LoftQ flow saves the same two things: the residual model and the
-  adapter); loading that checkpoint in 4 bit with bitsandbytes quantizes the
-  dequantized NF4 values again, which gives back the same codes.
+  adapter); loading that checkpoint in 4 bit with bitsandbytes gives back the
+  same 4-bit codes (with double quantization, the 8-bit absmax codes are
+  computed again and may differ slightly).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def save_residual_base(
     adapter saved with `save_peft_adapter` applies to. For LoftQ this is
     PEFT's own pair: `PeftModel.from_pretrained(base_loaded_from_directory,
     adapter)`; loaded in 4 bit (bitsandbytes NF4, block 64), the dequantized
-    NF4 values quantize back to the same codes.
+    NF4 values quantize back to the same 4-bit codes.
 
     Args:
         model: A `CausalLM` (quantized or not).
