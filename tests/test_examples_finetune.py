@@ -48,14 +48,18 @@ def test_finetune_script(checkpoint, monkeypatch, capsys):
     _loads_in_peft(hf, tmp / "out" / "adapter")
 
 
-def test_notebook_runs_in_a_jupyter_kernel(checkpoint):
+def test_notebook_runs_in_a_jupyter_kernel(checkpoint, monkeypatch):
     """The notebook in a real kernel (nbclient + ipykernel), with tiny settings injected after its `parameters`
     cell as papermill does: no cell fails, the training bar is a tqdm.auto widget, the plot cell displays a PNG,
     the loss it prints fell, and the adapter it saves loads in PEFT."""
     import nbformat
+    from ipykernel.kernelspec import install
     from nbclient import NotebookClient
 
     tmp, path, hf = checkpoint
+    # A kernel spec of this interpreter, found first: never a "python3" spec of another environment.
+    install(kernel_name="qlora-jax-test", prefix=str(tmp / "jupyter"))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp / "jupyter" / "share" / "jupyter"))
     notebook = nbformat.read(ROOT / "examples" / "finetune_notebook.ipynb", as_version=4)
     nbformat.validate(notebook)
     tagged = [i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])]
@@ -66,7 +70,8 @@ def test_notebook_runs_in_a_jupyter_kernel(checkpoint):
         metadata={"tags": ["injected-parameters"]}))
     # No pip in any code cell: installing is documented in a markdown cell.
     assert not any("pip install" in c.source for c in notebook.cells if c.cell_type == "code")
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp)}}).execute()
+    NotebookClient(notebook, timeout=300, kernel_name="qlora-jax-test",
+                   resources={"metadata": {"path": str(tmp)}}).execute()
 
     def outputs(cell_source: str) -> list:
         cell = next(c for c in notebook.cells if c.cell_type == "code" and cell_source in c.source)
