@@ -11,6 +11,7 @@ init (which reads bnb's dequantized weight) and over a float32 model holding the
 import copy
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -204,3 +205,134 @@ def test_qdora_over_bnb_4bit_matches_peft(checkpoint, tmp_path):
     w = qj.dequantize(k.kernel.get_value(), jnp.float32)[0]
     ref = _merged_reference(w, k.lora_a[...][0], k.lora_b[...][0], k.lora_magnitude_vector[...][0], k.scale)
     np.testing.assert_allclose(np.asarray(merged_kernel(k)[0]), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+def _dora_reference(x, w, bias, a, b, m, scale, h=None):
+    """PEFT's DoRA forward in float64 (Flax layout, w [in, out]); `h`: the dropped-out adapter input, if any."""
+    x, w = _f64(x), _f64(w)
+    v = w + scale * _f64(a) @ _f64(b)
+    c = _f64(m) / np.linalg.norm(v, axis=0)
+    if h is None:
+        return c * (x @ w + scale * x @ _f64(a) @ _f64(b)) + _f64(bias)
+    h = _f64(h)
+    return x @ w + _f64(bias) + (c - 1) * (h @ w) + c * scale * (h @ _f64(a) @ _f64(b))
+
+
+def test_dora_layers_match_numpy():
+    """NNX QLoRALinear (flat-layout packed kernel, with and without dropout), QLoRAEinsum (output axes permuted
+    and interleaved with x's) and the Linen layers (init magnitude, forward with dropout, lora_mask,
+    convert_params) against float64 NumPy; a fresh DoRA layer changes nothing."""
+    from qlora_jax.linen import QLoRADense, convert_params, dense_forward, lora_mask
+    from qlora_jax.nnx import QLoRAEinsum, QLoRALinear
+
+    rng = np.random.default_rng(2)
+    lora = qj.LoraConfig(rank=4, alpha=8, dropout=0.25, use_dora=True)
+    q = qj.quantize(jnp.asarray(rng.standard_normal((100, 64)), jnp.float32), "nf4")  # 100 inputs: flat layout
+    assert not q.row_layout
+    bias = jnp.asarray(rng.standard_normal(64), jnp.float32)
+    layer = QLoRALinear(q, bias, lora=lora, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.standard_normal((3, 100)), jnp.float32)
+    w = _f64(qj.dequantize(q, jnp.float32))
+
+    @nnx.jit
+    def run(layer, x):  # eval output; the dropout mask the next call draws (on a copy); the train output
+        return layer(x, deterministic=True), nnx.clone(layer)._adapter_input(x, False), layer(x)
+
+    np.testing.assert_allclose(layer.lora_magnitude_vector[...], np.linalg.norm(w, axis=0), rtol=1e-6)
+    np.testing.assert_allclose(run(layer, x)[0], _f64(x) @ w + _f64(bias), rtol=0, atol=1e-4)  # B = 0, m = ‖W‖
+    layer.lora_b[...] = jnp.asarray(rng.standard_normal((4, 64)) * 0.1, jnp.float32)
+    layer.lora_magnitude_vector[...] = layer.lora_magnitude_vector[...] * jnp.asarray(1 + rng.random(64) * 0.3,
+                                                                                     jnp.float32)
+    parts = (layer.lora_a[...], layer.lora_b[...], layer.lora_magnitude_vector[...], layer.scale)
+    y_eval, h, y_train = run(layer, x)
+    np.testing.assert_allclose(y_eval, _dora_reference(x, w, bias, *parts), rtol=0, atol=1e-4)
+    assert 0 < float(jnp.mean(h == 0)) < 1
+    np.testing.assert_allclose(y_train, _dora_reference(x, w, bias, *parts, h=h), rtol=0, atol=1e-4)
+
+    kernel = jnp.asarray(rng.standard_normal((4, 64, 8)), jnp.float32)  # [n, d, h], d contracted
+    ein = QLoRAEinsum("bd,ndh->bhn", qj.quantize(kernel, "nf4", contract_axes=(1,)),
+                      lora=qj.LoraConfig(rank=2, alpha=2, use_dora=True), rngs=nnx.Rngs(1))
+    assert ein.lora_magnitude_vector.shape == (4, 8)
+    ein.lora_b[...] = jnp.asarray(rng.standard_normal((2, 4, 8)) * 0.1, jnp.float32)
+    ein.lora_magnitude_vector[...] = jnp.asarray(rng.random((4, 8)) + 1, jnp.float32)
+    we = _f64(qj.dequantize(ein.kernel.get_value(), jnp.float32)).transpose(1, 0, 2).reshape(64, 32)  # [d, n*h]
+    ref = _dora_reference(x[:, :64], we, np.zeros(32), ein.lora_a[...], _f64(ein.lora_b[...]).reshape(2, 32),
+                          _f64(ein.lora_magnitude_vector[...]).reshape(32), 1.0)  # [b, n*h]
+    np.testing.assert_allclose(nnx.jit(lambda m, v: m(v))(ein, x[:, :64]), ref.reshape(3, 4, 8).transpose(0, 2, 1),
+                               rtol=0, atol=1e-4)
+
+    dense = QLoRADense(64, lora=lora, deterministic=True)
+    variables = jax.jit(dense.init)(jax.random.key(0), x)
+    params = variables["params"]
+    wl = _f64(qj.dequantize(variables["frozen"]["kernel"], jnp.float32))
+    np.testing.assert_allclose(params["lora_magnitude_vector"], np.linalg.norm(wl, axis=0), rtol=1e-6)
+    assert lora_mask(params) == {"bias": False, "lora_a": True, "lora_b": True, "lora_magnitude_vector": True}
+    a, b = params["lora_a"], parts[1]
+    key = jax.random.key(3)
+    got = jax.jit(lambda *v: dense_forward(*v, scale=2.0, dropout_rate=0.25, dropout_rng=key, magnitude=parts[2]))(
+        x, variables["frozen"]["kernel"], bias, (a, b))
+    keep = jax.random.bernoulli(key, 0.75, x.shape)  # inverted dropout with this key, as torch.nn.Dropout
+    np.testing.assert_allclose(got, _dora_reference(x, wl, bias, a, b, parts[2], 2.0, h=np.where(keep, x / 0.75, 0)),
+                               rtol=0, atol=1e-4)
+    converted, _ = convert_params({"fc": {"kernel": jnp.asarray(wl, jnp.float32), "bias": bias}}, quant=None,
+                                  lora=lora, rng=jax.random.key(4))
+    np.testing.assert_allclose(converted["params"]["fc"]["lora_magnitude_vector"], np.linalg.norm(wl, axis=0),
+                               rtol=1e-6)
+
+
+class _Block(nnx.Module):
+    def __init__(self, d, rngs):
+        self.fc = nnx.Linear(d, d, rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.fc(x))
+
+
+class _Stack(nnx.Module):
+    """`n` blocks made by `nnx.vmap` (kernels [n, d, d]), applied with `nnx.scan`."""
+
+    def __init__(self, n, d, rngs):
+        @nnx.split_rngs(splits=n)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return _Block(d, rngs)
+
+        self.blocks = create(rngs)
+
+    def __call__(self, x):
+        return nnx.scan(lambda h, block: block(h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+
+
+def test_qdora_gradient_step_keeps_no_dequantized_weights():
+    """8 scanned d x d QDoRA layers (rank 4, with dropout: two products with the packed kernel per layer): the
+    compiled gradient step's temporaries stay below 4 float32 weights, as for LoRA (the norm is computed from
+    the codes and a packed product, without a gradient); the same scan over `x @ dequantize(q)` keeps every
+    layer's weight."""
+    n, d = 8, 512
+    model = qj.apply_qlora(_Stack(n, d, nnx.Rngs(0)), quant=qj.QuantConfig(),
+                           lora=qj.LoraConfig(rank=4, dropout=0.1, use_dora=True), rngs=nnx.Rngs(1))
+    fc = model.blocks.fc
+    assert fc.lora_magnitude_vector.shape == (n, d) and fc.kernel.get_value().row_layout
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    def loss(lora, rest, x):
+        return jnp.sum(nnx.merge(graphdef, lora, rest, copy=True)(x))
+
+    x = jnp.ones((8, d))
+    compiled = jax.jit(jax.grad(loss)).lower(lora, rest, x).compile()
+    ours = compiled.memory_analysis().temp_size_in_bytes
+    grads = compiled(lora, rest, x)
+    assert float(jnp.abs(grads["blocks"]["fc"]["lora_magnitude_vector"][...]).sum()) > 0
+
+    def naive(ab, q, x):
+        def body(h, layer):
+            ql, a, b = layer
+            return jnp.tanh(h @ qj.dequantize(ql, jnp.float32) + (h @ a) @ b * 8.0), None
+
+        return jnp.sum(jax.lax.scan(body, x, (q, *ab))[0])
+
+    naive_bytes = jax.jit(jax.grad(naive)).lower((fc.lora_a[...], fc.lora_b[...]), fc.kernel.get_value(), x) \
+        .compile().memory_analysis().temp_size_in_bytes
+    weight_bytes = d * d * 4
+    assert naive_bytes > n * weight_bytes, naive_bytes  # the baseline really keeps the weights
+    assert ours < 4 * weight_bytes, (ours, naive_bytes)

@@ -27,7 +27,8 @@ import numpy as np
 from jax import lax
 
 from qlora_jax._src.config import INITS
-from qlora_jax._src.formats.blockwise import dequantize
+from qlora_jax._src.formats import codebooks
+from qlora_jax._src.formats.blockwise import dequantize, dequantize_absmax
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.nn.spec import einsum_kernel_axes, split_einsum
 from qlora_jax._src.ops.qmatmul import qeinsum
@@ -285,7 +286,7 @@ def dora_norm(
     a, b = lax.stop_gradient(a.astype(f32)), lax.stop_gradient(b.astype(f32))
     if isinstance(kernel, QuantizedArray):
         q = lax.stop_gradient(kernel)
-        w2 = jnp.sum(jnp.square(dequantize(q, f32)), axis=contract)  # [*out], fused with the dequantization
+        w2 = _column_norms_sq(q)  # [*out]
         atw = qeinsum(f"{k_in}r,{letters}->r{k_out}", a, q, precision=precision)  # [r, *out]
     else:
         w = lax.stop_gradient(kernel).astype(f32)
@@ -296,6 +297,22 @@ def dora_norm(
     s = np.float32(scale)
     n2 = w2 + 2 * s * jnp.sum(b * atw, axis=0) + s * s * jnp.sum(b * ata_b, axis=0)  # [*out]
     return lax.stop_gradient(jnp.sqrt(jnp.maximum(n2, 0)))
+
+
+def _column_norms_sq(q: QuantizedArray) -> jax.Array:
+    """`‖W_o‖²` per output position of a packed kernel, `[*out]` float32.
+
+    In row layout (each absmax block inside one output's row) from the codes
+    and scales alone: `Σ_blocks absmax² · Σ_codes codebook[code]²`, no
+    weight-sized array; otherwise from the dequantized kernel.
+    """
+    if q.bits != 4 or not q.row_layout:
+        w = dequantize(q, np.dtype(np.float32))
+        return jnp.sum(jnp.square(w), axis=tuple(q.contract_axes))
+    table = jnp.square(jnp.asarray(codebooks.codebook(q.fmt), jnp.float32))  # [16]
+    per_byte = table[(q.codes >> 4).astype(jnp.int32)] + table[(q.codes & 0xF).astype(jnp.int32)]  # [*out, in // 2]
+    per_block = jnp.sum(per_byte.reshape(*per_byte.shape[:-1], -1, q.block_size // 2), axis=-1)  # [*out, in // bs]
+    return jnp.sum(per_block * jnp.square(dequantize_absmax(q)), axis=-1)  # [*out]
 
 
 def _dot(x: jax.Array, w: jax.Array, precision: lax.PrecisionLike) -> jax.Array:
