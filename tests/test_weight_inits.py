@@ -281,6 +281,31 @@ def test_exports_load_in_peft_over_the_original_and_over_the_residual_base(spiky
     np.testing.assert_allclose(_logits(model, IDS), _hf_logits(peft_model, IDS), rtol=0, atol=1e-4)
 
 
+class _EinsumNet(nnx.Module):
+    def __init__(self):
+        self.proj = nnx.Einsum("bd,nhd->bnh", (4, 8, 64), rngs=nnx.Rngs(0))  # kernel [n, h, d], input axis d
+
+    def __call__(self, x):
+        return self.proj(x)
+
+
+def test_pissa_on_an_einsum_kernel_whose_input_axis_is_last():
+    """The factors of an einsum kernel `[n, h, d]` (input axis last): A `[d, r]`, B `[r, n, h]`; `s·A⊗B` is the
+    rank-r truncation of the matrix `[d, n·h]` (NumPy SVD), the base the rest."""
+    net = _EinsumNet()
+    kernel = _spectral(np.random.default_rng(5), 32, 64, top=(9, 7, 5, 3, 2)).reshape(4, 8, 64)
+    net.proj.kernel[...] = jnp.asarray(kernel)
+    net = qj.apply_qlora(net, quant=None, lora=qj.LoraConfig(rank=RANK, alpha=2, init="pissa", targets=["proj"]),
+                         rngs=nnx.Rngs(1))
+    a, b = np.asarray(net.proj.lora_a[...]), np.asarray(net.proj.lora_b[...])
+    assert a.shape == (64, RANK) and b.shape == (RANK, 4, 8)
+    u, sv, vh = np.linalg.svd(kernel.reshape(32, 64).astype(np.float64))  # [n·h, d]: PyTorch layout [out, in]
+    truncation = (u[:, :RANK] * sv[:RANK]) @ vh[:RANK]
+    low_rank = 0.5 * np.einsum("dr,rnh->nhd", a, b).reshape(32, 64)
+    assert _rel(low_rank, truncation) < 1e-5
+    assert _rel(np.asarray(net.proj.kernel.get_value()).reshape(32, 64) + low_rank, kernel.reshape(32, 64)) < 1e-5
+
+
 def test_bad_combinations_are_refused():
     with pytest.raises(ValueError, match="needs a quantized base"):
         qj.apply_qlora(_Net(64, 32), quant=None, lora=qj.LoraConfig(init="loftq", targets=["proj"]),

@@ -33,9 +33,9 @@ from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from qlora_jax._src.models.llama import CausalLM
 from qlora_jax._src.models.safetensors_io import DTYPES, SafetensorsReader
-from qlora_jax._src.nn.weight_init import check_weight_init, set_adapter, weight_init
+from qlora_jax._src.nn.weight_init import check_weight_init, weight_init
 from qlora_jax._src.surgery.apply import apply_qlora
-from qlora_jax._src.surgery.targets import child, find_heads, find_linears, match_targets
+from qlora_jax._src.surgery.targets import find_heads, find_linears, match_targets
 
 __all__ = ["from_pretrained", "load_config", "load_tokenizer", "hf_name_to_path", "checkpoint_dir"]
 
@@ -293,12 +293,9 @@ def _load(config: ModelConfig, directory: Path, reader: SafetensorsReader, *, qu
     if quant is None and lora is None:
         return model
     stacked = {"/".join(key[:-1]): kernels.pop(key).array() for key in list(kernels)}
-    if initialized:  # the residuals are the kernels; the layers take the computed factors after construction
-        lora = dataclasses.replace(lora, init="default")
-    model = apply_qlora(model, quant=quant, lora=lora, rngs=rngs or nnx.Rngs(0), kernels=stacked)
-    for key, (a, b) in factors.items():
-        layer = functools.reduce(child, key[:-1], model)
-        set_adapter(layer, a, b)
+    adapters = {"/".join(key[:-1]): factors.pop(key) for key in list(factors)}  # with their residuals in `stacked`
+    model = apply_qlora(model, quant=quant, lora=lora, rngs=rngs or nnx.Rngs(0), kernels=stacked,
+                        adapters=adapters or None)
     return model
 
 

@@ -61,6 +61,7 @@ def apply_qlora(
     rngs: nnx.Rngs | None = None,
     kernels: Mapping[str, QuantizedArray] | None = None,
     trace: Any = None,
+    adapters: Mapping[str, tuple[jax.Array, jax.Array]] | None = None,
 ) -> nnx.Module:
     """Replaces the linear layers of `model` **in place** and returns it.
 
@@ -112,6 +113,10 @@ def apply_qlora(
             for loaders that quantize while streaming a checkpoint or read
             bitsandbytes' packed weights. Each must have the layer's kernel
             shape, contract axes and stack dims.
+        adapters: Initial adapter factors `(a [*stack, *in, r], b [*stack, r,
+            *out])` by layer path, set instead of drawing them; for loaders
+            that compute a weight-reading init (PiSSA, OLoRA, LoftQ) while
+            streaming and pass the residual in `kernels`.
         rngs: Draws the adapters (stream "params") and seeds dropout ("dropout");
             each falls back to "default". Required when `lora` is given.
         trace: Finds the weights multiplied inside modules apply_qlora does
@@ -196,13 +201,18 @@ def apply_qlora(
     check_products(product_plan, quant, lora, adapted, aliases)
     if lora is not None and lora.weight_init:
         check_weight_init(lora, quant)
-        given = sorted(name for name in kernels if name in adapted)
+        given = sorted(name for name in kernels if name in adapted and name not in (adapters or {}))
         if given:
             raise ValueError(f"kernels: LoraConfig.init={lora.init!r} reads the float weight, but {given[0]!r} "
                              "is given already quantized")
 
+    unknown = sorted(set(adapters or {}) - adapted)
+    if unknown:
+        raise ValueError(f"adapters: {unknown[0]!r} is not a layer that gets an adapter here; adapted layers: "
+                         f"{sorted(adapted)}")
     new_layers = [_build_layer(site, quant if site.name in quantized else None,
-                               lora if site.name in adapted else None, rngs, kernels.get(site.name))
+                               lora if site.name in adapted else None, rngs, kernels.get(site.name),
+                               (adapters or {}).get(site.name))
                   for site in plan]
     product_layers = build_products(product_plan, quant, lora, quantized, adapted, rngs, quantize_kernel)
     for site, layer in zip(plan, new_layers, strict=True):
@@ -307,13 +317,16 @@ def _check_site(site: LinearSite, quant: QuantConfig | None, aliases: dict[tuple
 
 
 def _build_layer(site: LinearSite, quant: QuantConfig | None, lora: LoraConfig | None,
-                 rngs: nnx.Rngs | None, quantized: QuantizedArray | None = None) -> nnx.Module:
+                 rngs: nnx.Rngs | None, quantized: QuantizedArray | None = None,
+                 factors: tuple[jax.Array, jax.Array] | None = None) -> nnx.Module:
     m = site.module
     bias = m.bias[...] if m.bias is not None else None
     init = None
-    if lora is not None and lora.weight_init:  # PiSSA, OLoRA, LoftQ: factors and residual base from the weight
+    if lora is not None and lora.weight_init and factors is None:  # PiSSA, OLoRA, LoftQ: from the float weight
         init = weight_init_kernel(m.kernel[...], contract_axes=site.contract_axes, kernel_ndim=len(site.logical_shape),
                                   lora=lora, quant=quant, key=rngs["params"]())
+        factors = init[:2]
+    if lora is not None and factors is not None:
         lora = dataclasses.replace(lora, init="default")  # the layer draws placeholders, overwritten below
     if init is not None:
         weight = init[2]
@@ -334,6 +347,6 @@ def _build_layer(site: LinearSite, quant: QuantConfig | None, lora: LoraConfig |
             weight, bias, axis=m.axis, out_features=m.out_features, **common, **adapter)
     else:
         layer = (QuantEinsum if lora is None else QLoRAEinsum)(m.einsum_str, weight, bias, **common, **adapter)
-    if init is not None:
-        set_adapter(layer, init[0], init[1])
+    if factors is not None:
+        set_adapter(layer, *factors)
     return layer
