@@ -23,6 +23,7 @@ from safetensors.numpy import load_file
 
 import qlora_jax as qj
 from qlora_jax import models
+from qlora_jax._src.surgery.merge import merged_kernel
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BLOCKS = {p: ("self_attn" if p in ALL[:4] else "mlp") for p in ALL}
@@ -113,52 +114,6 @@ def _merged_reference(w, a, b, m, scale):
     return v * (_f64(m) / np.linalg.norm(v, axis=0))
 
 
-def test_dora_float_base_matches_peft(checkpoint, tmp_path):
-    """Float base: the initial magnitude, PEFT's saved DoRA adapter (random A, B, m) loaded here, logits and the
-    gradients of A, B, m, our export equal to PEFT's file, and the merged export against PEFT and float64."""
-    path, hf = checkpoint
-    lora = qj.LoraConfig(rank=RANK, alpha=ALPHA, targets=ALL, use_dora=True)
-    model = models.from_pretrained(path, lora=lora)
-    peft_model = _peft(copy.deepcopy(hf))
-    _assert_init_magnitude(model, peft_model, rtol=1e-6)
-    torch.manual_seed(1)
-    with torch.no_grad():  # nonzero B, a changed magnitude
-        for n, prm in peft_model.named_parameters():
-            if "lora_B" in n:
-                prm.copy_(torch.randn_like(prm) * 0.1)
-            elif "lora_magnitude_vector" in n:
-                prm.mul_(1 + 0.2 * torch.rand_like(prm))
-    peft_model.save_pretrained(tmp_path / "peft")
-    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
-    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"
-    assert saved[key].shape == (64,) and json.loads((tmp_path / "peft" / "adapter_config.json").read_text())[
-        "use_dora"] is True
-
-    models.load_peft_adapter(model, tmp_path / "peft")
-    peft_model.eval()
-    expected = _logits(peft_model)
-    grads, logits = _grads_and_logits(model)
-    np.testing.assert_allclose(np.asarray(logits), expected, rtol=0, atol=1e-5)
-    _assert_grads_match(grads, peft_model, atol=1e-5)
-
-    models.save_peft_adapter(model, tmp_path / "ours")  # PEFT's keys, shapes and values, use_dora
-    ours = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert sorted(ours) == sorted(saved)
-    for k in saved:
-        np.testing.assert_allclose(ours[k], saved[k], rtol=0, atol=1e-7, err_msg=k)
-    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"] is True
-
-    q = _ours(model, "q_proj")  # PEFT's merge in float64
-    from qlora_jax._src.surgery.merge import merged_kernel
-
-    ref = _merged_reference(q.kernel.get_value()[1], q.lora_a[...][1], q.lora_b[...][1],
-                            q.lora_magnitude_vector[...][1], q.scale)
-    np.testing.assert_allclose(np.asarray(merged_kernel(q)[1]), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
-    models.save_merged(model, tmp_path / "merged")
-    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").float().eval()
-    np.testing.assert_allclose(_logits(merged), expected, rtol=0, atol=1e-4)
-
-
 def _exact_reference(hf, model):
     """A float32 copy of `hf` whose decoder projections are `model`'s exactly dequantized kernels."""
     ref = copy.deepcopy(hf)
@@ -170,11 +125,16 @@ def _exact_reference(hf, model):
     return ref
 
 
-def test_qdora_over_bnb_4bit_matches_peft(checkpoint, tmp_path):
-    """A bitsandbytes NF4 checkpoint loaded here with DoRA: the initial magnitude equals PEFT's over the bnb
-    model (the norms of bnb's dequantized weights); after one optimizer step here (B != 0, m changed) the saved
-    adapter loads in PeftModel over the exactly dequantized base with the same logits, and the gradients of
-    A, B, m equal PEFT's there; the merge equals float64 NumPy's."""
+def test_qdora_matches_peft(checkpoint, tmp_path):
+    """A bitsandbytes NF4 checkpoint loaded here with DoRA on every projection, against PEFT:
+
+    - the initial magnitude equals PEFT's over the bnb model (norms of bnb's dequantized weights);
+    - a PEFT DoRA adapter (random B, changed m) over the exactly dequantized float32 base loads here: logits and
+      the gradients of A, B, m equal PEFT's (1e-5);
+    - after one optimizer step here (B != 0, m changed) `save_peft_adapter` writes PEFT's keys and config and
+      loads in `PeftModel` with the same logits (1e-4);
+    - the merge equals PEFT's merge in float64 NumPy, and `save_merged` loads in transformers with PEFT's logits.
+    """
     from peft import PeftModel
 
     path, hf = checkpoint
@@ -187,24 +147,42 @@ def test_qdora_over_bnb_4bit_matches_peft(checkpoint, tmp_path):
     assert _ours(model, "q_proj").quantized
     _assert_init_magnitude(model, _peft(hf4), rtol=1e-5)
 
-    before = np.asarray(_ours(model, "up_proj").lora_magnitude_vector[...])
-    optimizer = nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.LoRAParam)
-    optimizer.update(model, _grads_and_logits(model)[0])
-    up = _ours(model, "up_proj")
-    assert float(jnp.abs(up.lora_b[...]).min()) > 0 and not np.allclose(up.lora_magnitude_vector[...], before)
-
-    models.save_peft_adapter(model, tmp_path / "adapter")
-    peft_model = PeftModel.from_pretrained(_exact_reference(hf, model), tmp_path / "adapter", is_trainable=True)
+    peft_model = _peft(_exact_reference(hf, model))
+    torch.manual_seed(1)
+    with torch.no_grad():  # nonzero B, a changed magnitude
+        for n, prm in peft_model.named_parameters():
+            if "lora_B" in n:
+                prm.copy_(torch.randn_like(prm) * 0.1)
+            elif "lora_magnitude_vector" in n:
+                prm.mul_(1 + 0.2 * torch.rand_like(prm))
+    peft_model.save_pretrained(tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"  # PEFT's key (no ".weight")
+    assert saved[key].shape == (64,)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
+    models.load_peft_adapter(model, tmp_path / "peft")
     grads, logits = _grads_and_logits(model)
-    np.testing.assert_allclose(np.asarray(logits), _logits(peft_model.eval()), rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(logits), _logits(peft_model.eval()), rtol=0, atol=1e-5)
     _assert_grads_match(grads, peft_model, atol=1e-5)
 
-    from qlora_jax._src.surgery.merge import merged_kernel
+    before = np.asarray(_ours(model, "up_proj").lora_magnitude_vector[...])
+    nnx.Optimizer(model, optax.sgd(1e-2), wrt=nnx.LoRAParam).update(model, grads)
+    up = _ours(model, "up_proj")
+    assert not np.allclose(up.lora_magnitude_vector[...], before)
+    models.save_peft_adapter(model, tmp_path / "adapter")
+    assert sorted(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == sorted(saved)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    trained = PeftModel.from_pretrained(_exact_reference(hf, model), tmp_path / "adapter").eval()
+    expected = _logits(trained)
+    np.testing.assert_allclose(np.asarray(_grads_and_logits(model)[1]), expected, rtol=0, atol=1e-4)
 
     k = _ours(model, "k_proj")
-    w = qj.dequantize(k.kernel.get_value(), jnp.float32)[0]
-    ref = _merged_reference(w, k.lora_a[...][0], k.lora_b[...][0], k.lora_magnitude_vector[...][0], k.scale)
-    np.testing.assert_allclose(np.asarray(merged_kernel(k)[0]), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    w = qj.dequantize(k.kernel.get_value(), jnp.float32)[1]
+    ref = _merged_reference(w, k.lora_a[...][1], k.lora_b[...][1], k.lora_magnitude_vector[...][1], k.scale)
+    np.testing.assert_allclose(np.asarray(merged_kernel(k)[1]), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+    models.save_merged(model, tmp_path / "merged")
+    merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").float().eval()
+    np.testing.assert_allclose(_logits(merged), expected, rtol=0, atol=1e-4)
 
 
 def _dora_reference(x, w, bias, a, b, m, scale, h=None):
@@ -249,30 +227,27 @@ def test_dora_layers_match_numpy():
     assert 0 < float(jnp.mean(h == 0)) < 1
     np.testing.assert_allclose(y_train, _dora_reference(x, w, bias, *parts, h=h), rtol=0, atol=1e-4)
 
-    kernel = jnp.asarray(rng.standard_normal((4, 64, 8)), jnp.float32)  # [n, d, h], d contracted
-    ein = QLoRAEinsum("bd,ndh->bhn", qj.quantize(kernel, "nf4", contract_axes=(1,)),
-                      lora=qj.LoraConfig(rank=2, alpha=2, use_dora=True), rngs=nnx.Rngs(1))
+    kernel = jnp.asarray(rng.standard_normal((4, 64, 8)), jnp.float32)  # [n, d, h], d contracted; a float kernel
+    ein = QLoRAEinsum("bd,ndh->bhn", kernel, lora=qj.LoraConfig(rank=2, alpha=2, use_dora=True), rngs=nnx.Rngs(1))
     assert ein.lora_magnitude_vector.shape == (4, 8)
     ein.lora_b[...] = jnp.asarray(rng.standard_normal((2, 4, 8)) * 0.1, jnp.float32)
     ein.lora_magnitude_vector[...] = jnp.asarray(rng.random((4, 8)) + 1, jnp.float32)
-    we = _f64(qj.dequantize(ein.kernel.get_value(), jnp.float32)).transpose(1, 0, 2).reshape(64, 32)  # [d, n*h]
+    we = _f64(kernel).transpose(1, 0, 2).reshape(64, 32)  # [d, n*h]
     ref = _dora_reference(x[:, :64], we, np.zeros(32), ein.lora_a[...], _f64(ein.lora_b[...]).reshape(2, 32),
                           _f64(ein.lora_magnitude_vector[...]).reshape(32), 1.0)  # [b, n*h]
     np.testing.assert_allclose(nnx.jit(lambda m, v: m(v))(ein, x[:, :64]), ref.reshape(3, 4, 8).transpose(0, 2, 1),
                                rtol=0, atol=1e-4)
 
-    dense = QLoRADense(64, lora=lora, deterministic=True)
-    variables = jax.jit(dense.init)(jax.random.key(0), x)
-    params = variables["params"]
-    wl = _f64(qj.dequantize(variables["frozen"]["kernel"], jnp.float32))
+    dense = QLoRADense(64, lora=lora, quant=None, deterministic=True)  # a float kernel
+    params = dense.init(jax.random.key(0), x)["params"]
+    wl = _f64(dense.init(jax.random.key(0), x)["frozen"]["kernel"])
     np.testing.assert_allclose(params["lora_magnitude_vector"], np.linalg.norm(wl, axis=0), rtol=1e-6)
     assert lora_mask(params) == {"bias": False, "lora_a": True, "lora_b": True, "lora_magnitude_vector": True}
-    a, b = params["lora_a"], parts[1]
     key = jax.random.key(3)
     got = jax.jit(lambda *v: dense_forward(*v, scale=2.0, dropout_rate=0.25, dropout_rng=key, magnitude=parts[2]))(
-        x, variables["frozen"]["kernel"], bias, (a, b))
+        x, q, bias, parts[:2])  # over the packed kernel of the NNX layer above
     keep = jax.random.bernoulli(key, 0.75, x.shape)  # inverted dropout with this key, as torch.nn.Dropout
-    np.testing.assert_allclose(got, _dora_reference(x, wl, bias, a, b, parts[2], 2.0, h=np.where(keep, x / 0.75, 0)),
+    np.testing.assert_allclose(got, _dora_reference(x, w, bias, *parts[:3], 2.0, h=np.where(keep, x / 0.75, 0)),
                                rtol=0, atol=1e-4)
     converted, _ = convert_params({"fc": {"kernel": jnp.asarray(wl, jnp.float32), "bias": bias}}, quant=None,
                                   lora=lora, rng=jax.random.key(4))
@@ -280,27 +255,14 @@ def test_dora_layers_match_numpy():
                                rtol=1e-6)
 
 
-class _Block(nnx.Module):
-    def __init__(self, d, rngs):
-        self.fc = nnx.Linear(d, d, rngs=rngs)
-
-    def __call__(self, x):
-        return jnp.tanh(self.fc(x))
-
-
 class _Stack(nnx.Module):
-    """`n` blocks made by `nnx.vmap` (kernels [n, d, d]), applied with `nnx.scan`."""
+    """One stacked `QLoRALinear` (kernels [n, d, d]) applied `n` times with `nnx.scan`, `tanh` in between."""
 
-    def __init__(self, n, d, rngs):
-        @nnx.split_rngs(splits=n)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def create(rngs):
-            return _Block(d, rngs)
-
-        self.blocks = create(rngs)
+    def __init__(self, layer):
+        self.fc = layer
 
     def __call__(self, x):
-        return nnx.scan(lambda h, block: block(h), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.blocks)
+        return nnx.scan(lambda h, fc: jnp.tanh(fc(h)), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)(x, self.fc)
 
 
 def test_qdora_gradient_step_keeps_no_dequantized_weights():
@@ -308,10 +270,12 @@ def test_qdora_gradient_step_keeps_no_dequantized_weights():
     compiled gradient step's temporaries stay below 4 float32 weights, as for LoRA (the norm is computed from
     the codes and a packed product, without a gradient); the same scan over `x @ dequantize(q)` keeps every
     layer's weight."""
+    from qlora_jax.nnx import QLoRALinear, quantize_kernel
+
     n, d = 8, 512
-    model = qj.apply_qlora(_Stack(n, d, nnx.Rngs(0)), quant=qj.QuantConfig(),
-                           lora=qj.LoraConfig(rank=4, dropout=0.1, use_dora=True), rngs=nnx.Rngs(1))
-    fc = model.blocks.fc
+    q = quantize_kernel(jax.random.normal(jax.random.key(0), (n, d, d)) * 0.05, qj.QuantConfig())
+    model = _Stack(QLoRALinear(q, lora=qj.LoraConfig(rank=4, dropout=0.1, use_dora=True), rngs=nnx.Rngs(1)))
+    fc = model.fc
     assert fc.lora_magnitude_vector.shape == (n, d) and fc.kernel.get_value().row_layout
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
 
@@ -322,7 +286,7 @@ def test_qdora_gradient_step_keeps_no_dequantized_weights():
     compiled = jax.jit(jax.grad(loss)).lower(lora, rest, x).compile()
     ours = compiled.memory_analysis().temp_size_in_bytes
     grads = compiled(lora, rest, x)
-    assert float(jnp.abs(grads["blocks"]["fc"]["lora_magnitude_vector"][...]).sum()) > 0
+    assert float(jnp.abs(grads["fc"]["lora_magnitude_vector"][...]).sum()) > 0
 
     def naive(ab, q, x):
         def body(h, layer):
