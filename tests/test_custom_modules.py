@@ -32,6 +32,7 @@ from qlora_jax.nnx import QLoRAProduct, QuantizedWeight, qlora_report
 
 D, N, H, F, V = 64, 4, 16, 128, 128  # embed, heads, head_dim, MLP hidden, vocabulary
 B, T = 2, 8
+LAYERS = 1
 RANK, ALPHA = 4, 8
 QUANT = qj.QuantConfig()  # NF4, block 64, double quantization
 LORA = qj.LoraConfig(rank=RANK, alpha=ALPHA, targets="all-linear")
@@ -93,7 +94,7 @@ class Block(nnx.Module):
 class TinyLM(nnx.Module):
     def __init__(self, rngs):
         self.embed = nnx.Embed(V, D, rngs=rngs)
-        self.layers = nnx.List([Block(rngs) for _ in range(2)])
+        self.layers = nnx.List([Block(rngs) for _ in range(LAYERS)])
         self.norm = nnx.RMSNorm(D, rngs=rngs)
         self.lm_head = nnx.Linear(D, V, use_bias=False, rngs=rngs)
 
@@ -104,7 +105,7 @@ class TinyLM(nnx.Module):
         return self.lm_head(self.norm(x))
 
 
-PROJECTIONS = [f"layers/{i}/{name}" for i in range(2) for name in (
+PROJECTIONS = [f"layers/{i}/{name}" for i in range(LAYERS) for name in (
     "attn/k_proj/w", "attn/o_proj/w", "attn/q_proj/w", "attn/v_proj/w", "down", "up")]
 
 
@@ -121,6 +122,11 @@ def _at(node, path):
     for key in path.split("/"):
         node = node[int(key)] if key.isdigit() else getattr(node, key)
     return node
+
+
+@nnx.jit
+def _forward(model, tokens):
+    return model(tokens)
 
 
 def _host(tree):
@@ -193,7 +199,7 @@ def test_einsum_modules_are_quantized_exact_and_train_their_adapters_only(float_
     projection_params = sum(np.size(_at(float_model, p if p.endswith("/w") else p + "/kernel").get_value())
                             for p in PROJECTIONS)
     assert report.base_params == projection_params  # 100% of the projection weights
-    for i in range(2):
+    for i in range(LAYERS):
         assert type(model.layers[i].attn.q_proj.w) is QLoRAProduct and type(model.layers[i].up).__name__ == \
             "QLoRALinear"
     lora_paths = sorted("/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)))
@@ -203,7 +209,7 @@ def test_einsum_modules_are_quantized_exact_and_train_their_adapters_only(float_
     assert [(p.path, p.shape) for p in report.float_params] == [("embed/embedding", (V, D)),
                                                                ("lm_head/kernel", (D, V))]
     assert report.float_params[0].reason == "embedding" and "output head" in report.float_params[1].reason
-    assert report.model_params == projection_params + 2 * V * D + 5 * D
+    assert report.model_params == projection_params + 2 * V * D + (2 * LAYERS + 1) * D
     assert "left in float: embed/embedding (128, 64)" in str(report)
 
     # (2) Logits = the float model with the NumPy-decoded kernels plus the adapters' update (random B).
@@ -219,8 +225,8 @@ def test_einsum_modules_are_quantized_exact_and_train_their_adapters_only(float_
         err = np.abs(kernel - _adapter_update(layer, ALPHA / RANK) - np.asarray(original.get_value())).max()
         assert err <= 0.153 * np.abs(np.asarray(original.get_value())).max()  # within NF4 rounding of the original
         original.set_value(jnp.asarray(kernel, jnp.float32))
-    got = jax.jit(lambda t: model(t))(tokens[:, :-1])
-    want = reference(tokens[:, :-1])
+    got = _forward(model, tokens[:, :-1])
+    want = _forward(reference, tokens[:, :-1])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-5)
 
     # (3) AdamW moves the adapters and nothing else.
@@ -255,14 +261,15 @@ def test_targets_by_name_warning_without_trace_and_registration(float_model):
     by_name = qj.apply_qlora(nnx.clone(float_model), quant=QUANT, lora=qj.LoraConfig(rank=RANK, targets=("q_proj",)),
                              rngs=nnx.Rngs(1), trace=(tokens,))
     kinds = {p: type(_at(by_name, p)).__name__ for p in PROJECTIONS}
-    assert kinds["layers/0/attn/q_proj/w"] == "QLoRAProduct" and kinds["layers/1/attn/v_proj/w"] == "QuantProduct"
+    assert kinds["layers/0/attn/q_proj/w"] == "QLoRAProduct" and kinds["layers/0/attn/v_proj/w"] == "QuantProduct"
     assert kinds["layers/0/up"] == "QuantLinear"
     by_regex = qj.apply_qlora(nnx.clone(float_model), quant=None, lora=qj.LoraConfig(rank=RANK,
                               targets=r"layers/\d+/attn/[qv]_proj/w"), rngs=nnx.Rngs(1), trace=(tokens,))
-    assert sorted(qlora_report(by_regex).paths) == [f"layers/{i}/attn/{n}_proj/w" for i in range(2) for n in "qv"]
+    assert sorted(qlora_report(by_regex).paths) == [f"layers/{i}/attn/{n}_proj/w" for i in range(LAYERS)
+                                                    for n in "qv"]
+    assert type(by_regex.layers[0].attn.q_proj.w.kernel).__name__ == "FrozenWeight"  # plain LoRA: float, frozen
     left = {p.path: p.reason for p in qlora_report(by_regex).float_params}
     assert left["layers/0/attn/k_proj/w"] == "multiplied as 'BTD,DNH->BTNH', excluded by targets"
-    np.testing.assert_allclose(by_regex(tokens), float_model(tokens), rtol=1e-6, atol=1e-6)  # fresh B = 0, float
 
     # Without trace the spec written in the code cannot be known: "all-linear" warns, the report says so.
     with pytest.warns(UserWarning, match=r"multiplied weights stay in float: layers/0/attn/k_proj/w \(unknown whether"):
@@ -271,7 +278,7 @@ def test_targets_by_name_warning_without_trace_and_registration(float_model):
     assert sorted(report.paths) == [p for p in PROJECTIONS if not p.endswith("/w")]
     reasons = {p.path: p.reason for p in report.float_params}
     assert set(reasons) == {"embed/embedding", "lm_head/kernel"} | {p for p in PROJECTIONS if p.endswith("/w")}
-    assert reasons["layers/1/attn/o_proj/w"].startswith("unknown whether multiplied: a parameter of OutputProjection")
+    assert reasons["layers/0/attn/o_proj/w"].startswith("unknown whether multiplied: a parameter of OutputProjection")
 
     # A registered module needs no trace; a module holding one weight and its spec as a string attribute neither.
     class Registered(HeadsProjection):
@@ -296,7 +303,6 @@ def test_targets_by_name_warning_without_trace_and_registration(float_model):
     assert "layers/0/attn/q_proj/w" in paths and "layers/0/attn/k_proj/kernel" in paths
     assert "layers/0/attn/v_proj/w" in str(caught[0].message) and "layers/0/attn/q_proj/w" not in str(
         caught[0].message)
-    assert model(tokens).shape == (B, T, V)
 
 
 # -- (5) packed-only backward -------------------------------------------------------------------------------------
@@ -326,7 +332,7 @@ class _Scanned(nnx.Module):
 def test_scanned_einsum_modules_keep_no_dequantized_weight_for_backward():
     """8 scanned einsum modules, d x d weights (as [d, 8, d/8]): the compiled gradient step's temporaries stay
     below 4 float32 weights, while the same scan over `einsum(x, dequantize(q))` keeps every layer's weight."""
-    n, d = 8, 1024
+    n, d = 8, 512
     x = jnp.ones((8, d))
     model = qj.apply_qlora(_Scanned(n, d, nnx.Rngs(0)), quant=QUANT, lora=qj.LoraConfig(rank=4), rngs=nnx.Rngs(1),
                            trace=(x,))
