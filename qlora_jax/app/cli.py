@@ -245,7 +245,9 @@ def _build_parser() -> argparse.ArgumentParser:
                      "adapter directory or a finetune --output directory (whose run_config.json gives the defaults "
                      "of --format, --block-size, double quantization and --seq-len)."))
     evaluate.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    evaluate.add_argument("--data", required=True, help="dataset file (the rows finetune's --data takes)")
+    evaluate.add_argument("--data", required=True, help="evaluation data (as finetune's --data)")
+    for field in ("text", "prompt", "completion", "messages"):
+        evaluate.add_argument(f"--{field}-field", default=None, help="as finetune's (default: the run's)")
     evaluate.add_argument("--adapter", default=None, help="PEFT adapter directory or finetune --output directory")
     evaluate.add_argument("--samples", type=int, default=0, help="greedy generations of the first N examples")
     evaluate.add_argument("--max-new-tokens", type=int, default=32, help="tokens per generation (default 32)")
@@ -342,7 +344,8 @@ def _run_eval(args: argparse.Namespace) -> int:
                         batch_size=args.batch_size, samples=args.samples, max_new_tokens=args.max_new_tokens,
                         format=fmt, format_set=args.format is not None, block_size=args.block_size,
                         double_quant=False if args.no_double_quant else None, dtype=args.dtype,
-                        pack=not args.no_pack)
+                        pack=not args.no_pack, text_field=args.text_field, prompt_field=args.prompt_field,
+                        completion_field=args.completion_field, messages_field=args.messages_field)
     return main_eval(settings, as_json=args.json)
 
 

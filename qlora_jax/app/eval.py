@@ -57,7 +57,7 @@ class EvalArgs:
     """
 
     model: str  # checkpoint directory or hub id
-    data: str  # dataset file (the schemas of finetune's --data)
+    data: str  # dataset (what finetune's --data takes: a file, a save_to_disk directory, a hub dataset)
     adapter: str | None = None  # PEFT adapter directory or finetune --output directory; None: the base alone
     seq_len: int | None = None  # tokens per row; None: the run's seq_len, else 512 or the model's maximum if less
     batch_size: int = 4  # rows per evaluation batch
@@ -68,6 +68,10 @@ class EvalArgs:
     double_quant: bool | None = None  # None: the run's, else True
     dtype: str = "float32"  # compute dtype
     pack: bool = True  # pack several examples per row, as finetune's evaluation does
+    text_field: str | None = None  # the data's columns, when not named as a schema or a common layout; None: the
+    prompt_field: str | None = None  # run's (a finetune --output directory as `adapter`), else found by name
+    completion_field: str | None = None
+    messages_field: str | None = None
     progress: bool = True  # progress bars (loading, evaluation) on stderr
     format_set: bool = False  # `format` was given explicitly (a run directory's format does not replace it)
 
@@ -198,6 +202,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: A missing model, adapter or data file (named).
+        ImportError: A data format that needs the optional `pyarrow`/`datasets`.
         ValueError: A bad setting (named by its flag), a model without a
             tokenizer, a `seq_len` above the model's maximum, a bad data row
             (named `file:line`), an adapter that does not fit the model.
@@ -228,7 +233,9 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     tokenizer = load_tokenizer(args.model)
     if tokenizer is None:
         raise ValueError(f"--model: {args.model} has no tokenizer files; the data cannot be tokenized")
-    examples, stats = load_examples(args.data, tokenizer, seq_len)
+    fields = {k: getattr(args, k) if getattr(args, k) is not None else (run or {}).get(k)
+              for k in ("text_field", "prompt_field", "completion_field", "messages_field")}
+    examples, stats = load_examples(args.data, tokenizer, seq_len, **fields)
     model = inference_model(args.model, adapter, quant=quant, dtype=args.dtype, progress=args.progress)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -320,7 +327,7 @@ def main_eval(args: EvalArgs, as_json: bool = False) -> int:
     """
     try:
         result = run_eval(args)
-    except (OSError, ValueError) as e:  # a user mistake (a setting, a path, a file): one line, no traceback
+    except (OSError, ValueError, ImportError) as e:  # a setting, a path, a file, a missing extra: one line
         print(f"qlora-jax eval: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result) if as_json else eval_table(result))
