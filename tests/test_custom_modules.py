@@ -359,3 +359,77 @@ def test_scanned_einsum_modules_keep_no_dequantized_weight_for_backward():
     weight_bytes = d * d * 4
     assert naive_bytes > n * weight_bytes, naive_bytes  # the baseline really keeps the weights
     assert ours < 4 * weight_bytes, (ours, naive_bytes)
+
+
+# -- (6) Linen ----------------------------------------------------------------------------------------------------
+
+
+def test_linen_einsum_modules_through_convert_params_and_the_interceptor():
+    """A Linen model whose attention projections call `jnp.einsum` on a `self.param`: `product_params` finds them,
+    `convert_params` quantizes them (kernel in "frozen" at the parameter's path, adapter under
+    `params/<path>/<param>/`), and under `qlora_interceptor` the logits equal the float model's with the
+    NumPy-decoded kernels plus `s · A ⊗ B` (random B); a gradient step moves the adapters and lowers the loss."""
+    import flax.linen as nn
+
+    from qlora_jax.linen import FROZEN, convert_params, dense_layers, lora_mask, product_params, qlora_interceptor
+
+    class Projection(nn.Module):
+        spec: str
+        shape: tuple[int, ...]
+
+        @nn.compact
+        def __call__(self, x):
+            return jnp.einsum(self.spec, x, self.param("w", nn.initializers.normal(0.125), self.shape))
+
+    class LinenLM(nn.Module):
+        @nn.compact
+        def __call__(self, tokens):
+            x = nn.Embed(V, D, name="embed")(tokens)
+            h = nn.RMSNorm(name="norm")(x)
+            v = Projection("BTD,DNH->BTNH", (D, N, H), name="v_proj")(h)  # attention of one token to itself
+            x = x + Projection("BTNH,NHD->BTD", (N, H, D), name="o_proj")(v)
+            x = x + nn.Dense(D, use_bias=False, name="down")(jax.nn.gelu(nn.Dense(F, use_bias=False, name="up")(x)))
+            return nn.Dense(V, use_bias=False, name="lm_head")(x)
+
+    model = LinenLM()
+    tokens = _tokens(2)
+    inputs = tokens[:, :-1]
+    float_params = model.init(jax.random.key(0), inputs)["params"]
+    products = product_params(model, inputs)
+    assert [(p.name, p.spec) for p in products] == [("v_proj/w", "BTD,DNH->BTNH"), ("o_proj/w", "BTNH,NHD->BTD")]
+    variables, report = convert_params(float_params, quant=QUANT, lora=LORA, rng=jax.random.key(1),
+                                       layers=dense_layers(model, inputs), products=products)
+    assert sorted(report.paths) == ["down", "o_proj/w", "up", "v_proj/w"] and all(r.quantized for r in report.layers)
+    params, frozen = variables["params"], variables[FROZEN]
+    assert sorted(params["v_proj"]["w"]) == ["lora_a", "lora_b"] and "w" in frozen["o_proj"]
+    interceptor = qlora_interceptor(quant=QUANT, lora=LORA, deterministic=True)
+
+    def logits(params, frozen, tokens):
+        with nn.intercept_methods(interceptor):
+            return model.apply({"params": params, FROZEN: frozen}, tokens)
+
+    # Random B; the reference: float params with the decoded kernels plus the update, no interceptor.
+    reference = jax.tree.map(lambda x: x, float_params)
+    for i, (path, param) in enumerate((("v_proj", "w"), ("o_proj", "w"), ("up", "kernel"), ("down", "kernel"))):
+        node = params[path][param] if param == "w" else params[path]
+        node["lora_b"] = jax.random.normal(jax.random.key(20 + i), node["lora_b"].shape) * 0.05
+        a, b = np.asarray(node["lora_a"], np.float64), np.asarray(node["lora_b"], np.float64)
+        q = frozen[path][param]
+        reference[path][param] = jnp.asarray(numpy_nf4_decode(q) + np.tensordot(a, b, axes=1) * (ALPHA / RANK),
+                                             jnp.float32)
+    got = jax.jit(logits)(params, frozen, inputs)
+    want = jax.jit(model.apply)({"params": reference}, inputs)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-5)
+
+    mask = lora_mask(params)
+
+    def loss(params):
+        out = logits(params, frozen, inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(out, tokens[:, 1:]).mean()
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    value, grads = value_and_grad(params)
+    stepped = jax.tree.map(lambda p, g, m: p - 0.5 * g if m else p, params, grads, mask)  # adapters only
+    assert float(value_and_grad(stepped)[0]) < float(value)
+    adapter_grads = [g for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(mask), strict=True) if m]
+    assert len(adapter_grads) == 8 and all(np.abs(np.asarray(g)).sum() > 0 for g in adapter_grads)

@@ -34,6 +34,7 @@ import importlib.machinery
 import importlib.util
 import sys
 import types
+import warnings
 from collections.abc import Mapping
 
 import jax
@@ -44,7 +45,7 @@ import pytest
 from flax import nnx
 
 import qlora_jax as qj
-from qlora_jax.nnx import QLoRALinear, qlora_report
+from qlora_jax.nnx import QLoRALinear, QLoRAProduct, qlora_report
 
 RANK = 4
 QUANT = qj.QuantConfig()  # NF4, block 64, double quantization; computes in the layer's dtype (float32 here)
@@ -75,8 +76,8 @@ def _installed(package: str, requirement: str) -> importlib.machinery.ModuleSpec
 
 def _import_tunix_module(name: str) -> types.ModuleType:
     """`tunix.<name>`, without running `tunix/__init__.py` (it imports the trainers' dependencies)."""
-    spec = _installed("tunix", "google-tunix==0.1.7")
-    if "tunix" not in sys.modules:
+    if "tunix" not in sys.modules:  # (once the stub is registered, find_spec cannot look tunix up again)
+        spec = _installed("tunix", "google-tunix==0.1.7")
         package = types.ModuleType("tunix")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["tunix"] = package
@@ -103,9 +104,10 @@ def _assert_bit_identical(before, after, what: str) -> None:
 
 
 def _assert_is_quantized(q: qj.QuantizedArray, original: jax.Array) -> None:
-    """`q` is, leaf for leaf, `qj.quantize` of the original float kernel (codes, absmax, nested scales)."""
+    """`q` is, leaf for leaf, `qj.quantize` of the original float kernel (codes, absmax, nested scales; blocks along
+    the kernel's contracted axes)."""
     assert isinstance(q, qj.QuantizedArray) and q.fmt == "nf4" and q.shape == original.shape
-    want = qj.quantize(original, QUANT.fmt, QUANT.block_size, QUANT.double_quant)
+    want = qj.quantize(original, QUANT.fmt, QUANT.block_size, QUANT.double_quant, contract_axes=q.contract_axes)
     _assert_bit_identical(_host(want), _host(q), "packed base vs qj.quantize of the original kernel")
 
 
@@ -118,13 +120,9 @@ def _assert_within_nf4_bound(original: jax.Array, q: qj.QuantizedArray) -> None:
 # -- NNX: tunix Llama 3 ---------------------------------------------------------------------------------------
 
 
-def _llama(llama, seed: int = 0) -> nnx.Module:
-    """A tiny tunix Llama 3 with random weights; its MLP kernels (zero-initialised: tunix loads checkpoints into
-    them) are drawn here, as a pretrained model would have them."""
-    config = llama.ModelConfig(num_layers=2, vocab_size=VOCAB, embed_dim=64, hidden_dim=128, num_heads=4,
-                               head_dim=16, num_kv_heads=2, rope_theta=10_000, norm_eps=1e-5,
-                               remat_config=llama.RematConfig.BLOCK)  # nnx.remat around attention and MLP
-    model = llama.Llama3(config, rngs=nnx.Rngs(seed))
+def _random_mlp(model: nnx.Module, seed: int) -> nnx.Module:
+    """Draws the `nnx.Linear` kernels (zero-initialised: tunix loads checkpoints into them), as a pretrained model
+    would have them."""
     key = jax.random.key(seed + 1)
     for i, (_, layer) in enumerate(nnx.iter_modules(model)):
         if type(layer) is nnx.Linear:
@@ -133,8 +131,27 @@ def _llama(llama, seed: int = 0) -> nnx.Module:
     return model
 
 
-def _llama_logits(model: nnx.Module, tokens: jax.Array) -> jax.Array:
-    """Logits `[B, T, V]` for `tokens[:, :-1]`, causal, no cache (the model's own call signature)."""
+def _llama(llama, seed: int = 0) -> nnx.Module:
+    """A tiny tunix Llama 3 with random weights."""
+    config = llama.ModelConfig(num_layers=2, vocab_size=VOCAB, embed_dim=64, hidden_dim=128, num_heads=4,
+                               head_dim=16, num_kv_heads=2, rope_theta=10_000, norm_eps=1e-5,
+                               remat_config=llama.RematConfig.BLOCK)  # nnx.remat around attention and MLP
+    return _random_mlp(llama.Llama3(config, rngs=nnx.Rngs(seed)), seed)
+
+
+def _gemma(gemma, seed: int = 0) -> nnx.Module:
+    """A tiny tunix Gemma (grouped-query attention: `q_einsum` and `kv_einsum`; global and sliding-window layers;
+    the output head is the tied embedding)."""
+    config = gemma.ModelConfig(num_layers=2, num_embed=VOCAB, embed_dim=64, hidden_dim=128, num_heads=4, head_dim=16,
+                               num_kv_heads=2, final_logit_softcap=30.0, use_post_attn_norm=True,
+                               use_post_ffw_norm=True, sliding_window_size=8,
+                               attention_types=(gemma.AttentionType.GLOBAL, gemma.AttentionType.LOCAL_SLIDING),
+                               remat_config=gemma.RematConfig.BLOCK)
+    return _random_mlp(gemma.Gemma(config, rngs=nnx.Rngs(seed)), seed)
+
+
+def _tunix_logits(model: nnx.Module, tokens: jax.Array) -> jax.Array:
+    """Logits `[B, T, V]` for `tokens[:, :-1]`, causal, no cache (the signature of tunix's Llama 3 and Gemma)."""
     inputs = tokens[:, :-1]
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))  # [B, T, S]
@@ -142,52 +159,60 @@ def _llama_logits(model: nnx.Module, tokens: jax.Array) -> jax.Array:
     return logits
 
 
-def test_tunix_llama3_nnx_apply_qlora_trains_the_adapters_only():
-    llama = _import_tunix_module("models.llama3.model")
-    with _default_promotion():
-        model = _llama(llama)
-        float_model = nnx.clone(model)
+def _check_tunix_model(model: nnx.Module, expected: list[str], float_left: dict[str, str]) -> None:
+    """`apply_qlora` with "all-linear" on an unmodified tunix model: `expected` (sorted) are the replaced layers,
+    `nnx.Linear`s and tunix's `Einsum` weights (`.../w`) alike, 100% of the model's projection weights;
+    `float_left` the float parameters the report lists, with a word of their reason."""
+    float_model = nnx.clone(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no multiplied weight left out
         model = qj.apply_qlora(model, quant=QUANT, lora=LORA, rngs=nnx.Rngs(1))
 
-        report = qlora_report(model)
-        mlp = [f"layers/{i}/mlp/{name}" for i in range(2) for name in ("down_proj", "gate_proj", "up_proj")]
-        assert sorted(report.paths) == mlp  # nnx.Linear only; tunix's Einsum modules are not linear layers to us
-        layers = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, QLoRALinear)}
-        assert sorted(layers) == mlp
+    report = qlora_report(model)
+    assert sorted(report.paths) == expected and all(row.quantized for row in report.layers)
+    assert {p.path: p.reason for p in report.float_params}.keys() == float_left.keys()
+    for p in report.float_params:
+        assert float_left[p.path] in p.reason, (p.path, p.reason)
+    layers = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, (QLoRALinear, QLoRAProduct))}
+    assert sorted(layers) == expected
+    assert {type(m).__name__ for m in layers.values()} == {"QLoRALinear", "QLoRAProduct"}
 
-        # (1) The quantized model with fresh adapters = the float model with the dequantized kernels.
-        reference = nnx.clone(float_model)
-        float_layers = dict((("/".join(map(str, p)), m) for p, m in nnx.iter_modules(reference)))
-        originals = {path: float_layers[path].kernel.get_value() for path in layers}
-        for path, layer in layers.items():
-            q = layer.kernel.get_value()
-            _assert_is_quantized(q, originals[path])
-            _assert_within_nf4_bound(originals[path], q)
-            float_layers[path].kernel.set_value(qj.dequantize(q, jnp.float32))
-        tokens = _batch(0)
-        got, want = _llama_logits(model, tokens), _llama_logits(reference, tokens)
-        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    # (1) The quantized model with fresh adapters = the float model with the dequantized kernels.
+    reference = nnx.clone(float_model)
+    weights = {"/".join(map(str, p)): v for p, v in nnx.iter_graph(reference) if isinstance(v, nnx.Param)}
+    originals = {}
+    for path, layer in layers.items():
+        weight = weights[path if path.endswith("/w") else f"{path}/kernel"]
+        originals[path] = weight.get_value()
+        q = layer.kernel.get_value()
+        _assert_is_quantized(q, originals[path])
+        _assert_within_nf4_bound(originals[path], q)
+        weight.set_value(qj.dequantize(q, jnp.float32))
+    tokens = _batch(0)
+    logits = nnx.jit(_tunix_logits)  # (eagerly, each product under nnx.remat would compile on its own)
+    got, want = logits(model, tokens), logits(reference, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
-        # (2) Training moves the adapters and nothing else.
-        base = _host([layer.kernel.get_value() for layer in layers.values()])
-        frozen_floats = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # nnx.LoRAParam subclasses nnx.Param
-        others = _host(nnx.state(model, frozen_floats))  # embedding, norms, tunix's attention einsums, lm_head
-        adapters = _host(nnx.state(model, nnx.LoRAParam))
-        optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)
-        moments = [leaf for leaf in jax.tree.leaves(nnx.state(optimizer, nnx.OptState)) if leaf.ndim > 0]
-        assert sum(leaf.size for leaf in moments) == 2 * sum(a.size for a in adapters)  # adapters only
+    # (2) Training moves the adapters and nothing else.
+    base = _host([layer.kernel.get_value() for layer in layers.values()])
+    frozen_floats = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # nnx.LoRAParam subclasses nnx.Param
+    others = _host(nnx.state(model, frozen_floats))  # embedding, norms, the output head
+    adapters = _host(nnx.state(model, nnx.LoRAParam))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)
+    moments = [leaf for leaf in jax.tree.leaves(nnx.state(optimizer, nnx.OptState)) if leaf.ndim > 0]
+    assert sum(leaf.size for leaf in moments) == 2 * sum(a.size for a in adapters)  # adapters only
 
-        @nnx.jit
-        def step(model, optimizer, tokens):
-            def loss_fn(model):
-                return _next_token_loss(_llama_logits(model, tokens), tokens)
+    @nnx.jit
+    def step(model, optimizer, tokens):
+        def loss_fn(model):
+            return _next_token_loss(_tunix_logits(model, tokens), tokens)
 
-            loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-            optimizer.update(model, grads)
-            return loss
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+        optimizer.update(model, grads)
+        return loss
 
-        losses = [float(step(model, optimizer, tokens)) for _ in range(STEPS)]
-        final = float(_next_token_loss(_llama_logits(model, tokens), tokens))
+    losses = [float(step(model, optimizer, tokens)) for _ in range(STEPS)]
+    final = float(_next_token_loss(logits(model, tokens), tokens))
 
     assert final < losses[0] - 0.1, losses + [final]
     _assert_bit_identical(base, _host([layer.kernel.get_value() for layer in layers.values()]), "packed base")
@@ -195,7 +220,26 @@ def test_tunix_llama3_nnx_apply_qlora_trains_the_adapters_only():
         _assert_is_quantized(layer.kernel.get_value(), originals[path])
     _assert_bit_identical(others, _host(nnx.state(model, frozen_floats)), "float weights")
     moved = [not np.array_equal(a, b) for a, b in zip(adapters, _host(nnx.state(model, nnx.LoRAParam)), strict=True)]
-    assert len(moved) == 2 * len(mlp) and all(moved)  # every lora_a and lora_b
+    assert len(moved) == 2 * len(expected) and all(moved)  # every lora_a and lora_b
+
+
+def test_tunix_llama3_nnx_apply_qlora_trains_the_adapters_only():
+    llama = _import_tunix_module("models.llama3.model")
+    expected = sorted([f"layers/{i}/mlp/{name}" for i in range(2) for name in ("down_proj", "gate_proj", "up_proj")]
+                      + [f"layers/{i}/attn/{name}/w" for i in range(2) for name in
+                         ("q_proj", "k_proj", "v_proj", "o_proj")])
+    with _default_promotion():
+        _check_tunix_model(_llama(llama), expected,
+                           {"embedder/input_embedding": "embedding", "lm_head/w": "output head"})
+
+
+def test_tunix_gemma_nnx_apply_qlora_trains_the_adapters_only():
+    gemma = _import_tunix_module("models.gemma.model")
+    expected = sorted([f"layers/{i}/mlp/{name}" for i in range(2) for name in ("down_proj", "gate_proj", "up_proj")]
+                      + [f"layers/{i}/attn/{name}/w" for i in range(2) for name in
+                         ("attn_vec_einsum", "kv_einsum", "q_einsum")])
+    with _default_promotion():
+        _check_tunix_model(_gemma(gemma), expected, {"embedder/input_embedding": "embedding"})
 
 
 # -- Linen: recurrentgemma Griffin -----------------------------------------------------------------------------

@@ -30,7 +30,13 @@ import numpy as np
 from qlora_jax._src.config import ALL_LINEAR, HEAD_NAMES, LoraConfig, QuantConfig
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES, quantize
 from qlora_jax._src.formats.qarray import QuantizedArray
-from qlora_jax._src.linen.interceptor import SUPPORTED_MODULES, unsupported_reason
+from qlora_jax._src.linen.interceptor import (
+    SUPPORTED_MODULES,
+    ProductParam,
+    convert_products,
+    dense_targets,
+    unsupported_reason,
+)
 from qlora_jax._src.linen.layers import FROZEN
 from qlora_jax._src.nn.lora import dora_norm, init_lora
 from qlora_jax._src.nn.weight_init import check_weight_init, weight_init_kernel
@@ -140,6 +146,7 @@ def convert_params(
     lora: LoraConfig | None,
     rng: jax.Array | None = None,
     layers: Sequence[DenseLayer] | None = None,
+    products: Sequence[ProductParam] = (),
 ) -> tuple[dict[str, Any], QLoRAReport]:
     """Quantizes the Dense kernels of a Linen params tree and adds LoRA adapters.
 
@@ -176,6 +183,11 @@ def convert_params(
         layers: The Dense layers, from `dense_layers(model, ...)`; default:
             recognised in `params` (2-D kernels only; pass `layers` for
             `nn.DenseGeneral` with N-D kernels and for stacked layers).
+        products: Parameters multiplied inside the model's own modules, from
+            `product_params(model, ...)`: each is quantized (its kernel in
+            `"frozen"` at the parameter's path) and, if targeted (by
+            "all-linear", its name, its module's name or a regex on either
+            path), gets `lora_a` / `lora_b` under `params/<path>/<param>/`.
 
     Returns:
         `(variables, report)`: `variables` is `{"params": ..., "frozen": ...}`
@@ -225,7 +237,8 @@ def convert_params(
                          "variables['params'] of the unconverted model")
     layers = _dense_in_params(tree) if layers is None else _check_layers(tree, layers)
     heads = _find_heads(tree, layers)
-    adapted = _match_targets(lora.targets, tree, layers, heads) if lora is not None else []
+    targets = dense_targets(lora.targets, products, [d.path for d in layers]) if lora is not None else None
+    adapted = _match_targets(targets, tree, layers, heads) if targets is not None else []
     adapted_paths = {d.path for d in adapted}
     quantized = {d.path for d in layers if d.path not in heads and d.unsupported is None} | adapted_paths \
         if quant is not None else set()
@@ -271,6 +284,9 @@ def convert_params(
             lora_params=lora_params, bytes_before=int(kernel.nbytes), bytes_after=int(after)))
     skipped = [(path, reason) for path, reason in heads.items() if path not in adapted_paths]
     skipped += [(d.path, d.unsupported) for d in layers if d.unsupported is not None]
+    product_rows, product_skipped, _ = convert_products(tree, frozen, products, quant=quant, lora=lora, rng=rng)
+    rows += product_rows  # params multiplied inside other modules (product_params)
+    skipped += product_skipped
     return {"params": tree, FROZEN: frozen}, QLoRAReport(layers=tuple(rows), skipped=tuple(skipped))
 
 

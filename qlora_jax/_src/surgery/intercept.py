@@ -54,7 +54,8 @@ from qlora_jax._src.nn import QLoRAEinsum, QuantEinsum
 from qlora_jax._src.nn.spec import einsum_kernel_axes, einsum_problem, split_einsum
 from qlora_jax._src.surgery.targets import path_str
 
-__all__ = ["register_linear", "registered_linears", "ProductSite", "ProductOperand", "QuantProduct", "QLoRAProduct",
+__all__ = ["register_linear", "registered_linears", "ProductSite", "OperandBase", "ProductOperand", "intercepting",
+           "recording", "product_spec", "QuantProduct", "QLoRAProduct",
            "find_products", "product_heads", "product_layer", "intercept_owner", "mark_left_out"]
 
 # Metadata key set on a float nnx.Param that apply_qlora inspected and left alone: why (read by qlora_report).
@@ -327,8 +328,7 @@ def _trace(model: nnx.Module, trace: Any, candidates: Mapping[tuple, Any]) -> di
         if entry is not None and entry[1] is operand:
             specs.setdefault(entry[0], set()).add(spec)
 
-    _LOCAL.recorders = [*getattr(_LOCAL, "recorders", []), record]
-    try:
+    with recording(record):
         graphdef, state = nnx.split(clone)
         args = () if callable(trace) else tuple(trace) if isinstance(trace, (tuple, list)) else (trace,)
 
@@ -336,18 +336,17 @@ def _trace(model: nnx.Module, trace: Any, candidates: Mapping[tuple, Any]) -> di
             module = nnx.merge(graphdef, state)  # variables inside the trace, as nnx transforms need them
             return trace(module) if callable(trace) else module(*args)
 
-        with _intercepting():
+        with intercepting():
             jax.eval_shape(forward, state, *args)
-    finally:
-        _LOCAL.recorders = _LOCAL.recorders[:-1]
-    out = {}
-    for path, found in specs.items():
-        if len(found) == 1:
-            out[path] = found.pop()
-        else:
-            kernels = {einsum_kernel_axes(s)[0] if einsum_problem(s) is None else s for s in found}
-            out[path] = min(found) if len(kernels) == 1 else f"!it is multiplied in different ways: {sorted(found)}"
-    return out
+    return {path: product_spec(found) for path, found in specs.items()}
+
+
+def product_spec(found: set[str]) -> str:
+    """The one spec a weight is multiplied with, from those a trace recorded ("!<reason>" when they disagree)."""
+    if len(found) == 1:
+        return next(iter(found))
+    kernels = {einsum_kernel_axes(s)[0] if einsum_problem(s) is None else s for s in found}
+    return min(found) if len(kernels) == 1 else f"!it is multiplied in different ways: {sorted(found)}"
 
 
 def at_path(node: Any, path: tuple) -> Any:
@@ -360,7 +359,39 @@ def at_path(node: Any, path: tuple) -> Any:
 # -- run time: the replaced parameter and the intercepted products ------------------------------------------------
 
 
-class ProductOperand:
+class OperandBase:
+    """A replaced weight as the owner's code reads it: what the intercepted products dispatch on (NNX or Linen).
+
+    Subclasses set `name` (the parameter's path) and `kernel_shape` (one
+    layer's kernel) and implement `product(spec, x)`.
+    """
+
+    name: str = "weight"
+    kernel_shape: tuple[int, ...] = ()
+    owner: str = "its module"
+
+    @property
+    def ndim(self) -> int:
+        """Rank of one layer's kernel."""
+        return len(self.kernel_shape)
+
+    def product(self, spec: str, x: jax.Array) -> jax.Array:
+        """`einsum(spec, x, weight)` (the weight second in `spec`)."""
+        raise NotImplementedError
+
+    def __rmatmul__(self, x: jax.Array) -> jax.Array:
+        if len(self.kernel_shape) != 2:
+            raise TypeError(f"{self.name}: x @ w needs a 2-D weight, this one has kernel shape {self.kernel_shape}")
+        return self.product("...i,io->...o", x)
+
+    def __repr__(self) -> str:
+        # What JAX's "not a valid JAX type" error shows when the operand is used any other way.
+        return (f"{type(self).__name__}({self.name}, kernel {self.kernel_shape}: a replaced weight, to be multiplied "
+                "with the input by jnp.einsum, jnp.dot, jnp.matmul, lax.dot_general or @ inside a method of its "
+                f"module {self.owner})")
+
+
+class ProductOperand(OperandBase):
     """What `self.w.value` / `self.w[...]` gives for a replaced parameter: a handle on its layer, not an array.
 
     Multiplying it with `jnp.einsum`, `jnp.dot`, `jnp.matmul` or `lax.dot_general`
@@ -379,10 +410,11 @@ class ProductOperand:
         ((64, 8), (2, 8))
     """
 
-    __slots__ = ("layer",)
-
     def __init__(self, layer: QuantEinsum):
         self.layer = layer
+        self.name = layer.param_path
+        self.owner = layer.owner_type
+        self.kernel_shape = tuple(layer.kernel_shape)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -403,18 +435,6 @@ class ProductOperand:
     def product(self, spec: str, x: jax.Array) -> jax.Array:
         """`einsum(spec, x, weight)` by the layer (the weight second in `spec`)."""
         return self.layer(x, spec.replace(" ", ""))
-
-    def __rmatmul__(self, x: jax.Array) -> jax.Array:
-        if len(self.layer.kernel_shape) != 2:
-            raise TypeError(f"{self.layer.param_path}: x @ w needs a 2-D weight, this one has kernel shape "
-                            f"{self.layer.kernel_shape}")
-        return self.product("...i,io->...o", x)
-
-    def __repr__(self) -> str:
-        # What JAX's "not a valid JAX type" error shows when the operand is used any other way.
-        return (f"ProductOperand({self.layer.param_path}, shape={self.shape}: now a {type(self.layer).__name__}, "
-                "to be multiplied with the input by jnp.einsum, jnp.dot, jnp.matmul, lax.dot_general or @ inside a "
-                f"method of its module {self.layer.owner_type})")
 
 
 class _OperandMixin:
@@ -524,7 +544,7 @@ def _is_library_module_type(cls: type) -> bool:
 def _intercepted_method(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def method(*args, **kwargs):
-        with _intercepting():
+        with intercepting():
             return fn(*args, **kwargs)
 
     return method
@@ -537,7 +557,7 @@ _LOCK = threading.Lock()
 _DEPTH = [0]
 
 
-class _intercepting:
+class intercepting:
     """Installs the patched product functions for the duration (nested uses count; restored by the outermost)."""
 
     def __enter__(self):
@@ -556,6 +576,20 @@ class _intercepting:
         return False
 
 
+class recording:
+    """Calls `record(operand, spec)` for every operand of an intercepted product while active (this thread)."""
+
+    def __init__(self, record: Callable[[Any, str], None]):
+        self.record = record
+
+    def __enter__(self):
+        _LOCAL.recorders = [*getattr(_LOCAL, "recorders", []), self.record]
+
+    def __exit__(self, *exc):
+        _LOCAL.recorders = _LOCAL.recorders[:-1]
+        return False
+
+
 def _record(operand: Any, spec: str) -> None:
     for record in getattr(_LOCAL, "recorders", ()):
         record(operand, spec)
@@ -563,13 +597,13 @@ def _record(operand: Any, spec: str) -> None:
 
 def _einsum(subscripts, *operands, **kwargs):
     if not isinstance(subscripts, str) or len(operands) != 2:
-        if any(isinstance(o, ProductOperand) for o in operands):
+        if any(isinstance(o, OperandBase) for o in operands):
             raise TypeError("jnp.einsum with a replaced parameter needs a spec string and exactly two operands")
         return _ORIGINAL["einsum"](subscripts, *operands, **kwargs)
     spec = subscripts.replace(" ", "")
     x, w = operands
     swapped = False
-    if isinstance(x, ProductOperand) and not isinstance(w, ProductOperand):
+    if isinstance(x, OperandBase) and not isinstance(w, OperandBase):
         x, w, swapped = w, x, True
     if "->" in spec and "," in spec.split("->")[0]:
         lhs, out = spec.split("->")
@@ -577,9 +611,9 @@ def _einsum(subscripts, *operands, **kwargs):
         kernel_spec = f"{b},{a}->{out}" if swapped else spec
     else:
         kernel_spec = None
-    if isinstance(w, ProductOperand):
-        if isinstance(x, ProductOperand) or kernel_spec is None:
-            raise TypeError(f"{w.layer.param_path}: jnp.einsum({subscripts!r}) multiplies the replaced parameter "
+    if isinstance(w, OperandBase):
+        if isinstance(x, OperandBase) or kernel_spec is None:
+            raise TypeError(f"{w.name}: jnp.einsum({subscripts!r}) multiplies the replaced parameter "
                             "in a way qlora_jax cannot compute (two replaced operands or an implicit output)")
         _check_kwargs(w, "jnp.einsum", kwargs, ("optimize",))
         return w.product(kernel_spec, x)
@@ -594,19 +628,19 @@ def _einsum(subscripts, *operands, **kwargs):
 def _check_kwargs(w: ProductOperand, fn: str, kwargs: dict, ignored: tuple[str, ...]) -> None:
     bad = {k: v for k, v in kwargs.items() if k not in ignored and v is not None}
     if bad:
-        raise TypeError(f"{w.layer.param_path}: {fn} of the replaced parameter with {sorted(bad)} is not supported "
+        raise TypeError(f"{w.name}: {fn} of the replaced parameter with {sorted(bad)} is not supported "
                         "(the layer computes in its compute dtype with its own precision)")
 
 
 def _matrix(fn_name: str):
     def product(a, b, **kwargs):
-        if isinstance(b, ProductOperand) and not isinstance(a, ProductOperand):
-            if b.ndim != 2 or len(b.layer.kernel_shape) != 2:
-                raise TypeError(f"{b.layer.param_path}: jnp.{fn_name}(x, w) needs a 2-D weight")
+        if isinstance(b, OperandBase) and not isinstance(a, OperandBase):
+            if len(b.kernel_shape) != 2:
+                raise TypeError(f"{b.name}: jnp.{fn_name}(x, w) needs a 2-D weight")
             _check_kwargs(b, f"jnp.{fn_name}", kwargs, ())
             return b.product("...i,io->...o", a)
-        if isinstance(a, ProductOperand):
-            raise TypeError(f"{a.layer.param_path}: jnp.{fn_name}(w, x) with the replaced parameter first is not "
+        if isinstance(a, OperandBase):
+            raise TypeError(f"{a.name}: jnp.{fn_name}(w, x) with the replaced parameter first is not "
                             "supported; use jnp.einsum or qj.register_linear with an einsum spec")
         if getattr(b, "ndim", 0) == 2:
             _record(b, "...i,io->...o")
@@ -616,18 +650,18 @@ def _matrix(fn_name: str):
 
 
 def _dot_general(lhs, rhs, dimension_numbers, *args, **kwargs):
-    if not isinstance(lhs, ProductOperand) and not isinstance(rhs, ProductOperand):
+    if not isinstance(lhs, OperandBase) and not isinstance(rhs, OperandBase):
         spec = _dot_general_spec(getattr(lhs, "ndim", None), getattr(rhs, "ndim", None), dimension_numbers)
         if spec is not None:
             _record(rhs, spec[0])
             _record(lhs, spec[1])
         return _ORIGINAL["dot_general"](lhs, rhs, dimension_numbers, *args, **kwargs)
-    w, x = (rhs, lhs) if isinstance(rhs, ProductOperand) else (lhs, rhs)
-    if isinstance(x, ProductOperand):
-        raise TypeError(f"{w.layer.param_path}: lax.dot_general of two replaced parameters is not supported")
+    w, x = (rhs, lhs) if isinstance(rhs, OperandBase) else (lhs, rhs)
+    if isinstance(x, OperandBase):
+        raise TypeError(f"{w.name}: lax.dot_general of two replaced parameters is not supported")
     spec = _dot_general_spec(lhs.ndim if w is rhs else w.ndim, rhs.ndim if w is lhs else w.ndim, dimension_numbers)
     if spec is None:
-        raise TypeError(f"{w.layer.param_path}: lax.dot_general{dimension_numbers} cannot be written as an einsum")
+        raise TypeError(f"{w.name}: lax.dot_general{dimension_numbers} cannot be written as an einsum")
     if args or any(v is not None for v in kwargs.values()):
         _check_kwargs(w, "lax.dot_general", dict(kwargs, **{f"arg{i}": a for i, a in enumerate(args)}), ())
     return w.product(spec[0] if w is rhs else spec[1], x)
