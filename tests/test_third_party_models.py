@@ -1,6 +1,7 @@
 """QLoRA on third-party Flax models from PyPI, their code unmodified (issue 23).
 
-* NNX: Llama 3 from Google's `tunix` (`tunix.models.llama3.model`), through `apply_qlora`.
+* NNX: Llama 3 and Gemma from Google's `tunix` (`tunix.models.llama3.model`, `tunix.models.gemma.model`),
+  through `apply_qlora` with "all-linear" and no other argument.
 * Linen: Griffin from DeepMind's `recurrentgemma` (`recurrentgemma.jax.griffin`), through `convert_params`
   and `qlora_interceptor`.
 
@@ -11,11 +12,16 @@ NF4's rounding bound of the original); (2) a few AdamW steps on a fixed batch lo
 every adapter, and leave the packed base (every leaf of every `QuantizedArray`: codes, absmax, nested scales)
 and every other weight of the model bit-identical.
 
-What stays float, and why: the models' own parameterised einsums are neither `nnx.Linear` / `nnx.Einsum`
-nor `nn.Dense`, so `apply_qlora` / `convert_params` do not see them (and the reports do not list them): tunix's
-attention projections and untied `lm_head` (its own `Einsum` module, an `nnx.Param` `w` used in `jnp.einsum`;
-issue 26), Griffin's `ffw_up` (its own `Einsum`), its RG-LRU gates (`BlockDiagonalLinear`) and its `Conv1D`.
-Norms and embeddings are never quantized.
+What is quantized, and what stays float: tunix's attention projections are its own `Einsum` module (one
+`nnx.Param` `w` used in `jnp.einsum(self.einsum_str, ...)`), found by `apply_qlora` without a trace (one
+parameter and its spec as a string attribute; issue 26) and replaced at `.../q_proj/w` (Llama) or
+`.../q_einsum/w`, `kv_einsum/w`, `attn_vec_einsum/w` (Gemma: grouped-query attention, so kernels contracted
+along a middle axis), together with the `nnx.Linear` MLP: 100% of the projection weights. The report lists what
+stays float: the embedding, and Llama's untied `lm_head` (an `Einsum` named as an output head; Gemma's head is
+its tied embedding). Griffin converts its `nn.Dense` layers only: `qlora_jax.linen.product_params` does find
+its own `Einsum` (`ffw_up`) and the RG-LRU gates' `BlockDiagonalLinear` weights, but those modules pass the
+weight through `nn.dtypes.promote_dtype` before the product, which a packed operand cannot go through, so they
+(and its `Conv1D`) stay float. Norms and embeddings are never quantized.
 
 Installation: both packages are installed with `pip install --no-deps` (README's test command, `.ci/run`; see
 docs/testing.md), because their dependency pins would downgrade jax, transformers and numpy. `tunix/__init__.py`
@@ -173,7 +179,8 @@ def _check_tunix_model(model: nnx.Module, expected: list[str], float_left: dict[
     assert {p.path: p.reason for p in report.float_params}.keys() == float_left.keys()
     for p in report.float_params:
         assert float_left[p.path] in p.reason, (p.path, p.reason)
-    layers = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model) if isinstance(m, (QLoRALinear, QLoRAProduct))}
+    layers = {"/".join(map(str, p)): m for p, m in nnx.iter_modules(model)
+              if isinstance(m, (QLoRALinear, QLoRAProduct))}
     assert sorted(layers) == expected
     assert {type(m).__name__ for m in layers.values()} == {"QLoRALinear", "QLoRAProduct"}
 
