@@ -537,8 +537,10 @@ def intercept_owner(owner: nnx.Module) -> None:
 
 
 def _is_library_module_type(cls: type) -> bool:
-    return cls.__module__.startswith("flax.") or issubclass(cls, QuantEinsum) or cls.__module__.startswith(
-        "qlora_jax._src.nn.")
+    # Flax's layers, qlora_jax's own layers and model families (whose float parameters, such as Mixtral's router,
+    # are float by design).
+    return cls.__module__.startswith(("flax.", "qlora_jax._src.nn.", "qlora_jax._src.models.")) or issubclass(
+        cls, QuantEinsum)
 
 
 def _intercepted_method(fn: Callable) -> Callable:

@@ -241,7 +241,8 @@ def _float_params(model: nnx.Module, sites: list[LinearSite], skipped: dict[str,
             elif name in others:
                 reason = others[name][1]
             else:
-                reason = f"a {value.ndim}-D parameter of {type(owner).__name__}, not a weight matrix"
+                reason = "a vector (bias or scale)" if value.ndim < 2 else \
+                    f"a parameter of {type(owner).__name__}, left float"
         out.append(FloatParam(name, tuple(int(d) for d in value.shape), reason, int(value.size)))
     return tuple(sorted(out, key=lambda p: -p.params)), total
 
