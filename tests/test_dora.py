@@ -197,9 +197,11 @@ def _dora_reference(x, w, bias, a, b, m, scale, h=None):
 
 
 def test_dora_layers_match_numpy():
-    """NNX QLoRALinear (flat-layout packed kernel, with and without dropout), QLoRAEinsum (output axes permuted
+    """NNX QLoRALinear (flat-layout packed kernel, with and without dropout, and through the merged product with
+    its gradients of A, B, m), QLoRAEinsum (output axes permuted
     and interleaved with x's) and the Linen layers (init magnitude, forward with dropout, lora_mask,
     convert_params) against float64 NumPy; a fresh DoRA layer changes nothing."""
+    from qlora_jax._src.ops.merged import can_merge
     from qlora_jax.linen import QLoRADense, convert_params, dense_forward, lora_mask
     from qlora_jax.nnx import QLoRAEinsum, QLoRALinear
 
@@ -226,6 +228,25 @@ def test_dora_layers_match_numpy():
     np.testing.assert_allclose(y_eval, _dora_reference(x, w, bias, *parts), rtol=0, atol=1e-4)
     assert 0 < float(jnp.mean(h == 0)) < 1
     np.testing.assert_allclose(y_train, _dora_reference(x, w, bias, *parts, h=h), rtol=0, atol=1e-4)
+
+    # Enough tokens for the merged product `c · x @ (W + s·A @ B)` (ops/merged.py): output and gradients.
+    xb = jnp.asarray(rng.standard_normal((100, 100)), jnp.float32)
+    g = rng.standard_normal((100, 64))
+    assert can_merge(xb, q)
+
+    def loss(layer, x):
+        y = layer(x, deterministic=True)
+        return jnp.sum(y * g.astype(np.float32)), y
+
+    grads, y = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True))(layer, xb)
+    grads = (grads.lora_a[...], grads.lora_b[...], grads.lora_magnitude_vector[...])
+    a64, b64, m64, s = _f64(parts[0]), _f64(parts[1]), _f64(parts[2]), parts[3]
+    norm = np.linalg.norm(w + s * a64 @ b64, axis=0)
+    np.testing.assert_allclose(y, _dora_reference(xb, w, bias, *parts), rtol=0, atol=1e-4)
+    gc = g * (m64 / norm)  # the cotangent of x @ (W + s·A @ B)
+    for got, ref in ((grads[0], s * _f64(xb).T @ gc @ b64.T), (grads[1], s * (_f64(xb) @ a64).T @ gc),
+                     (grads[2], np.sum(g * (_f64(xb) @ (w + s * a64 @ b64)), axis=0) / norm)):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
     kernel = jnp.asarray(rng.standard_normal((4, 64, 8)), jnp.float32)  # [n, d, h], d contracted; a float kernel
     ein = QLoRAEinsum("bd,ndh->bhn", kernel, lora=qj.LoraConfig(rank=2, alpha=2, use_dora=True), rngs=nnx.Rngs(1))
