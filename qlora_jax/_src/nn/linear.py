@@ -183,6 +183,9 @@ class QLoRALinear(QuantLinear, AdapterMixin):
         >>> x = jnp.ones((2, 128))
         >>> bool((layer(x) == QuantLinear(q)(x)).all())  # B = 0: the adapter adds nothing yet
         True
+        >>> dora = QLoRALinear(q, lora=qj.LoraConfig(rank=8, alpha=16, use_dora=True), rngs=nnx.Rngs(0))
+        >>> dora.lora_magnitude_vector.shape, bool(jnp.allclose(dora(x), QuantLinear(q)(x), atol=1e-4))
+        ((64,), True)
     """
 
     def __init__(
