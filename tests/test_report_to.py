@@ -169,6 +169,7 @@ def test_resumed_run_appends_without_duplicate_steps(tmp_path, monkeypatch):
         history, ids = _wandb_history(directory)
         assert len(ids) == (2 if directory.name == "run" else 1)  # one offline run directory per session
         assert len(set(ids)) == 1  # the resumed session continues the same W&B run
+        assert len(list((directory / "tensorboard").glob("*tfevents*"))) == len(ids)  # one file per session
         for key in ("loss", "lr", "tokens_per_s", "eval_loss"):
             name = TAGS[key]
             assert [(e.step, e.value) for e in events.Scalars(name)] == [

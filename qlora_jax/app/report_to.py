@@ -141,9 +141,12 @@ class _TensorBoard:
         logdir = directory / "tensorboard"
         if resume_step is None:  # a new run: the event files of a run this one replaces (--overwrite) go
             shutil.rmtree(logdir, ignore_errors=True)
-        earlier = resume_step is not None and any(logdir.glob("*tfevents*"))
+        sessions = len(list(logdir.glob("*tfevents*")))
+        earlier = resume_step is not None and sessions > 0
         # purge_step: TensorBoard's reader drops what the earlier files hold from that step on (rewritten now).
-        self.writer = tensorboardx.SummaryWriter(logdir=str(logdir), flush_secs=30,
+        # The file name's session number keeps two sessions started in the same second (the name's timestamp) in
+        # two files, read in session order.
+        self.writer = tensorboardx.SummaryWriter(logdir=str(logdir), flush_secs=30, filename_suffix=f".{sessions:04d}",
                                                  purge_step=resume_step + 1 if earlier else None)
         if resume_step is not None and not earlier:  # added on --resume: the rows of the earlier sessions first
             for row in history:
