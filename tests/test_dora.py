@@ -128,7 +128,8 @@ def _exact_reference(hf, model):
 def test_qdora_matches_peft(checkpoint, tmp_path):
     """A bitsandbytes NF4 checkpoint loaded here with DoRA on every projection, against PEFT:
 
-    - the initial magnitude equals PEFT's over the bnb model (norms of bnb's dequantized weights);
+    - the initial magnitude equals PEFT's over the bnb model (norms of bnb's dequantized weights), and is
+      sharded along its kernel's output axis;
     - a PEFT DoRA adapter (random B, changed m) over the exactly dequantized float32 base loads here: logits and
       the gradients of A, B, m equal PEFT's (1e-5);
     - after one optimizer step here (B != 0, m changed) `save_peft_adapter` writes PEFT's keys and config and
@@ -146,6 +147,10 @@ def test_qdora_matches_peft(checkpoint, tmp_path):
     model = models.from_pretrained(tmp_path / "nf4", lora=lora)
     assert _ours(model, "q_proj").quantized
     _assert_init_magnitude(model, _peft(hf4), rtol=1e-5)
+    specs = qj.partition_specs(model, qj.make_mesh({"fsdp": 1, "tensor": 8}), "tp")  # m: the kernel's output axis
+    P = jax.sharding.PartitionSpec
+    assert specs["layers"]["mlp"]["up_proj"]["lora_magnitude_vector"].get_value() == P(None, "tensor")
+    assert specs["layers"]["mlp"]["down_proj"]["lora_magnitude_vector"].get_value() == P(None, None)
 
     peft_model = _peft(_exact_reference(hf, model))
     torch.manual_seed(1)
