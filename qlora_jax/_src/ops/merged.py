@@ -15,6 +15,11 @@ measured effect is in `benchmarks/README.md`.
 Only for float32: in bfloat16 or float16 the adapter's update, orders of
 magnitude smaller than the weight, would be rounded away in the sum.
 
+DoRA uses the same product: its output is `c · x @ (W + s · A @ B)` with
+`c = m / ‖W + s · A @ B‖` per output, so a DoRA `QLoRALinear` scales this
+product's result by `c` (the norm without a gradient), and the cotangent
+reaching it is `c · g`.
+
 The VJP keeps `x`, the packed (or float) kernel and the factors, never the
 merged weight: the backward pass forms it again, tied to the cotangent so
 that XLA can neither reuse the forward pass's copy nor hoist it, and computes
