@@ -204,10 +204,12 @@ def _dora_reference(x, w, bias, a, b, m, scale, h=None):
 def test_dora_layers_match_numpy():
     """NNX QLoRALinear (flat-layout packed kernel, with and without dropout, and through the merged product with
     its gradients of A, B, m), QLoRAEinsum (output axes permuted
-    and interleaved with x's) and the Linen layers (init magnitude, forward with dropout, lora_mask,
-    convert_params) against float64 NumPy; a fresh DoRA layer changes nothing."""
+    and interleaved with x's) and Linen (init magnitude, forward with dropout, lora_mask, convert_params and the
+    interceptor) against float64 NumPy; a fresh DoRA layer changes nothing."""
+    import flax.linen
+
     from qlora_jax._src.ops.merged import can_merge
-    from qlora_jax.linen import QLoRADense, convert_params, dense_forward, lora_mask
+    from qlora_jax.linen import QLoRADense, convert_params, dense_forward, lora_mask, qlora_interceptor
     from qlora_jax.nnx import QLoRAEinsum, QLoRALinear
 
     rng = np.random.default_rng(2)
@@ -275,10 +277,21 @@ def test_dora_layers_match_numpy():
     keep = jax.random.bernoulli(key, 0.75, x.shape)  # inverted dropout with this key, as torch.nn.Dropout
     np.testing.assert_allclose(got, _dora_reference(x, w, bias, *parts[:3], 2.0, h=np.where(keep, x / 0.75, 0)),
                                rtol=0, atol=1e-4)
-    converted, _ = convert_params({"fc": {"kernel": jnp.asarray(wl, jnp.float32), "bias": bias}}, quant=None,
-                                  lora=lora, rng=jax.random.key(4))
-    np.testing.assert_allclose(converted["params"]["fc"]["lora_magnitude_vector"], np.linalg.norm(wl, axis=0),
-                               rtol=1e-6)
+    # An unmodified nn.Dense converted (packed) and run under the interceptor.
+    converted, _ = convert_params({"Dense_0": {"kernel": jnp.asarray(wl, jnp.float32), "bias": bias}},
+                                  quant=qj.QuantConfig(), lora=lora, rng=jax.random.key(4))
+    wc = _f64(qj.dequantize(converted["frozen"]["Dense_0"]["kernel"], jnp.float32))
+    fc = converted["params"]["Dense_0"]
+    np.testing.assert_allclose(fc["lora_magnitude_vector"], np.linalg.norm(wc, axis=0), rtol=1e-6)
+    fc["lora_b"], fc["lora_magnitude_vector"] = parts[1], parts[2]
+
+    def intercepted(variables, x):
+        with flax.linen.intercept_methods(qlora_interceptor(quant=qj.QuantConfig(), lora=lora, deterministic=True)):
+            return flax.linen.Dense(64).apply({"params": variables["params"]["Dense_0"],
+                                               "frozen": variables["frozen"]["Dense_0"]}, x)
+
+    np.testing.assert_allclose(jax.jit(intercepted)(converted, x),
+                               _dora_reference(x, wc, bias, fc["lora_a"], *parts[1:3], 2.0), rtol=0, atol=1e-4)
 
 
 class _Stack(nnx.Module):
