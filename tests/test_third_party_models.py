@@ -18,10 +18,10 @@ parameter and its spec as a string attribute; issue 26) and replaced at `.../q_p
 `.../q_einsum/w`, `kv_einsum/w`, `attn_vec_einsum/w` (Gemma: grouped-query attention, so kernels contracted
 along a middle axis), together with the `nnx.Linear` MLP: 100% of the projection weights. The report lists what
 stays float: the embedding, and Llama's untied `lm_head` (an `Einsum` named as an output head; Gemma's head is
-its tied embedding). Griffin converts its `nn.Dense` layers only: `qlora_jax.linen.product_params` does find
-its own `Einsum` (`ffw_up`) and the RG-LRU gates' `BlockDiagonalLinear` weights, but those modules pass the
-weight through `nn.dtypes.promote_dtype` before the product, which a packed operand cannot go through, so they
-(and its `Conv1D`) stay float. Norms and embeddings are never quantized.
+its tied embedding). Griffin: its `nn.Dense` layers (`dense_layers`) and the weights its own modules multiply
+(`product_params`: the MLP's `Einsum` `ffw_up` and the RG-LRU gates' `BlockDiagonalLinear`, both applying
+`nn.dtypes.promote_dtype` to the weight before `jnp.einsum`); its `Conv1D` stays float. Norms and embeddings are
+never quantized.
 
 Installation: both packages are installed with `pip install --no-deps` (README's test command, `.ci/run`; see
 docs/testing.md), because their dependency pins would downgrade jax, transformers and numpy. `tunix/__init__.py`
@@ -267,7 +267,7 @@ def _griffin():
 def test_recurrentgemma_griffin_linen_interceptor_trains_the_adapters_only():
     import flax.linen as nn
 
-    from qlora_jax.linen import FROZEN, convert_params, dense_layers, masked, qlora_interceptor
+    from qlora_jax.linen import FROZEN, convert_params, dense_layers, masked, product_params, qlora_interceptor
 
     model = _griffin()
     tokens = _batch(0)
@@ -283,22 +283,27 @@ def test_recurrentgemma_griffin_linen_interceptor_trains_the_adapters_only():
     with _default_promotion():
         float_params = jax.jit(model.init)(jax.random.key(0), tokens[:, :-1], positions)["params"]
         layers = dense_layers(model, tokens[:, :-1], positions)
-        variables, report = convert_params(float_params, quant=QUANT, lora=LORA, rng=jax.random.key(1), layers=layers)
+        products = product_params(model, tokens[:, :-1], positions)
+        variables, report = convert_params(float_params, quant=QUANT, lora=LORA, rng=jax.random.key(1), layers=layers,
+                                           products=products)
         expected = ["blocks.0/recurrent_block/linear_y", "blocks.0/recurrent_block/linear_x",
                     "blocks.0/recurrent_block/linear_out", "blocks.0/mlp_block/ffw_down",
                     "blocks.1/attention_block/proj_q", "blocks.1/attention_block/proj_k",
                     "blocks.1/attention_block/proj_v", "blocks.1/attention_block/proj_final",
-                    "blocks.1/mlp_block/ffw_down"]
-        assert list(report.paths) == expected  # every nn.Dense (no head: Griffin decodes with its embedding)
+                    "blocks.1/mlp_block/ffw_down", "blocks.0/recurrent_block/rg_lru/input_gate/w",
+                    "blocks.0/recurrent_block/rg_lru/a_gate/w", "blocks.0/mlp_block/ffw_up/w",
+                    "blocks.1/mlp_block/ffw_up/w"]
+        # every nn.Dense (no head: Griffin decodes with its embedding), then the weights multiplied in its own modules
+        assert list(report.paths) == expected
         params, frozen = variables["params"], variables[FROZEN]
         interceptor = qlora_interceptor(quant=QUANT, lora=LORA, deterministic=True)
 
         # (1) The quantized model with fresh adapters = the float model with the dequantized kernels.
         kernels = {}
         for path in expected:
-            q = _lookup(frozen, path)["kernel"]
-            _assert_is_quantized(q, _lookup(float_params, path)["kernel"])
-            _assert_within_nf4_bound(_lookup(float_params, path)["kernel"], q)
+            q = _kernel(frozen, path)
+            _assert_is_quantized(q, _kernel(float_params, path))
+            _assert_within_nf4_bound(_kernel(float_params, path), q)
             kernels[path] = qj.dequantize(q, jnp.float32)
         reference = _with_kernels(float_params, kernels)
         got = jax.jit(lambda p, f: logits({"params": p, FROZEN: f}, interceptor))(params, frozen)
@@ -334,7 +339,7 @@ def test_recurrentgemma_griffin_linen_interceptor_trains_the_adapters_only():
     # argument of tx): what is checked is that it is still the quantization of the original kernels.
     _assert_bit_identical(base, _host(frozen), "packed base")
     for path in expected:
-        _assert_is_quantized(_lookup(frozen, path)["kernel"], _lookup(float_params, path)["kernel"])
+        _assert_is_quantized(_kernel(frozen, path), _kernel(float_params, path))
     for path, before in _flat(params).items():
         after = np.asarray(_flat(trained)[path])
         if path.rsplit("/", 1)[-1] in ("lora_a", "lora_b"):
@@ -350,6 +355,16 @@ def _lookup(tree, path: str):
     return tree
 
 
+def _split(path: str) -> tuple[str, str]:
+    """`(module path, weight name)` of a converted layer: a Dense layer's "kernel", or a multiplied param (".../w")."""
+    return tuple(path.rsplit("/", 1)) if path.endswith("/w") else (path, "kernel")
+
+
+def _kernel(tree, path: str):
+    module, name = _split(path)
+    return _lookup(tree, module)[name]
+
+
 def _flat(tree, prefix: str = "") -> dict[str, jax.Array]:
     """`{"a/b/kernel": leaf}` of a nested dict."""
     out = {}
@@ -363,5 +378,6 @@ def _with_kernels(tree, kernels: dict[str, jax.Array]):
     """A copy of the nested dict `tree` with `kernels[path]` as the "kernel" of each layer path."""
     out = {k: _with_kernels(v, {}) if isinstance(v, Mapping) else v for k, v in tree.items()}
     for path, kernel in kernels.items():
-        _lookup(out, path)["kernel"] = kernel
+        module, name = _split(path)
+        _lookup(out, module)[name] = kernel
     return out

@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from flax.linen import dtypes as linen_dtypes
+from flax.nnx.nn import dtypes as nnx_dtypes
 
 from qlora_jax._src.config import HEAD_NAMES
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
@@ -552,9 +554,13 @@ def _intercepted_method(fn: Callable) -> Callable:
     return method
 
 
-# The functions patched while an intercepted method runs, as (module, attribute).
-_PATCHED = ((jnp, "einsum"), (jnp, "dot"), (jnp, "matmul"), (jax.lax, "dot_general"))
-_ORIGINAL: dict[str, Callable] = {name: getattr(mod, name) for mod, name in _PATCHED}
+# The functions patched while an intercepted method runs, as (module, attribute, key). Flax's `promote_dtype`
+# (Linen's variadic one, NNX's taking a tuple), which Flax-style modules apply to their weights before the product,
+# hands a replaced weight through unchanged.
+_PATCHED = ((jnp, "einsum", "einsum"), (jnp, "dot", "dot"), (jnp, "matmul", "matmul"),
+            (jax.lax, "dot_general", "dot_general"), (linen_dtypes, "promote_dtype", "linen_promote"),
+            (nnx_dtypes, "promote_dtype", "nnx_promote"))
+_ORIGINAL: dict[str, Callable] = {key: getattr(mod, name) for mod, name, key in _PATCHED}
 _LOCK = threading.Lock()
 _DEPTH = [0]
 
@@ -565,16 +571,16 @@ class intercepting:
     def __enter__(self):
         with _LOCK:
             if _DEPTH[0] == 0:
-                for mod, name in _PATCHED:
-                    setattr(mod, name, _WRAPPERS[name])
+                for mod, name, key in _PATCHED:
+                    setattr(mod, name, _WRAPPERS[key])
             _DEPTH[0] += 1
 
     def __exit__(self, *exc):
         with _LOCK:
             _DEPTH[0] -= 1
             if _DEPTH[0] == 0:
-                for mod, name in _PATCHED:
-                    setattr(mod, name, _ORIGINAL[name])
+                for mod, name, key in _PATCHED:
+                    setattr(mod, name, _ORIGINAL[key])
         return False
 
 
@@ -688,7 +694,27 @@ def _dot_general_spec(lhs_ndim, rhs_ndim, dims) -> tuple[str, str] | None:
     return f"{ls},{rs}->{os_}", f"{rs},{ls}->{os_}"
 
 
-_WRAPPERS = {"einsum": _einsum, "dot": _matrix("dot"), "matmul": _matrix("matmul"), "dot_general": _dot_general}
+def _promote(key: str):
+    """Flax's `promote_dtype` with replaced weights passed through (the others promoted among themselves; the
+    layer computes in its compute dtype, by default the input's)."""
+    variadic = key == "linen_promote"
+
+    def promote(*args, **kwargs):
+        values = list(args if variadic else args[0])
+        held = {i: v for i, v in enumerate(values) if isinstance(v, OperandBase)}
+        if not held:
+            return _ORIGINAL[key](*args, **kwargs)
+        rest = [None if i in held else v for i, v in enumerate(values)]
+        out = list(_ORIGINAL[key](*rest, **kwargs) if variadic else _ORIGINAL[key](tuple(rest), *args[1:], **kwargs))
+        for i, v in held.items():
+            out[i] = v
+        return out if variadic else tuple(out)
+
+    return promote
+
+
+_WRAPPERS = {"einsum": _einsum, "dot": _matrix("dot"), "matmul": _matrix("matmul"), "dot_general": _dot_general,
+             "linen_promote": _promote("linen_promote"), "nnx_promote": _promote("nnx_promote")}
 
 
 def warn_left_out(left: Mapping[str, str]) -> None:
