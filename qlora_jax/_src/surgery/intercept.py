@@ -27,7 +27,8 @@ subclass (made once per class) whose methods run with `jnp.einsum`, `jnp.dot`,
 `jnp.matmul` and `lax.dot_general` intercepted — as qwix intercepts the
 products of a forward pass — and an intercepted product with a `ProductOperand`
 runs the layer (`qeinsum`, packed-only backward, plus the adapter); every other
-call goes to JAX's own function. `x @ w` needs no interception
+call goes to JAX's own function (Flax's `promote_dtype`, patched too, hands the
+operand through). `x @ w` needs no interception
 (`ProductOperand.__rmatmul__`). The interception is installed while such a
 method runs and removed when the outermost one returns; it is decided while the
 code is traced, so it holds under `jit`, `nnx.scan`, `nnx.vmap` and `nnx.remat`.
