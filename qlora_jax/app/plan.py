@@ -19,6 +19,13 @@ rows, plus an allowance for what lives outside the step (`need_bytes`).
 Where nothing fits, `DoesNotFit` says what is needed and which single change
 of the settings would fit (a 4-bit base, rematerialization, a shorter
 sequence), each checked by compiling it.
+
+The compiled step has plain LoRA adapters. DoRA (`use_dora`) and the inits
+that read the weight (`weight_init`: PiSSA, OLoRA, LoftQ) are counted on top
+by `adapter_method_bytes`: DoRA's magnitudes with their gradients and AdamW
+moments and its forward extra; the weight inits' whole float32 projections
+and decompositions while the checkpoint streams, a need of the load, not of
+the step (a candidate needs the larger of the two).
 """
 
 from __future__ import annotations
@@ -35,9 +42,10 @@ import numpy as np
 from qlora_jax._src.config import QuantConfig
 from qlora_jax._src.memory import METHODS, MethodMemory, step_memory
 from qlora_jax._src.models.config import ModelConfig
+from qlora_jax._src.models.loading import _WORKERS as _LOADER_WORKERS
 
-__all__ = ["REMAT_GROUP", "RESERVE_BYTES", "RESERVE_FRACTION", "Candidate", "DoesNotFit", "Plan", "available_memory",
-           "need_bytes", "plan_fit", "plan_table"]
+__all__ = ["REMAT_GROUP", "RESERVE_BYTES", "RESERVE_FRACTION", "Candidate", "DoesNotFit", "Plan",
+           "adapter_method_bytes", "available_memory", "need_bytes", "plan_fit", "plan_table"]
 
 _logger = logging.getLogger("qlora_jax")
 
@@ -47,6 +55,57 @@ RESERVE_FRACTION = 0.10  # allocator fragmentation, the loader's one full-precis
 _MIN_SEQ_LEN = 128  # the shortest sequence length suggested
 REMAT_GROUP = 4  # layers per recomputed group, the planner's last rematerialization setting
 _BATCH_BYTES_PER_TOKEN = 12  # input_ids and targets (int32), weights (float32)
+# What one weight-reading init holds per projection being initialized, in float32 copies of the projection: the
+# whole kernel, its decomposition's factors (U [in, k] and V [k, out], at most two copies together) and the residual.
+_INIT_COPIES = 4
+
+
+def _projection_shapes(config: ModelConfig) -> list[tuple[int, int]]:
+    """`(in, out)` of one decoder layer's linear projections (all-linear adapters; each expert's for MoE)."""
+    h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    mlp = [(h, config.intermediate_size)] * 2 + [(config.intermediate_size, h)]
+    return [(h, q), (h, kv), (h, kv), (q, h)] + mlp * max(1, config.num_experts)
+
+
+def adapter_method_bytes(config: ModelConfig, *, rank: int, use_dora: bool = False,
+                         weight_init: bool = False) -> tuple[int, int]:
+    """What DoRA and the weight-reading inits add to a LoRA plan: `(step_bytes, load_bytes)`.
+
+    `step_bytes` (DoRA; 0 without): each targeted projection's magnitude
+    vector, one float32 value per output, trained (parameter, gradient and
+    the two AdamW moments: 16 bytes per output), plus the forward's extra,
+    the r-row product `A·W` `[r, out]` in float32 kept for the backward.
+    `load_bytes` (PiSSA, OLoRA, LoftQ; 0 without): the loader
+    (`from_pretrained`) reads each targeted projection whole in float32 and
+    decomposes it while the checkpoint streams, on up to `_WORKERS` (2)
+    threads at once, each holding about four float32 copies of the largest
+    projection (kernel, SVD or QR factors, residual); this is held on top of
+    the model's weights while loading, before the optimizer exists.
+    Projections as adapted by "all-linear" (attention and MLP, each expert's).
+
+    Args:
+        config: The architecture.
+        rank: LoRA rank.
+        use_dora: DoRA adapters.
+        weight_init: An init that reads the weight ("pissa", "pissa_niter_N", "olora", "loftq").
+
+    Returns:
+        `(step_bytes, load_bytes)`.
+
+    Example:
+        >>> from qlora_jax.models import ModelConfig
+        >>> cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+        ...                   num_kv_heads=2)
+        >>> adapter_method_bytes(cfg, rank=4, use_dora=True)  # 2 layers x 512 outputs x (16 + 4*4) bytes
+        (32768, 0)
+        >>> adapter_method_bytes(cfg, rank=4, weight_init=True)  # 2 threads x 4 copies x 64*128*4 bytes
+        (0, 262144)
+    """
+    shapes = _projection_shapes(config)
+    outputs = config.num_layers * sum(o for _, o in shapes)
+    step = outputs * (16 + 4 * rank) if use_dora else 0
+    load = _LOADER_WORKERS * _INIT_COPIES * 4 * max(i * o for i, o in shapes) if weight_init else 0
+    return step, load
 
 
 def need_bytes(step_bytes: int) -> int:
@@ -108,7 +167,9 @@ class Candidate:
         grad_accum: Micro-batches per optimizer update (`micro_batch * grad_accum` is the batch).
         remat: Whether each layer is rematerialized in the backward pass.
         step_bytes: The compiled micro-batch step's peak (`MethodMemory.compiled_total`).
-        extra_bytes: With gradient accumulation: the accumulated gradients and the batch's other rows.
+        extra_bytes: With gradient accumulation: the accumulated gradients and the batch's other rows; with DoRA,
+            its magnitudes' state and forward extra; with a weight-reading init, what loading needs beyond the
+            step, if more (`adapter_method_bytes`).
         need_bytes: `need_bytes(step_bytes + extra_bytes)`, what the setting needs in all.
         fits: Whether `need_bytes` is at most what was available.
     """
@@ -229,6 +290,8 @@ def plan_fit(
     grad_accum: int = 1,
     loss_chunk: int | None = None,
     remat_group: int | None = None,
+    use_dora: bool = False,
+    weight_init: bool = False,
 ) -> Plan:
     """The fastest setting of a fine-tuning step that fits the memory available.
 
@@ -257,6 +320,9 @@ def plan_fit(
             `batch_size / grad_accum` rows); must divide `batch_size`.
         loss_chunk: Passed to `step_memory` (chunked cross-entropy) when set.
         remat_group: With rematerialization: None tries 1 then `REMAT_GROUP`; a number only that one.
+        use_dora: DoRA adapters (`adapter_method_bytes`: the magnitudes' state and forward extra, per step).
+        weight_init: An init that reads the weight (PiSSA, OLoRA, LoftQ): the loader's float32 projections and
+            decompositions on top of the weights while loading (`adapter_method_bytes`).
 
     Returns:
         A `Plan`.
@@ -282,7 +348,9 @@ def plan_fit(
         raise ValueError(f"grad_accum: {grad_accum} does not divide batch_size {batch_size}")
     available = available_memory() if available_bytes is None else int(available_bytes)
     measure = _Measure(config, method, rank=rank, alpha=alpha, dtype=dtype, quant=quant, batch_size=batch_size,
-                       seq_len=seq_len, loss_chunk=loss_chunk, available=available)
+                       seq_len=seq_len, loss_chunk=loss_chunk, available=available,
+                       adapter_bytes=adapter_method_bytes(config, rank=rank, use_dora=use_dora and method != "full",
+                                                          weight_init=weight_init and method != "full"))
     groups = (remat_group,) if remat_group is not None else (1, REMAT_GROUP)[:1 + (config.num_layers > REMAT_GROUP)]
     remats = [(False, 1)] * (remat is not True) + [(True, g) for g in groups] * (remat is not False)
     order = [(k, r, g) for k in _divisors(batch_size) if k >= grad_accum for r, g in remats]
@@ -312,9 +380,10 @@ class _Measure:
     """Compiles candidates of one configuration; remembers nothing but its settings."""
 
     def __init__(self, config: ModelConfig, method: str, *, batch_size: int, seq_len: int, available: int,
-                 **settings: Any):
+                 adapter_bytes: tuple[int, int] = (0, 0), **settings: Any):
         self.config, self.method, self.batch_size, self.seq_len = config, method, batch_size, seq_len
         self.available, self.settings = available, settings
+        self.dora_bytes, self.init_bytes = adapter_bytes  # `adapter_method_bytes`
 
     def __call__(self, micro_batch: int, remat: bool, remat_group: int = 1, **changes: Any,
                  ) -> tuple[Candidate, MethodMemory]:
@@ -327,9 +396,13 @@ class _Measure:
             settings["quant"] = None
         memory = step_memory(self.config, method, batch_size=micro_batch, seq_len=seq_len, remat=remat,
                              remat_group=remat_group if remat else 1, **settings)
-        extra = 0
+        dora = self.dora_bytes if method != "full" else 0
+        extra = dora
         if micro_batch < self.batch_size:  # the accumulated gradients and the batch's other rows
-            extra = memory.gradient_bytes + _BATCH_BYTES_PER_TOKEN * (self.batch_size - micro_batch) * seq_len
+            extra += memory.gradient_bytes + _BATCH_BYTES_PER_TOKEN * (self.batch_size - micro_batch) * seq_len
+        if self.init_bytes and method != "full":  # while loading: the weights, no optimizer state, no batch
+            weights = memory.argument_bytes - memory.optimizer_bytes - _BATCH_BYTES_PER_TOKEN * micro_batch * seq_len
+            extra = max(extra, weights + self.init_bytes - memory.compiled_total)
         need = need_bytes(memory.compiled_total + extra)
         candidate = Candidate(micro_batch=micro_batch, grad_accum=self.batch_size // micro_batch, remat=remat,
                               remat_group=remat_group if remat else 1, step_bytes=memory.compiled_total,
