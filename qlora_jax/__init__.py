@@ -26,6 +26,7 @@ from qlora_jax._src.formats import (
     to_bnb,
 )
 from qlora_jax._src.nn import lora_delta, lora_einsum
+from qlora_jax._src.nn.adapters import active_adapter, adapter_names, delete_adapter, set_adapter
 from qlora_jax._src.ops import can_use_pallas_gpu, can_use_pallas_tpu, qdot_general, qeinsum, qmatmul, qmatmul_path
 from qlora_jax._src.sharding import (
     STRATEGIES,
@@ -83,10 +84,13 @@ __all__ = [
     "QLoRAReport",
     "QuantConfig",
     "QuantizedArray",
+    "active_adapter",
+    "adapter_names",
     "apply_qlora",
     "batch_sharding",
     "can_use_pallas_gpu",
     "can_use_pallas_tpu",
+    "delete_adapter",
     "dequantize",
     "dequantize_absmax",
     "from_bnb",
@@ -105,6 +109,7 @@ __all__ = [
     "qmatmul_path",
     "quantize",
     "register_linear",
+    "set_adapter",
     "shard_batch",
     "shard_model",
     "to_bnb",

@@ -35,6 +35,8 @@ from qlora_jax._src.nn import (
     lora_delta,
     lora_einsum,
 )
+from qlora_jax._src.nn.adapters import active_adapter, adapter_names, delete_adapter, set_adapter
+from qlora_jax._src.nn.variables import FrozenAdapter
 from qlora_jax._src.nn.weight_init import weight_init, weight_init_kernel
 from qlora_jax._src.surgery import (
     FloatParam,
@@ -56,6 +58,7 @@ from qlora_jax._src.surgery import (
 
 __all__ = [
     "FloatParam",
+    "FrozenAdapter",
     "FrozenWeight",
     "LoraConfig",
     "MergeReport",
@@ -73,7 +76,10 @@ __all__ = [
     "QuantProduct",
     "QuantizedWeight",
     "ReplacedLayer",
+    "active_adapter",
+    "adapter_names",
     "apply_qlora",
+    "delete_adapter",
     "init_lora",
     "lora_delta",
     "lora_einsum",
@@ -84,6 +90,7 @@ __all__ = [
     "qlora_report",
     "quantize_kernel",
     "register_linear",
+    "set_adapter",
     "unmerge_lora",
     "weight_init",
     "weight_init_kernel",

@@ -102,7 +102,14 @@ def _rules(mesh: Mesh, strategy: str | Mapping[str, str | None]) -> dict[str, st
 
 
 def _logical(path: tuple[str, ...], axes: Mapping[str, tuple[str | None, str | None]]) -> tuple | None:
-    """(in, out) logical axes of the layer that holds `path`, from the innermost matching path element."""
+    """(in, out) logical axes of the layer that holds `path`, from the innermost matching path element.
+
+    A stored adapter `<layer>/frozen_adapters/<name>/lora_a` is the layer's own (its name is no layer's name), so
+    it gets the rules of the active `<layer>/lora_a`.
+    """
+    if "frozen_adapters" in path[:-2]:
+        i = path.index("frozen_adapters")
+        path = path[:i] + path[i + 2:]
     for name in reversed(path[:-1]):
         for pattern, logical in axes.items():
             if re.fullmatch(pattern, name):

@@ -21,6 +21,8 @@ from flax import nnx
 
 from qlora_jax._src.models.atomic_dir import atomic_directory, write_text
 from qlora_jax._src.models.safetensors_io import SafetensorsReader, save_safetensors
+from qlora_jax._src.nn.adapter import AdapterMixin
+from qlora_jax._src.nn.adapters import active_adapter, adapter_names, set_adapter, stash_adapter
 from qlora_jax._src.nn.linear import QLoRALinear
 
 __all__ = ["save_peft_adapter", "load_peft_adapter", "adapter_layers"]
@@ -58,7 +60,7 @@ def adapter_layers(model: nnx.Module) -> dict[str, QLoRALinear]:
 
 
 def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
-                      base_model_name_or_path: str | None = None) -> Path:
+                      base_model_name_or_path: str | None = None, adapter_name: str | None = None) -> Path:
     """Writes the model's LoRA adapters as a PEFT adapter directory.
 
     Args:
@@ -73,6 +75,10 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
             `adapter_model.safetensors`; other files in it are refused
             (ValueError), never deleted.
         base_model_name_or_path: Recorded in `adapter_config.json`.
+        adapter_name: Which loaded adapter to write (see `adapter_names`);
+            None: the active one. The directory holds that adapter alone, as
+            PEFT's `save_pretrained(selected_adapters=[name])` writes a
+            non-default adapter's files (load it in PEFT under any name).
 
     Returns:
         The directory.
@@ -97,6 +103,14 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         ...     sorted(f.name for f in out.iterdir())
         ['adapter_config.json', 'adapter_model.safetensors']
     """
+    if adapter_name is not None and adapter_name != active_adapter(model):
+        if adapter_name not in adapter_names(model):
+            raise ValueError(f"adapter_name: {adapter_name!r} is not loaded (loaded: {adapter_names(model)})")
+        previous = set_adapter(model, adapter_name)  # moves arrays only; switched back below
+        try:
+            return save_peft_adapter(model, directory, base_model_name_or_path=base_model_name_or_path)
+        finally:
+            set_adapter(model, previous)
     layers = adapter_layers(model)
     if not layers:
         raise ValueError("model: has no LoRA adapters (QLoRALinear layers) to save")
@@ -143,7 +157,8 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
     return directory
 
 
-def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
+def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
+                      adapter_name: str | None = None) -> nnx.Module:
     """Loads a PEFT LoRA adapter into the model's adapter layers, in place.
 
     The model must already have adapter layers on the adapter's target modules
@@ -155,6 +170,15 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Mo
         model: A `CausalLM` with QLoRA/LoRA layers.
         directory: A directory with `adapter_config.json` and
             `adapter_model.safetensors` (or `adapter_model.bin` is refused).
+        adapter_name: None or the active adapter's name (see
+            `active_adapter`, "default" at first): load into the active,
+            trainable adapter. Another name: load a further adapter, kept
+            frozen in every adapter layer's `frozen_adapters[adapter_name]`
+            (`FrozenAdapter`) until `set_adapter(model, adapter_name)` makes
+            it the active one (PEFT's `load_adapter(dir, adapter_name)`). It
+            needs the same rank, alpha, rsLoRA and DoRA settings as the
+            layers; layers it does not target get a zero adapter (factors 0,
+            DoRA magnitude the weight's norm), which changes nothing.
 
     Returns:
         The model.
@@ -164,7 +188,8 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Mo
         ValueError: Not a LoRA adapter, fan_in_fan_out / bias training, DoRA
             (`use_dora`) on one side only,
             target modules without an adapter layer here, or shapes and
-            scalings that do not fit (each named).
+            scalings that do not fit (each named), an `adapter_name` that
+            is already loaded and not active (`delete_adapter` it first).
 
     Example:
         (`model`: a tiny Llama loaded in NF4 with rank-4 adapters, `from_pretrained(checkpoint,
@@ -184,6 +209,8 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Mo
         ...
         FileNotFoundError: .../adapter_config.json: missing (a PEFT adapter directory has adapter_config.json and ...
     """
+    if adapter_name is not None and adapter_name != active_adapter(model):
+        return _load_named(model, directory, adapter_name)
     directory = Path(directory)
     config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
     for f in (config_path, weights_path):
@@ -250,4 +277,36 @@ def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Mo
         layer.lora_b[...] = jnp.asarray(new_b, layer.lora_b[...].dtype)
         if new_m is not None:
             layer.lora_magnitude_vector[...] = jnp.asarray(new_m, layer.lora_magnitude_vector[...].dtype)
+    return model
+
+
+def _load_named(model: nnx.Module, directory: str | os.PathLike, adapter_name: str) -> nnx.Module:
+    """Loads a further adapter under `adapter_name` into `frozen_adapters`, leaving the active one as it was."""
+    if not isinstance(adapter_name, str) or not adapter_name or not adapter_name.isidentifier():
+        raise ValueError(f"adapter_name: {adapter_name!r} is not a name (letters, digits and _)")
+    if adapter_name in adapter_names(model):
+        raise ValueError(f"adapter_name: {adapter_name!r} is already loaded; delete_adapter(model, "
+                         f"{adapter_name!r}) first")
+    layers = list({id(m): m for _, m in nnx.iter_modules(model) if isinstance(m, AdapterMixin)}.values())
+    saved = [(layer, layer.lora_a.get_value(), layer.lora_b.get_value(),
+              layer.lora_magnitude_vector.get_value() if layer.use_dora else None) for layer in layers]
+    try:
+        for layer, a, b, m in saved:  # a zero adapter where the new one has no factors
+            layer.lora_a.set_value(jnp.zeros_like(a))
+            layer.lora_b.set_value(jnp.zeros_like(b))
+            if m is not None:
+                layer.lora_magnitude_vector.set_value(layer.dora_weight_norm().astype(m.dtype))
+        load_peft_adapter(model, directory)
+        for layer in layers:
+            stash_adapter(layer, adapter_name)
+    except BaseException:
+        for layer, *_ in saved:
+            layer.frozen_adapters.pop(adapter_name, None)
+        raise
+    finally:
+        for layer, a, b, m in saved:
+            layer.lora_a.set_value(a)
+            layer.lora_b.set_value(b)
+            if m is not None:
+                layer.lora_magnitude_vector.set_value(m)
     return model

@@ -38,7 +38,9 @@ class AdapterMixin:
     `lora_a`, `lora_b` (`nnx.LoRAParam`), `rank`, `alpha`, `rslora`, `scale`,
     `dropout_rate`, `deterministic` and `rngs` (the dropout `nnx.RngStream`,
     split per stacked layer, or None without dropout) and, with DoRA,
-    `lora_magnitude_vector` (`nnx.LoRAParam`, else None). The layer provides
+    `lora_magnitude_vector` (`nnx.LoRAParam`, else None), `adapter_name`
+    ("default") and `frozen_adapters` (other loaded adapters, see
+    `nn/adapters.py`). The layer provides
     `kernel`, `contract_axes`, `stack_shape` and `precision`.
     """
 
@@ -69,6 +71,10 @@ class AdapterMixin:
         self.lora_magnitude_vector = nnx.data(None)
         if lora.use_dora:
             self.lora_magnitude_vector = nnx.LoRAParam(self.dora_weight_norm().astype(param_dtype))  # [*stack, *out]
+        # The active adapter's name (PEFT's "default"); other adapters loaded by name wait in frozen_adapters
+        # (name -> {"lora_a", "lora_b"[, "lora_magnitude_vector"]: FrozenAdapter}, not trained; nn/adapters.py).
+        self.adapter_name = "default"
+        self.frozen_adapters = nnx.data({})
         if self.dropout_rate > 0:
             key = rngs["dropout"]()
             keys = jax.random.split(key, stack_shape) if stack_shape else key

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from flax import nnx
 
-__all__ = ["FrozenWeight", "QuantizedWeight"]
+__all__ = ["FrozenAdapter", "FrozenWeight", "QuantizedWeight"]
 
 A = TypeVar("A")
 
@@ -51,4 +51,23 @@ class QuantizedWeight(FrozenWeight[A]):
         >>> w = QuantizedWeight(qj.quantize(jnp.ones((64, 8)), "nf4"))
         >>> w.get_value().shape, w.get_value().nbytes
         ((64, 8), 288)
+    """
+
+
+class FrozenAdapter(nnx.Variable[A]):
+    """A loaded adapter that is not the active one: a factor (or DoRA magnitude) stored frozen in its layer.
+
+    A layer holds its active adapter in `lora_a` / `lora_b` (`nnx.LoRAParam`,
+    trained); the other adapters loaded by name (`load_peft_adapter(...,
+    adapter_name=...)`) wait in `frozen_adapters[name]["lora_a" | "lora_b" |
+    "lora_magnitude_vector"]` as `FrozenAdapter`, which is not an
+    `nnx.LoRAParam`, so `wrt=nnx.LoRAParam` never trains them. `set_adapter`
+    swaps the values.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from flax import nnx
+        >>> from qlora_jax.nnx import FrozenAdapter
+        >>> isinstance(FrozenAdapter(jnp.zeros((4, 2))), nnx.LoRAParam)
+        False
     """

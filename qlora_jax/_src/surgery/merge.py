@@ -45,6 +45,7 @@ from qlora_jax._src.nn import (
     QuantLinear,
     QuantLinearGeneral,
 )
+from qlora_jax._src.nn.adapters import active_adapter, set_adapter
 from qlora_jax._src.surgery.apply import quantize_kernel
 from qlora_jax._src.surgery.targets import child, node_aliases, path_str, replace_node
 
@@ -125,6 +126,7 @@ def merge_lora(
     *,
     requantize: QuantConfig | None = None,
     dtype: jnp.dtype | None = None,
+    adapter_name: str | None = None,
 ) -> nnx.Module:
     """Folds every adapter into its base kernel **in place**; the result is a plain Flax model.
 
@@ -154,6 +156,9 @@ def merge_lora(
         dtype: Dtype of the merged float kernels; default each layer's
             original kernel dtype (`QuantizedArray.dtype`, or the frozen float
             kernel's dtype).
+        adapter_name: Which loaded adapter to fold in (see `adapter_names`;
+            PEFT's `merge_and_unload(adapter_names=[name])`); None: the active
+            one. The others are dropped with the adapter layers.
 
     Returns:
         The same model object.
@@ -198,6 +203,13 @@ def merge_lora(
             else "layer over a frozen kernel (QLoRALinear, QuantLinear, ... made by apply_qlora)"
         raise ValueError(f"merge_lora: the model has no {kinds}; nothing to merge"
                          + (f" (found only {', '.join(path_str(p) for p, _ in found)})" if found else ""))
+    if adapter_name is not None and adapter_name != active_adapter(model):
+        previous = set_adapter(model, adapter_name)  # moves arrays only; switched back if the merge fails
+        try:
+            return merge_lora(model, requantize=requantize, dtype=dtype)
+        except BaseException:
+            set_adapter(model, previous)
+            raise
     new_layers = []
     for _, layer in targets:  # build everything before the first change
         w = merged_kernel(layer, dtype)  # [*stack, *kernel_shape]
