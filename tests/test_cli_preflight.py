@@ -74,8 +74,12 @@ def test_every_range_is_checked_before_the_model_is_read(files, tmp_path, capsys
     out = tmp_path / "run"
     for bad in (["--epochs", "0"], ["--batch-size", "0"], ["--grad-accum", "0"], ["--seq-len", "0"],
                 ["--alpha", "-1"], ["--lr", "0"], ["--dropout", "1"], ["--warmup-ratio", "2"],
-                ["--max-grad-norm", "-1"], ["--eval-every", "-1"], ["--save-every", "-1"], ["--seed", "-1"]):
+                ["--max-grad-norm", "-1"], ["--eval-every", "-1"], ["--save-every", "-1"], ["--seed", "-1"],
+                ["--init", "svd"], ["--init", "pissa_niter_x"], ["--init", "pissa_niter_0"], ["--loftq-iter", "0"],
+                ["--loftq-iter", "3"], ["--init", "loftq", "--format", "none"], ["--save-residual-base"]):
         _refused([*_args(model, data, out), *bad], out, capsys, *bad)
+    _refused([*_args(model, data, out), "--init", "pissa", "--use-dora", "--save-residual-base"], out, capsys,
+             "--save-residual-base", "--use-dora")
     assert not out.exists()
 
 
@@ -108,6 +112,7 @@ def test_bad_settings_leave_an_existing_run_intact(files, tmp_path, capsys):
     _refused([*argv, "--overwrite", "--rank", "0"], out, capsys, "--rank")
     _refused([*_args(truncated, data, out), "--overwrite"], out, capsys, "model.safetensors")
     _refused([*argv, "--resume", "--steps", "0"], out, capsys, "--steps")
+    _refused([*argv, "--resume", "--init", "olora"], out, capsys, "--resume", "'init'", "olora")  # what is trained
 
 
 def test_a_mistyped_model_directory_is_not_a_hub_id(files, tmp_path, monkeypatch, capsys):

@@ -160,6 +160,18 @@ def _build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--dropout", type=float, default=f.dropout, help=f"LoRA dropout (default {f.dropout})")
     finetune.add_argument("--targets", nargs="+", default=[f.targets],
                           help="'all-linear' (default), module names (q_proj v_proj ...) or one regex")
+    finetune.add_argument("--use-dora", action="store_true",
+                          help="DoRA adapters (QDoRA over a 4-bit base): a trained magnitude per output")
+    finetune.add_argument("--init", default=f.init, metavar="{default,gaussian,pissa,pissa_niter_N,olora,loftq}",
+                          help="adapter init (default: kaiming-uniform A, zero B); pissa, pissa_niter_N (randomized "
+                               "SVD, N iterations), olora and loftq read each targeted weight while loading and "
+                               "train over the residual base: the run also writes adapter_over_original/ (pissa, "
+                               "olora) for PEFT over the original checkpoint")
+    finetune.add_argument("--loftq-iter", type=int, default=f.loftq_iter,
+                          help="LoftQ's alternations of quantization and SVD (with --init loftq; default 1)")
+    finetune.add_argument("--save-residual-base", action="store_true",
+                          help="with --init pissa/olora/loftq: also write the residual base (model-sized, float32) "
+                               "to --output/residual_base/, the base adapter/ applies to in PEFT")
     finetune.add_argument("--lr", type=float, default=f.lr, help=f"peak learning rate (default {f.lr})")
     finetune.add_argument("--steps", type=int, default=None, help="optimizer steps (default: --epochs over the data)")
     finetune.add_argument("--epochs", type=int, default=f.epochs, help=f"epochs when --steps is not given "
@@ -313,7 +325,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
         strategy=args.strategy, fit=not args.no_fit,
         available_bytes=None if args.available_gib is None else int(args.available_gib * 2**30),
         report_to=tuple(args.report_to), text_field=args.text_field, prompt_field=args.prompt_field,
-        completion_field=args.completion_field, messages_field=args.messages_field)
+        completion_field=args.completion_field, messages_field=args.messages_field, use_dora=args.use_dora,
+        init=args.init, loftq_iter=args.loftq_iter, save_residual_base=args.save_residual_base)
     try:
         # Both before the first JAX computation: the distributed runtime, then the CPU setup (which checks the
         # dispatch mode by running a small computation, creating the backends).
@@ -326,7 +339,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    peft_export = summary.pop("peft_export", None)
     print(f"done: {summary}; adapter in {Path(args.output) / 'adapter'}")
+    if peft_export:
+        print(f"for PEFT: {peft_export}")
     return 0
 
 

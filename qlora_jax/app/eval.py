@@ -15,7 +15,10 @@ it in training) and shows the expected continuation beside the generated one.
 `peft` saves), or a `finetune --output` directory, whose `adapter/` is used
 and whose `run_config.json` gives the defaults of `--format`,
 `--block-size`, `--double-quant` and `--seq-len` (the base is then
-quantized as it was in training).
+quantized as it was in training). A run whose adapter init read the weight
+(`--init pissa`, `pissa_niter_N`, `olora`, `loftq`) trained over a residual
+base: it is computed again while loading, with the run's init and seed (the
+same residual and the same random draws), and the adapter applies over it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm import tqdm
 
 from qlora_jax._src.config import LoraConfig, QuantConfig
@@ -112,7 +116,8 @@ def resolve_adapter(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | Non
 
 
 def inference_model(model: str | os.PathLike, adapter: str | os.PathLike | None = None, *,
-                    quant: QuantConfig | None = None, dtype: Any = jnp.float32, progress: bool = False) -> Any:
+                    quant: QuantConfig | None = None, dtype: Any = jnp.float32, progress: bool = False,
+                    run: dict[str, Any] | None = None) -> Any:
     """A checkpoint loaded for inference (`quant`: quantized on load), with a PEFT adapter, in eval mode.
 
     The adapter layers are made from `adapter_config.json` (rank, alpha,
@@ -124,6 +129,9 @@ def inference_model(model: str | os.PathLike, adapter: str | os.PathLike | None 
         quant: How to quantize the base's projections; None keeps them float.
         dtype: Compute dtype.
         progress: A progress bar over the tensors read.
+        run: The `run_config.json` of the finetune run that trained `adapter`, if any: an `init` that reads the
+            weight (PiSSA, OLoRA, LoftQ) is computed again while loading, with the run's `loftq_iter`, `dropout`
+            and `seed` (the same residual base and draws), before the adapter replaces the initial factors.
 
     Returns:
         The `CausalLM`, after `model.eval()`.
@@ -150,10 +158,13 @@ def inference_model(model: str | os.PathLike, adapter: str | os.PathLike | None 
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             raise ValueError(f"{config_path}: per-module rank_pattern/alpha_pattern are not supported")
         targets = cfg.get("target_modules")
-        lora = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=0.0,
+        run = run or {}
+        lora = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(run.get("dropout", 0.0)),
                           targets=sorted(targets) if isinstance(targets, list) else targets,
-                          rslora=bool(cfg.get("use_rslora", False)))
-    loaded = from_pretrained(model, quant=quant, lora=lora, dtype=jnp.dtype(dtype), progress=progress)
+                          rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),
+                          init=run.get("init", "default"), loftq_iter=run.get("loftq_iter", 1))
+    loaded = from_pretrained(model, quant=quant, lora=lora, dtype=jnp.dtype(dtype), progress=progress,
+                             rngs=nnx.Rngs((run or {}).get("seed", 0)))
     if adapter is not None:
         load_peft_adapter(loaded, adapter)
     loaded.eval()
@@ -236,7 +247,7 @@ def run_eval(args: EvalArgs) -> dict[str, Any]:
     fields = {k: getattr(args, k) if getattr(args, k) is not None else (run or {}).get(k)
               for k in ("text_field", "prompt_field", "completion_field", "messages_field")}
     examples, stats = load_examples(args.data, tokenizer, seq_len, **fields)
-    model = inference_model(args.model, adapter, quant=quant, dtype=args.dtype, progress=args.progress)
+    model = inference_model(args.model, adapter, quant=quant, dtype=args.dtype, progress=args.progress, run=run)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = Batcher.for_eval(examples, args.batch_size, seq_len, pack=args.pack, pad_id=pad_id)

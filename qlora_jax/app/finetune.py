@@ -12,6 +12,13 @@ memory plan applied),
 loss and learning rate per step), the final PEFT adapter in `adapter/`, and
 with `report_to` TensorBoard event files in `tensorboard/` and a W&B run in
 `wandb/` (`qlora_jax.app.report_to`).
+With an init that reads the weight (`init`: PiSSA, OLoRA, LoftQ) the base
+is a residual and `adapter/` applies over it, not over the original
+checkpoint: `adapter_initial/` keeps the adapter at step 0, and PiSSA/OLoRA
+runs also write `adapter_over_original/` (`save_peft_adapter_over_original`,
+PEFT's conversion to a plain rank-2r LoRA adapter over the original
+weights); `save_residual_base` writes the residual base itself to
+`residual_base/` (LoftQ's pair for PEFT).
 """
 
 from __future__ import annotations
@@ -36,11 +43,12 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from qlora_jax._src.checkpoint import DamagedCheckpointWarning
-from qlora_jax._src.config import LoraConfig, QuantConfig
+from qlora_jax._src.config import INITS, LoraConfig, QuantConfig, pissa_niter
 from qlora_jax._src.data import Batcher, iter_rows, load_examples
 from qlora_jax._src.formats.qarray import BLOCK_SIZES, FORMATS
 from qlora_jax._src.models.config import ModelConfig
 from qlora_jax._src.models.loading import checkpoint_dir, from_pretrained, load_config, load_tokenizer
+from qlora_jax._src.models.peft_convert import save_peft_adapter_over_original, save_residual_base
 from qlora_jax._src.models.peft_io import save_peft_adapter
 from qlora_jax._src.models.safetensors_io import SafetensorsReader
 from qlora_jax._src.sharding import make_mesh, shard_batch, shard_model
@@ -102,6 +110,14 @@ class FinetuneArgs:
     completion_field: str | None = None
     messages_field: str | None = None
     report_to: str | tuple[str, ...] = "none"  # "tensorboard", "wandb", "tensorboard,wandb" (app.report_to)
+    use_dora: bool = False  # DoRA adapters (LoraConfig.use_dora)
+    init: str = "default"  # adapter init (LoraConfig.init): default, gaussian, pissa, pissa_niter_N, olora, loftq
+    loftq_iter: int = 1  # LoftQ's alternations (LoraConfig.loftq_iter)
+    save_residual_base: bool = False  # with a weight-reading init: write the residual base to residual_base/
+
+
+# Settings added after run_config.json existed: a run recorded without them had their defaults.
+_ADDED_DEFAULTS = {"use_dora": False, "init": "default", "loftq_iter": 1, "save_residual_base": False}
 
 
 def _check_output(args: FinetuneArgs) -> Path:
@@ -170,6 +186,28 @@ def _check_settings(args: FinetuneArgs) -> None:
     if args.format is not None:  # any layer shape: blocks cross rows where they do not divide the input size
         check("block_size", args.block_size in BLOCK_SIZES and not isinstance(args.block_size, bool),
               f"one of {BLOCK_SIZES}")
+    check("use_dora", isinstance(args.use_dora, (bool, np.bool_)), "True or False")
+    check("init", isinstance(args.init, str) and (args.init in INITS and args.init != "pissa_niter_N"
+                                                  or pissa_niter(args.init) is not None),
+          f"one of {', '.join(i for i in INITS if i != 'pissa_niter_N')} or pissa_niter_N with an integer N >= 1 "
+          "(e.g. pissa_niter_4)")
+    check("loftq_iter", is_int(args.loftq_iter) and args.loftq_iter >= 1, "an integer >= 1")
+    if args.loftq_iter != 1 and args.init != "loftq":
+        raise ValueError(f"--loftq-iter: {args.loftq_iter} is for --init loftq only, got --init {args.init}")
+    if args.init == "loftq" and args.format is None:
+        raise ValueError("--init loftq: needs a quantized base (LoftQ picks the 4-bit base and the adapter "
+                         "together), not --format none")
+    if args.save_residual_base and not _weight_init(args):
+        raise ValueError(f"--save-residual-base: only with an init that reads the weight (pissa, pissa_niter_N, "
+                         f"olora, loftq), got --init {args.init}")
+    if args.save_residual_base and args.use_dora:
+        raise ValueError("--save-residual-base: not with --use-dora (a DoRA layer's base is not what a zero "
+                         "adapter leaves)")
+
+
+def _weight_init(args: FinetuneArgs) -> bool:
+    """Whether `args.init` reads the base weight (PiSSA, OLoRA, LoftQ): `adapter/` then applies over a residual."""
+    return args.init in ("pissa", "olora", "loftq") or pissa_niter(args.init) is not None
 
 
 def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
@@ -235,15 +273,17 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
     if args.resume:
         previous = json.loads((out / "run_config.json").read_text())
         # How the step is run (the plan, and what it was made for) may change between sessions; what is trained not.
-        changed = {k: (previous.get(k), v) for k, v in resolved.items()
+        changed = {k: (previous.get(k, _ADDED_DEFAULTS.get(k)), v) for k, v in resolved.items()
                    if k not in ("resume", "overwrite", "output", "mesh", "strategy", "fit", "available_bytes",
-                                "memory_plan", "report_to") and previous.get(k) != v}
+                                "memory_plan", "report_to", "save_residual_base")
+                   and previous.get(k, _ADDED_DEFAULTS.get(k)) != v}
         if changed:
             raise ValueError(f"--resume: settings differ from the run in {out}: {changed}")
     quant = None if args.format is None else QuantConfig(fmt=args.format, block_size=args.block_size,
                                                           double_quant=args.double_quant)
     targets = args.targets if isinstance(args.targets, str) else list(args.targets)
-    lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets)
+    lora = LoraConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, targets=targets,
+                      use_dora=args.use_dora, init=args.init, loftq_iter=args.loftq_iter)
     train_config = TrainConfig(total_steps=steps, lr=args.lr, schedule=args.schedule,
                                warmup_ratio=args.warmup_ratio, max_grad_norm=args.max_grad_norm,
                                grad_accum=args.grad_accum, seed=args.seed)
@@ -263,6 +303,8 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
                 (out / name).unlink(missing_ok=True)
         _write_json(out / "run_config.json", resolved)
     checkpoints = out / "checkpoints"
+    if main_process and _weight_init(args) and not args.resume:  # the factors at step 0, for PEFT's conversion
+        save_peft_adapter(model, out / "adapter_initial", base_model_name_or_path=str(args.model))
     if args.resume:
         _resume(trainer, batcher, checkpoints, main_process)
     # Metrics written after the restored checkpoint (a killed run) are dropped.
@@ -335,7 +377,31 @@ def _train(args: FinetuneArgs, trainer: Trainer, batcher: Batcher, model: Any, o
     if main_process:
         save_peft_adapter(model, out / "adapter", base_model_name_or_path=str(args.model))
         _plot(out / "loss.png", history)
+        if _weight_init(args):
+            summary["peft_export"] = _export_for_peft(args, model, out)
     return summary
+
+
+def _export_for_peft(args: FinetuneArgs, model: Any, out: Path) -> str:
+    """With a weight-reading init, what PEFT needs beside `adapter/` (which applies over the residual base only);
+    returns one line saying what was written and how PEFT loads it."""
+    lines = []
+    if args.init != "loftq":
+        save_peft_adapter_over_original(model, out / "adapter_over_original", initial_adapter=out / "adapter_initial",
+                                        base_model_name_or_path=str(args.model))
+        lines.append(f"{out / 'adapter_over_original'}: a plain LoRA adapter over the original checkpoint "
+                     f"(PeftModel.from_pretrained(original, that directory)"
+                     + (f"; over a {args.format} base it differs by the quantization error)" if args.format else ")"))
+    if args.save_residual_base:
+        save_residual_base(model, out / "residual_base", tokenizer_from=args.model
+                           if Path(args.model).is_dir() else None)
+        lines.append(f"{out / 'residual_base'}: the residual base (PeftModel.from_pretrained(that checkpoint, "
+                     f"{out / 'adapter'}))")
+    elif args.init == "loftq":
+        lines.append(f"{out / 'adapter'} applies over LoftQ's residual base only: write it with "
+                     "--save-residual-base (model-sized) or qlora_jax.models.save_residual_base, or evaluate with "
+                     f"qlora-jax eval --adapter {out}")
+    return "; ".join(lines)
 
 
 def _resume(trainer: Trainer, batcher: Batcher, checkpoints: Path, main_process: bool) -> None:
@@ -378,7 +444,8 @@ def _memory_plan(args: FinetuneArgs, config: ModelConfig, out: Path) -> Plan:
                                                          double_quant=args.double_quant)
     settings = dict(config=config, method=method, batch_size=args.batch_size * args.grad_accum, seq_len=args.seq_len,
                     rank=args.rank, alpha=args.alpha, dtype=jnp.dtype(args.dtype), quant=quant,
-                    available_bytes=args.available_bytes, loss_chunk=TrainConfig.loss_chunk)
+                    available_bytes=args.available_bytes, loss_chunk=TrainConfig.loss_chunk,
+                    use_dora=args.use_dora, weight_init=_weight_init(args))
     saved = json.loads((out / "run_config.json").read_text()).get("memory_plan") if args.resume else None
     if saved and saved["micro_batch"] * saved["grad_accum"] == settings["batch_size"]:
         try:  # the saved pick is the first candidate; where it no longer fits, a fresh plan is made

@@ -118,7 +118,9 @@ def save_peft_adapter_over_original(
         start = init_tensors[name]
         if start.shape != value.shape:
             raise ValueError(f"{initial}: {name} has shape {start.shape}, the model's adapter {value.shape}")
-        if ".lora_A." in name:
+        if name.endswith(".lora_magnitude_vector"):  # DoRA: W + s·(B·A − B0·A0) is the same weight, same norm
+            out[name] = value
+        elif ".lora_A." in name:
             out[name] = np.ascontiguousarray(np.concatenate([value, start], axis=0))  # (2r, in)
         else:
             out[name] = np.ascontiguousarray(np.concatenate([value, -start], axis=1))  # (out, 2r)
