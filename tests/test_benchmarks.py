@@ -1,6 +1,7 @@
 """The benchmark scripts run (on tiny shapes) and write what they claim to."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,10 @@ def test_quality_benchmark_runs_and_writes_json(tmp_path):
                                          {"method": "LoRA: float32", "accuracy": 0.25}]}))
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--shape", "256", "96", "--block-sizes", "32",
-         "256", "--no-real", "--demo-json", str(demo), "--json", str(out)],
+         "256", "--no-real", "--demo-json", str(demo), "--json", str(out),
+         # --methods smoke test: one method, QUICK sizes, a random base (no pre-training), 2 steps
+         "--methods", "loftq_2", "--method-steps", "2", "--methods-quick", "--methods-pretrain-steps", "0",
+         "--methods-dir", str(tmp_path / "bases")],
         capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     assert "| format | block | double quant | bytes/param | relative MSE (f64) | SQNR dB |" in result.stdout
@@ -76,6 +80,15 @@ def test_quality_benchmark_runs_and_writes_json(tmp_path):
     assert rows[("nf4", 256, False)]["relative_mse"] < rows[("fp4", 256, False)]["relative_mse"] < 0.03
     assert rows[("int8", 32, False)]["relative_mse"] < 1e-4
     assert rows[("nf4", 256, True)]["bytes_per_param"] < rows[("nf4", 256, False)]["bytes_per_param"]
+    assert "| method | what | eval loss at init | eval loss after training |" in result.stdout
+    (m,) = data["methods"]["rows"]
+    assert (m["method"], m["init"], m["loftq_iter"], m["use_dora"]) == ("loftq_2", "loftq", 2, False)
+    assert m["base"] == "nf4+dq"
+    # QUICK: 2 layers, hidden 64, intermediate 128, 4 heads / 2 KV heads of 16; rank 8 x (in + out) per projection
+    per_layer = (64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64)  # q, k+v, o, gate+up, down
+    assert m["trained_params"] == 2 * 8 * per_layer
+    assert len(m["losses"]) == 2 and all(math.isfinite(x) for x in [*m["losses"], m["eval_loss"]])
+    assert data["methods"]["settings"]["pretrain_steps"] == 0 and data["init_error"] == {"skipped": "--no-real"}
 
 
 
