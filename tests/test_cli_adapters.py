@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import torch
+import transformers
 from test_data import finetune_files
 
 from qlora_jax.app.cli import main
@@ -30,7 +31,7 @@ def test_dora_pissa_run_exports_for_peft_and_evaluates(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["finetune", "--model", str(path), "--data", str(data), "--output", str(out), "--steps", "2",
                  "--batch-size", "2", "--seq-len", "16", "--rank", "2", "--alpha", "4", "--lr", "5e-2",
-                 "--targets", "q_proj", "down_proj", "--use-dora", "--init", "pissa", "--format", "none",
+                 "--targets", "q_proj", "--use-dora", "--init", "pissa", "--format", "none",
                  "--no-fit"]) == 0
     printed = capsys.readouterr().out
     assert f"for PEFT: {out / 'adapter_over_original'}" in printed
@@ -39,25 +40,27 @@ def test_dora_pissa_run_exports_for_peft_and_evaluates(tmp_path, capsys):
     converted = json.loads((out / "adapter_over_original" / "adapter_config.json").read_text())
     assert (converted["r"], converted["lora_alpha"], converted["use_dora"]) == (4, 8.0, True)
 
-    ours = inference_model(path, out / "adapter", quant=None, run=run)
-    peft_model = PeftModel.from_pretrained(hf, out / "adapter_over_original").eval()
     tokenizer = load_tokenizer(path)
     examples, _ = load_examples(data, tokenizer, 16)
+    assert len(examples) == 6  # the three rows, twice
+    ids = np.zeros((3, 16), np.int64)  # the three distinct rows, padded at the end (causal: logits before unchanged)
+    for i, ex in enumerate(examples[:3]):
+        ids[i, :len(ex.input_ids)] = ex.input_ids
+    ours = np.asarray(inference_model(path, out / "adapter", quant=None, run=run)(ids))
+    with torch.no_grad():
+        reference = PeftModel.from_pretrained(hf, out / "adapter_over_original").eval()(
+            torch.tensor(ids)).logits.double().numpy()
+        # The trained adapter/ over the original weights is another model (3e-3 here): the residual base matters.
+        plain = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path), out / "adapter")
+        assert np.abs(plain.eval()(torch.tensor(ids)).logits.numpy() - reference).max() > 1e-3  # 10x the tolerance
     loss_sum, tokens = 0.0, 0.0
-    for ex in examples[:3]:  # the three distinct rows (each twice in the data)
-        ids = np.asarray(ex.input_ids)[None]
-        with torch.no_grad():
-            reference = peft_model(torch.tensor(ids)).logits.double().numpy()[0]
-        np.testing.assert_allclose(np.asarray(ours(ids))[0], reference, atol=1e-4, rtol=0)
-        logp = reference - np.log(np.exp(reference).sum(-1, keepdims=True))
-        weights = np.asarray(ex.loss_mask, np.float64)[1:]  # token t carries loss when predicted from t-1
-        loss_sum += 2 * float(-(weights * logp[np.arange(len(ids[0]) - 1), ids[0, 1:]]).sum())
+    for i, ex in enumerate(examples[:3]):
+        n = len(ex.input_ids)
+        np.testing.assert_allclose(ours[i, :n], reference[i, :n], atol=1e-4, rtol=0)
+        logp = reference[i, :n] - np.log(np.exp(reference[i, :n]).sum(-1, keepdims=True))
+        weights = np.asarray(ex.loss_mask, np.float64)[1:]  # token t carries loss when predicted from t - 1
+        loss_sum += 2 * float(-(weights * logp[np.arange(n - 1), ids[i, 1:n]]).sum())
         tokens += 2 * float(weights.sum())
-    assert len(examples) == 6
-
-    # The trained adapter over the original weights is another model: the residual base matters.
-    plain = inference_model(path, out / "adapter", quant=None)
-    assert np.abs(np.asarray(plain(ids))[0] - reference).max() > 1e-2
 
     assert main(["eval", "--model", str(path), "--adapter", str(out), "--data", str(data), "--no-pack",
                  "--json"]) == 0
