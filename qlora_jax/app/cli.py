@@ -303,6 +303,10 @@ def _build_parser() -> argparse.ArgumentParser:
                              "with gradient accumulation); exit 2 with what it needs when nothing fits")
     memory.add_argument("--method", choices=list(METHODS), default="qlora", help="the method --fit plans "
                                                                                  "(default qlora)")
+    memory.add_argument("--use-dora", action="store_true",
+                        help="--fit: DoRA adapters (their magnitudes' state and forward extra are added)")
+    memory.add_argument("--init", default="default", help="--fit: the adapter init; pissa, pissa_niter_N, olora and "
+                                                          "loftq add the loader's float32 projections while loading")
     memory.add_argument("--available-gib", type=float, default=None,
                         help="memory --fit plans for (default: the device's free memory; the host's MemAvailable "
                              "on CPU)")
@@ -425,6 +429,9 @@ def _run_memory(args: argparse.Namespace) -> int:
         return 2
     if args.fit:
         return _run_memory_fit(args, config)
+    if args.use_dora or args.init != "default":
+        print("qlora-jax memory: --use-dora and --init are planned with --fit only", file=sys.stderr)
+        return 2
     print(f"qlora-jax memory: {args.model} ({config.num_params / 1e9:.2f}B parameters), batch {args.batch_size} x "
           f"{args.seq_len} tokens, {args.dtype}, LoRA rank {args.rank} on all linear layers, "
           f"remat {not args.no_remat}, loss chunk {args.loss_chunk or 'off'}; compiled for {jax.default_backend()}\n")
@@ -447,16 +454,23 @@ def _run_memory_fit(args: argparse.Namespace, config: ModelConfig) -> int:
           f"{args.batch_size} x {args.seq_len} tokens, {args.dtype}, LoRA rank {args.rank}, loss chunk "
           f"{args.loss_chunk or 'off'}; compiled for {jax.default_backend()}\n")
     try:
+        weight_init = qj.LoraConfig(init=args.init).weight_init
+    except ValueError as e:
+        print(f"qlora-jax memory: --init: {e}", file=sys.stderr)
+        return 2
+    try:
         fit = plan_fit(config, args.method, batch_size=args.batch_size, seq_len=args.seq_len, rank=args.rank,
                        alpha=args.alpha, dtype=np.dtype(args.dtype), available_bytes=available,
-                       remat=False if args.no_remat else None, loss_chunk=args.loss_chunk or None)
+                       remat=False if args.no_remat else None, loss_chunk=args.loss_chunk or None,
+                       use_dora=args.use_dora, weight_init=weight_init)
     except DoesNotFit as e:
         print(plan_table(e.candidates) + "\n")
         print(f"qlora-jax memory: {e.message(_memory_flag)}", file=sys.stderr)
         return 2
     print(plan_table(fit.candidates))
     print(f"\nplan: {fit.describe()}\nneed: the compiled step, plus with accumulation the summed gradients and "
-          f"the batch's other rows, plus {RESERVE_FRACTION:.0%} and {RESERVE_BYTES / 2**20:.0f} MiB for what runs "
+          f"the batch's other rows (the + column also holds DoRA's magnitudes, and a weight init's loading beyond "
+          f"the step), plus {RESERVE_FRACTION:.0%} and {RESERVE_BYTES / 2**20:.0f} MiB for what runs "
           "outside the step")
     return 0
 
