@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import signal
 import sys
 import threading
@@ -301,6 +302,8 @@ def run_finetune(args: FinetuneArgs) -> dict[str, Any]:
         if not args.resume:
             for name in ("metrics.jsonl", "loss.png"):
                 (out / name).unlink(missing_ok=True)
+            for name in ("adapter_initial", "adapter_over_original", "residual_base"):  # a replaced run's exports
+                shutil.rmtree(out / name, ignore_errors=True)
         _write_json(out / "run_config.json", resolved)
     checkpoints = out / "checkpoints"
     if main_process and _weight_init(args) and not args.resume:  # the factors at step 0, for PEFT's conversion
