@@ -68,7 +68,7 @@ def _projection_shapes(config: ModelConfig) -> list[tuple[int, int]]:
 
 
 def adapter_method_bytes(config: ModelConfig, *, rank: int, use_dora: bool = False,
-                         weight_init: bool = False) -> tuple[int, int]:
+                         weight_init: bool = False, quantized: bool = True) -> tuple[int, int]:
     """What DoRA and the weight-reading inits add to a LoRA plan: `(step_bytes, load_bytes)`.
 
     `step_bytes` (DoRA; 0 without): each targeted projection's magnitude
@@ -80,7 +80,11 @@ def adapter_method_bytes(config: ModelConfig, *, rank: int, use_dora: bool = Fal
     decomposes it while the checkpoint streams, on up to `_WORKERS` (2)
     threads at once, each holding about four float32 copies of the largest
     projection (kernel, SVD or QR factors, residual); this is held on top of
-    the model's weights while loading, before the optimizer exists.
+    the model's weights while loading, before the optimizer exists. Over a
+    float base (`quantized=False`) `apply_qlora` computes it after loading,
+    one layer at a time, the residuals of all layers of a projection stacked
+    before they replace its kernels: the largest projection's stack plus
+    three copies for one layer's decomposition.
     Projections as adapted by "all-linear" (attention and MLP, each expert's).
 
     Args:
@@ -88,6 +92,7 @@ def adapter_method_bytes(config: ModelConfig, *, rank: int, use_dora: bool = Fal
         rank: LoRA rank.
         use_dora: DoRA adapters.
         weight_init: An init that reads the weight ("pissa", "pissa_niter_N", "olora", "loftq").
+        quantized: A quantized base (the init streams while loading), else float (`apply_qlora` after loading).
 
     Returns:
         `(step_bytes, load_bytes)`.
@@ -100,11 +105,15 @@ def adapter_method_bytes(config: ModelConfig, *, rank: int, use_dora: bool = Fal
         (32768, 0)
         >>> adapter_method_bytes(cfg, rank=4, weight_init=True)  # 2 threads x 4 copies x 64*128*4 bytes
         (0, 262144)
+        >>> adapter_method_bytes(cfg, rank=4, weight_init=True, quantized=False)  # (2 layers + 3) x 64*128*4 bytes
+        (0, 163840)
     """
     shapes = _projection_shapes(config)
     outputs = config.num_layers * sum(o for _, o in shapes)
     step = outputs * (16 + 4 * rank) if use_dora else 0
-    load = _LOADER_WORKERS * _INIT_COPIES * 4 * max(i * o for i, o in shapes) if weight_init else 0
+    largest = 4 * max(i * o for i, o in shapes)
+    copies = _LOADER_WORKERS * _INIT_COPIES if quantized else config.num_layers + _INIT_COPIES - 1
+    load = copies * largest if weight_init else 0
     return step, load
 
 
@@ -350,7 +359,8 @@ def plan_fit(
     measure = _Measure(config, method, rank=rank, alpha=alpha, dtype=dtype, quant=quant, batch_size=batch_size,
                        seq_len=seq_len, loss_chunk=loss_chunk, available=available,
                        adapter_bytes=adapter_method_bytes(config, rank=rank, use_dora=use_dora and method != "full",
-                                                          weight_init=weight_init and method != "full"))
+                                                          weight_init=weight_init and method != "full",
+                                                          quantized=method == "qlora"))
     groups = (remat_group,) if remat_group is not None else (1, REMAT_GROUP)[:1 + (config.num_layers > REMAT_GROUP)]
     remats = [(False, 1)] * (remat is not True) + [(True, g) for g in groups] * (remat is not False)
     order = [(k, r, g) for k in _divisors(batch_size) if k >= grad_accum for r, g in remats]
