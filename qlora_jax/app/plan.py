@@ -42,7 +42,6 @@ import numpy as np
 from qlora_jax._src.config import QuantConfig
 from qlora_jax._src.memory import METHODS, MethodMemory, step_memory
 from qlora_jax._src.models.config import ModelConfig
-from qlora_jax._src.models.loading import _WORKERS as _LOADER_WORKERS
 
 __all__ = ["REMAT_GROUP", "RESERVE_BYTES", "RESERVE_FRACTION", "Candidate", "DoesNotFit", "Plan",
            "adapter_method_bytes", "available_memory", "need_bytes", "plan_fit", "plan_table"]
@@ -55,6 +54,7 @@ RESERVE_FRACTION = 0.10  # allocator fragmentation, the loader's one full-precis
 _MIN_SEQ_LEN = 128  # the shortest sequence length suggested
 REMAT_GROUP = 4  # layers per recomputed group, the planner's last rematerialization setting
 _BATCH_BYTES_PER_TOKEN = 12  # input_ids and targets (int32), weights (float32)
+_LOADER_WORKERS = 2  # from_pretrained's threads reading and quantizing projections (its `_WORKERS`)
 # What one weight-reading init holds per projection being initialized, in float32 copies of the projection: the
 # whole kernel, its decomposition's factors (U [in, k] and V [k, out], at most two copies together) and the residual.
 _INIT_COPIES = 4
