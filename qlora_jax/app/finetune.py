@@ -401,9 +401,10 @@ def _export_for_peft(args: FinetuneArgs, model: Any, out: Path) -> str:
         lines.append(f"{out / 'residual_base'}: the residual base (PeftModel.from_pretrained(that checkpoint, "
                      f"{out / 'adapter'}))")
     elif args.init == "loftq":
-        lines.append(f"{out / 'adapter'} applies over LoftQ's residual base only: write it with "
-                     "--save-residual-base (model-sized) or qlora_jax.models.save_residual_base, or evaluate with "
-                     f"qlora-jax eval --adapter {out}")
+        lines.append(f"{out / 'adapter'} applies over LoftQ's residual base only: "
+                     + ("" if args.use_dora else "write it with --save-residual-base (model-sized) or "
+                        "qlora_jax.models.save_residual_base, or ")
+                     + f"evaluate with qlora-jax eval --adapter {out}")
     return "; ".join(lines)
 
 
