@@ -5,6 +5,8 @@ random non-zero B, loaded here with `load_peft_adapter(..., adapter_name=...)`; 
 training only the active one, exact switching, merge and export of a chosen adapter."""
 
 import copy
+import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +54,6 @@ def _peft_logits(peft_model, ids, name):
 
 
 def test_named_adapters_match_peft(setup, tmp_path, cpu_devices):
-    from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel
 
     tmp, peft_model = setup
@@ -95,8 +96,12 @@ def test_named_adapters_match_peft(setup, tmp_path, cpu_devices):
     trained = nnx.clone(model)
     qj.set_adapter(trained, "b")
     optimizer = nnx.Optimizer(trained, optax.sgd(0.1), wrt=nnx.LoRAParam)
-    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(trained)
-    optimizer.update(trained, grads)
+
+    @nnx.jit
+    def step(m, opt):
+        opt.update(m, nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(m))
+
+    step(trained, optimizer)
     after = trained.layers.self_attn.q_proj
     assert np.abs(np.asarray(after.lora_b[...])
                   - stored["layers"]["self_attn"]["q_proj"]["frozen_adapters"]["b"]["lora_b"].get_value()).max() > 0
@@ -131,13 +136,57 @@ def test_named_adapters_match_peft(setup, tmp_path, cpu_devices):
         qj.set_adapter(model, "c")
     with pytest.raises(ValueError, match="is the active adapter"):
         qj.delete_adapter(model, "default")
-    with pytest.raises(ValueError, match="lora_A"):  # rank 8 does not fit: the model keeps its adapters
-        bad = copy.deepcopy(peft_model)
-        bad.add_adapter("r8", PeftLoraConfig(r=8, lora_alpha=8, target_modules=TARGETS_B))
-        bad.save_pretrained(tmp_path / "bad", selected_adapters=["r8"])
-        models.load_peft_adapter(model, tmp_path / "bad" / "r8", adapter_name="r8")
+    shutil.copytree(tmp / "adapters" / "b", tmp_path / "r8")  # "b" claiming rank 8: refused, nothing changes
+    config = json.loads((tmp_path / "r8" / "adapter_config.json").read_text())
+    (tmp_path / "r8" / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(ValueError, match=r"down_proj: lora_A \(4, 128\), lora_B \(64, 4\) \(r=8\) do not fit"):
+        models.load_peft_adapter(model, tmp_path / "r8", adapter_name="r8")
     assert qj.adapter_names(model) == ["default", "b"]
     np.testing.assert_array_equal(np.asarray(forward(model, x)), first)
     qj.delete_adapter(model, "b")
     assert qj.adapter_names(model) == ["default"] and not nnx.state(model, qj.nnx.FrozenAdapter)
 
+
+
+def test_named_dora_adapters_match_peft(tmp_path):
+    """Two PEFT DoRA adapters (random B and magnitudes; "b" targets a subset): logits per active adapter and the
+    merge of the stored one equal PEFT's; each stored adapter keeps its magnitude."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).float().eval()
+    hf.save_pretrained(tmp_path / "base")
+    peft_model = get_peft_model(hf, PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                   lora_dropout=0.0, use_dora=True))
+    peft_model.add_adapter("b", PeftLoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.0,
+                                               use_dora=True))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n or "lora_magnitude_vector" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / "adapters")
+    peft_model.eval()
+    ids = np.random.default_rng(0).integers(0, 128, (2, 10))
+    expected = {name: _peft_logits(peft_model, ids, name) for name in ("default", "b")}
+    assert np.abs(expected["default"] - expected["b"]).max() > 1e-2
+
+    model = models.from_pretrained(tmp_path / "base", lora=qj.LoraConfig(rank=4, alpha=8, targets=["q_proj", "v_proj"],
+                                                                         use_dora=True))
+    models.load_peft_adapter(model, tmp_path / "adapters")
+    models.load_peft_adapter(model, tmp_path / "adapters" / "b", adapter_name="b")
+    forward = nnx.jit(lambda m, x: m(x))
+    x = jnp.asarray(ids)
+    for name in ("b", "default"):
+        qj.set_adapter(model, name)
+        np.testing.assert_allclose(np.asarray(forward(model, x)), expected[name], atol=1e-4, rtol=0)
+    stored = model.layers.self_attn.q_proj.frozen_adapters["b"]
+    assert sorted(stored) == ["lora_a", "lora_b", "lora_magnitude_vector"]
+    merged_peft = copy.deepcopy(peft_model).merge_and_unload(adapter_names=["b"])
+    with torch.no_grad():
+        merged_expected = merged_peft(torch.from_numpy(ids)).logits.numpy()
+    merged = qj.merge_lora(model, adapter_name="b")
+    np.testing.assert_allclose(np.asarray(forward(merged, x)), merged_expected, atol=1e-4, rtol=0)
