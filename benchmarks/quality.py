@@ -360,7 +360,7 @@ def demo_table(rows: Sequence[dict[str, Any]]) -> str:
     """The demo's rows as a table.
 
     Example:
-        >>> demo_table([{"method": "x", "accuracy": 0.5}]).splitlines()[2]
+        >>> demo_table(demo_rows({"rows": [{"method": "x", "accuracy": 0.5}]})).splitlines()[2]
         '| x | 50.0% | n/a | n/a | n/a | n/a |'
     """
     headers = ["method", "task accuracy", "eval loss", "base bytes/param", "compiled step (MiB)", "median step (ms)"]
@@ -463,11 +463,13 @@ def _demo_base(cfg: Any, folder: Path, progress: bool, pretrain: bool = True) ->
     from qlora_jax.app import demo as demo_app
 
     config = cfg.model_config()
-    cache = folder / (f"base_{cfg.base_key()}" if pretrain else f"random_{cfg.base_key()}")
+    if not pretrain:
+        return (lambda: qj.models.CausalLM(config, rngs=nnx.Rngs(cfg.seed))), {
+            "cache": None, "reused": False, "params": config.num_params, "pretrained": False}
+    cache = folder / f"base_{cfg.base_key()}"
     reused = qj.checkpoint.latest_step(cache) is not None
     if not reused:
-        model = (demo_app.pretrain_base(cfg, progress=progress)[0] if pretrain
-                 else qj.models.CausalLM(config, rngs=nnx.Rngs(cfg.seed)))
+        model, _ = demo_app.pretrain_base(cfg, progress=progress)
         qj.checkpoint.save(cache, model, include_base=True)
 
     def make_base() -> Any:
@@ -475,7 +477,7 @@ def _demo_base(cfg: Any, folder: Path, progress: bool, pretrain: bool = True) ->
         qj.checkpoint.restore(cache, model)  # fresh buffers: a trainer's donation never reaches another method's base
         return model
 
-    return make_base, {"cache": str(cache), "reused": reused, "params": config.num_params, "pretrained": pretrain}
+    return make_base, {"cache": str(cache), "reused": reused, "params": config.num_params, "pretrained": True}
 
 
 def run_methods(names: Sequence[str], *, steps: int | None, folder: Path, quick: bool = False,
@@ -687,8 +689,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = run_methods(args.methods, steps=args.method_steps, folder=args.methods_dir,
                               quick=args.methods_quick, pretrain_steps=args.methods_pretrain_steps)
         st = methods["settings"]
-        print(f"## (e) adapter methods on the demo's task ({methods['task']})\n\nsame pre-trained base "
-              f"({methods['base']['params']:,} params, {methods['base']['cache']}), data, seed {st['seed']}, "
+        base = methods["base"]
+        print(f"## (e) adapter methods on the demo's task ({methods['task']})\n\nsame "
+              f"{'pre-trained' if base['pretrained'] else 'randomly initialized'} base ({base['params']:,} params, "
+              f"{base['cache'] or 'not cached'}), data, seed {st['seed']}, "
               f"lr {st['lr']}, {st['steps']} steps of {st['batch_size']} x {st['seq_len']} tokens, rank {st['rank']}, "
               f"alpha {st['alpha']}; eval loss on the held-out words (loss on the answer only)"
               f"{' -- QUICK sizes, a smoke test' if st['quick'] else ''}\n")

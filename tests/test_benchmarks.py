@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import jax
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,6 +127,7 @@ def test_train_step_benchmark_runs(tmp_path):
         assert abs(rows[torch_case]["loss0"] - ours_case["loss0"]) < 1e-3
 
 
+@pytest.mark.slow  # four processes (~60 s); the loaders, step flavours and bitsandbytes import have their own tests
 def test_big_model_benchmark_runs_on_a_small_shape(tmp_path):
     """`big_model.py` end to end on the `tiny` shape: a sharded bf16 checkpoint and a bitsandbytes-4bit one are
     written, loaded in fresh processes, trained (each step flavour once) and their adapters saved; the bf16
@@ -164,8 +166,6 @@ def test_big_model_refuses_a_checkpoint_the_disk_cannot_hold(tmp_path, monkeypat
     finally:
         sys.path.pop(0)
     import shutil
-
-    import pytest
 
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**9, 10**9))
     with pytest.raises(SystemExit, match=r"the llama-2-13b bf16 checkpoint needs 26\.0 GB in .*, and only 1\.0 GB "
