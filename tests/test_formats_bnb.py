@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cases import matrix
 
 import qlora_jax as qj
 from qlora_jax._src.formats import codebooks
@@ -77,9 +78,8 @@ def _bits(a) -> np.ndarray:
     return a.view({2: np.uint16, 4: np.uint32}[a.dtype.itemsize])
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
-@pytest.mark.parametrize("block_size", [32, 64, 128, 256, 4096])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize(("fmt", "block_size", "dtype"),
+                         matrix(["nf4", "fp4"], [32, 64, 128, 256, 4096], ["float32", "bfloat16", "float16"]))
 def test_codes_and_absmax_bit_identical(fmt, block_size, dtype):
     rng = np.random.default_rng(block_size)
     for shape in SHAPES:
@@ -99,9 +99,7 @@ def test_codes_and_absmax_bit_identical(fmt, block_size, dtype):
         np.testing.assert_array_equal(_bits(got), _bits(expected), err_msg=f"dequantized, shape {shape}")
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
-@pytest.mark.parametrize("block_size", [32, 64, 256])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("fmt", "block_size", "dtype"), matrix(["nf4", "fp4"], [32, 64, 256], ["float32", "bfloat16"]))
 def test_double_quant_against_bitsandbytes(fmt, block_size, dtype):
     rng = np.random.default_rng(7)
     agree, total = 0, 0

@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import transformers
 
 SCRIPT = Path(__file__).parent / "scripts" / "peak_load.py"
@@ -57,7 +56,6 @@ def _write_checkpoint(path: Path, config: transformers.LlamaConfig) -> tuple[int
     return sum(int(np.prod(s)) for s in shapes.values()), max(int(np.prod(s)) * 4 for s in shapes.values())
 
 
-@pytest.mark.slow
 def test_peak_memory_while_loading_with_nf4(tmp_path):
     config = transformers.LlamaConfig(vocab_size=4096, hidden_size=1024, intermediate_size=4096,
                                       num_hidden_layers=12, num_attention_heads=16, num_key_value_heads=16)

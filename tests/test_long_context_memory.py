@@ -140,7 +140,7 @@ def test_long_sequence_mlp_keeps_one_chunk(monkeypatch):
     assert whole > 4 * activations and chunked < 2 * activations, (whole, chunked, activations)
 
 
-@pytest.mark.parametrize("group", [2, 5, 7])
+@pytest.mark.parametrize("group", [2, pytest.param(5, marks=pytest.mark.slow), 7])
 def test_remat_groups_equal_every_layer_kept(group):
     """`remat_group`: 5 layers in groups of 2 (the last one alone), one group of 5, and a group larger than the
     model: the same loss, adapter gradients and RNG counts as keeping every layer's input, with dropout."""

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cases import by_default
 from flax import nnx
 
 import qlora_jax as qj
@@ -52,7 +53,7 @@ def _plain(module_head, hidden, targets, weights):
     return masked_cross_entropy(module_head(hidden), targets, weights)
 
 
-@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("chunk", by_default(CHUNKS, 5, 24))
 def test_values_and_gradients_equal_the_unchunked_loss(chunk):
     """A dense head: the sums, and the gradients w.r.t. the hidden states and the kernel and bias."""
     hidden, targets, weights = _data()
@@ -75,7 +76,7 @@ def test_values_and_gradients_equal_the_unchunked_loss(chunk):
     assert np.abs(np.asarray(c_hidden)).max() > 0 and np.all(np.asarray(c_hidden)[np.asarray(weights) == 0] == 0)
 
 
-@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("chunk", by_default(CHUNKS, 8, 100))
 def test_lora_head_adapter_gradients_equal_the_unchunked_loss(chunk):
     """A QLoRA `lm_head`: the LoRA factors' gradients (only `nnx.LoRAParam` differentiated, as the train step)."""
     hidden, targets, weights = _data(1)

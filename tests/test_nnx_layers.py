@@ -485,7 +485,7 @@ def test_bad_quant_config(kwargs, match):
     (dict(alpha=-1.0), r"LoraConfig.alpha"),
     (dict(dropout=1.0), r"LoraConfig.dropout: must lie in \[0, 1\), got 1.0"),
     (dict(dropout=-0.1), r"LoraConfig.dropout"),
-    (dict(init="pissa"), r"LoraConfig.init: unknown init 'pissa'"),
+    (dict(init="pissa_niter_0"), r"LoraConfig.init: unknown init .pissa_niter_0."),
     (dict(targets=[]), r"LoraConfig.targets"),
     (dict(targets="q_proj("), r"LoraConfig.targets: 'q_proj\(' is not a valid regular expression"),
 ])

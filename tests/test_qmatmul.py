@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cases import matrix
 from jax import export
 
 import qlora_jax as qj
@@ -51,9 +52,7 @@ def _loss(x, q, path, **kw):
     return jnp.sum(jnp.tanh(qj.qmatmul(x, q, path=path, **kw).astype(jnp.float32)))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block", XLA_BLOCKS)
+@pytest.mark.parametrize(("fmt", "dtype", "block"), matrix(FORMATS, DTYPES, XLA_BLOCKS))
 def test_xla_path_matches_reference_values_and_grad(fmt, dtype, block):
     x, q = _case(fmt, dtype, block, 1024, 128, double_quant=block % 64 == 0)
     got = jax.jit(qj.qmatmul, static_argnames="path")(x, q, path="xla")
@@ -65,9 +64,7 @@ def test_xla_path_matches_reference_values_and_grad(fmt, dtype, block):
     _assert_close(g, jax.grad(_loss)(x, q, "reference"), dtype)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("block", [128, 512, 2048, 4096])
+@pytest.mark.parametrize(("fmt", "dtype", "block"), matrix(FORMATS, DTYPES, [128, 512, 2048, 4096]))
 def test_xla_path_matches_reference_for_the_other_block_sizes(fmt, dtype, block):
     """Blocks of 2048 and 4096 on a 1024-long input straddle rows (flat layout)."""
     x, q = _case(fmt, dtype, block, 1024, 128)
@@ -100,12 +97,16 @@ def _only_this_device(request):
 
 # Every format with every dtype; block sizes spread over the pairs (interpret
 # mode is slow). Blocks 512 and 1024 are longer than the GPU's small-M step (256).
+# By default each pair runs on one backend, and each backend sees every format, dtype and block size
+# (`-m slow`: every pair on both).
 _PALLAS_CASES = [(fmt, dtype, BLOCKS[(i + 2 * j) % len(BLOCKS)])
                  for i, fmt in enumerate(FORMATS) for j, dtype in enumerate(DTYPES)]
+_PALLAS_DEFAULT = {("gpu", i) for i in (0, 1, 4, 5, 7, 11)} | {("tpu", i) for i in (2, 3, 6, 8, 9, 10)}
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize(("fmt", "dtype", "block"), _PALLAS_CASES)
+@pytest.mark.parametrize(("backend", "fmt", "dtype", "block"), [
+    pytest.param(backend, *case, marks=() if (backend, i) in _PALLAS_DEFAULT else pytest.mark.slow)
+    for backend in ("gpu", "tpu") for i, case in enumerate(_PALLAS_CASES)])
 def test_pallas_kernels_match_reference(backend, fmt, dtype, block):
     x, q = _case(fmt, dtype, block, 1024, 256, m=(5,), double_quant=fmt != "int8")
     path = f"pallas_{backend}"
@@ -114,8 +115,7 @@ def test_pallas_kernels_match_reference(backend, fmt, dtype, block):
     _assert_close(got, qj.qmatmul(x, q, path="reference"), dtype)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("backend", "dtype"), matrix(["gpu", "tpu"], DTYPES))
 def test_pallas_forward_has_the_recomputing_gradient(backend, dtype):
     x, q = _case("nf4", dtype, 64, 512, 256, m=(3,))
     path = f"pallas_{backend}"
@@ -137,9 +137,8 @@ _TILE_SHAPES = {
 }
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
-@pytest.mark.parametrize("fmt", ["nf4", "int8"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(("backend", "fmt", "dtype"), matrix(["gpu", "tpu"], ["nf4", "int8"],
+                                                            [jnp.float32, jnp.bfloat16]))
 def test_pallas_tile_configs_and_ragged_shapes(backend, fmt, dtype):
     seen = set()
     for m, k, n, block in _TILE_SHAPES[backend]:

@@ -91,7 +91,9 @@ def test_remat_step_keeps_every_array_where_it_was(cpu_devices):
     assert moved == []
 
 
-@pytest.mark.parametrize("axes,strategy", MESHES, ids=[f"{'x'.join(map(str, a.values()))}-{s}" for a, s in MESHES])
+@pytest.mark.parametrize("axes,strategy",
+                         [pytest.param(*m, marks=pytest.mark.slow) if m[1] == "tp" else m for m in MESHES],
+                         ids=[f"{'x'.join(map(str, a.values()))}-{s}" for a, s in MESHES])
 def test_sharded_step_matches_one_device(cpu_devices, single_device, axes, strategy):
     ref_loss, ref_grads, ref_step_loss, ref_grad_norm, ref_adapters = single_device
     mesh = qj.make_mesh(axes, cpu_devices)

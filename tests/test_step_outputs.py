@@ -74,7 +74,7 @@ def test_compiled_step_outputs_only_what_it_changes(flavour):
         assert outputs <= changing + 1024, (outputs, changing, frozen)  # + the metrics' scalars
 
 
-@pytest.mark.parametrize("flavour", ["trainer", "readme", "nnx-jit-default"])
+@pytest.mark.parametrize("flavour", ["trainer", pytest.param("readme", marks=pytest.mark.slow), "nnx-jit-default"])
 def test_real_steps_do_not_grow_the_process_by_the_frozen_base(flavour):
     result = subprocess.run([sys.executable, str(SCRIPT), flavour], capture_output=True, text=True, timeout=300,
                             check=False)

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from cases import matrix
 from flax import nnx
 from test_models import assert_adapter_gradients_match_peft, hf_logits, make_checkpoint, peft_with_random_b
 from test_models_quant import (
@@ -66,8 +67,7 @@ def _assert_bnb_bytes(q: qj.QuantizedArray, weight: np.ndarray, fmt: str = "nf4"
                                   err_msg=f"{what}: absmax")
 
 
-@pytest.mark.parametrize("block", [32, 64, 128, 4096])
-@pytest.mark.parametrize("fmt", ["nf4", "fp4"])
+@pytest.mark.parametrize(("fmt", "block"), matrix(["nf4", "fp4"], [32, 64, 128, 4096]))
 def test_quantize_is_bitsandbytes_byte_for_byte(fmt, block):
     rng = np.random.default_rng(0)
     checked = 0
@@ -347,7 +347,8 @@ def unaligned_single_device():
     return float(loss), nnx.to_pure_dict(grads)
 
 
-@pytest.mark.parametrize("axes,strategy", MESHES, ids=[s for _, s in MESHES])
+@pytest.mark.parametrize("axes,strategy", [*MESHES[:2], pytest.param(*MESHES[2], marks=pytest.mark.slow)],
+                         ids=[s for _, s in MESHES])
 def test_sharded_step_matches_one_device(cpu_devices, unaligned_single_device, axes, strategy):
     ref_loss, ref_grads = unaligned_single_device
     mesh = qj.make_mesh(axes, cpu_devices)
@@ -423,8 +424,7 @@ def test_linear_general_and_einsum_kernels_in_flat_layout():
         np.testing.assert_allclose(np.asarray(layer(x_in)).reshape(6, -1), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("double_quant", [False, True], ids=["no-dq", "dq"])
+@pytest.mark.parametrize(("dtype", "double_quant"), matrix([jnp.float32, jnp.bfloat16], [False, True]))
 def test_streaming_quantization_in_chunks_of_whole_blocks(dtype, double_quant):
     """`quantize_streaming` (the checkpoint loader's) quantizes a flat-layout matrix a chunk of whole blocks at a
     time, bit for bit as `quantize` of the whole; a non-finite value in the partial last block is named."""
