@@ -208,20 +208,65 @@ def stopped_in_save(files, out: Path, step: int) -> Run:
     pytest.fail("three runs finished the save before they could be stopped")
 
 
-@pytest.mark.parametrize("step", [2, 4], ids=["first", "later"])
-def test_sigkill_while_a_checkpoint_is_written(files, step):
-    out = files["tmp"] / f"killed_in_save_{step}"
-    run = stopped_in_save(files, out, step)
+def test_sigkill_while_the_first_checkpoint_is_written_then_sigint_while_a_step_runs(files):
+    """Killed while checkpoint 2 (the first) is written: no complete checkpoint, so `--resume` starts over with a
+    warning. That run gets Ctrl-C while step 3 computes: the step finishes, is saved, the run exits with 130;
+    `--resume` goes on from step 3 to the straight run's result."""
+    out = files["tmp"] / "killed_in_first_save"
+    run = stopped_in_save(files, out, 2)
     run.kill()
     assert run.process.returncode == -signal.SIGKILL
-    assert run.temporaries(step)  # what the killed write left
-    if step == 2:  # no complete checkpoint: --resume starts over, with a warning
-        assert qj.checkpoint.latest_step(out / "checkpoints") is None
-        resume(files, out, r"no complete checkpoint: starting over from step 0")
-    else:
-        assert qj.checkpoint.latest_step(out / "checkpoints") == 2
-        resume(files, out)
+    assert run.temporaries(2)  # what the killed write left
+    assert qj.checkpoint.latest_step(out / "checkpoints") is None
+
+    run = Run(files, out, "--resume")
+    run.wait_for(lambda: (out / "checkpoints" / "2" / MANIFEST).is_file(), "checkpoint 2")
+    time.sleep(0.1)  # into step 3 (steps take ~0.4 s)
+    logged = run.steps_logged()
+    stack = run.main_thread_stack(then=signal.SIGINT)  # the stack at the moment the two signals arrive
+    assert run.wait() == 130, run.stderr()
+    assert re.search(r"^qlora-jax finetune: warning: .*no complete checkpoint: starting over from step 0",
+                     run.stderr(), re.MULTILINE), run.stderr()
+    assert _in_the_train_step(stack), stack
+    assert logged == 2
+    assert f"interrupted: saved step 3 of {STEPS}" in run.stderr()
+    assert qj.checkpoint.latest_step(out / "checkpoints") == 3
+    resume(files, out)
     assert_same_as_straight(out, files["straight"])
+
+
+def test_sigkill_while_a_later_checkpoint_is_written_then_while_a_step_computes(files):
+    """Killed while checkpoint 4 is written: `--resume` continues from 2. That run is killed while step 5 computes
+    (checkpoints 2 and 4 complete): `--resume` continues from 4. A copy of that killed run whose checkpoint 4 was
+    damaged afterwards (one file truncated) resumes from 2, with a warning naming the file."""
+    out = files["tmp"] / "killed_in_later_save"
+    run = stopped_in_save(files, out, 4)
+    run.kill()
+    assert run.process.returncode == -signal.SIGKILL
+    assert run.temporaries(4)
+    assert qj.checkpoint.latest_step(out / "checkpoints") == 2
+
+    run = Run(files, out, "--resume")
+    run.wait_for(lambda: (out / "checkpoints" / "4" / MANIFEST).is_file(), "checkpoint 4")
+    time.sleep(0.1)  # into step 5 (steps take ~0.4 s)
+    logged = run.steps_logged()
+    stack = run.main_thread_stack()
+    run.process.kill()
+    run.process.wait()
+    assert _in_the_train_step(stack), stack
+    assert logged == 4 and run.steps_logged() == 4  # step 5 had not finished
+    assert qj.checkpoint.latest_step(out / "checkpoints") == 4
+
+    damaged_run = files["tmp"] / "damaged"
+    shutil.copytree(out, damaged_run)
+    resume(files, out)
+    assert_same_as_straight(out, files["straight"])
+
+    file = max((p for p in (damaged_run / "checkpoints" / "4" / "optimizer").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    file.write_bytes(file.read_bytes()[:-10])
+    resume(files, damaged_run, rf"skipped damaged checkpoint step 4: {re.escape(str(file))}: .* restored step 2")
+    assert_same_as_straight(damaged_run, files["straight"])
 
 
 @pytest.mark.parametrize("times", [1, 2])
@@ -254,50 +299,4 @@ def test_ctrl_c_while_a_checkpoint_is_written(files, times):
     # save removes it (Orbax's cleanup_tmp_directories).
     if times == 1:
         assert f"interrupted: saved step 4 of {STEPS}" in run.stderr()
-    # (--resume from a complete checkpoint after an interrupt: the tests above and below)
-
-
-def test_sigkill_while_a_step_computes_and_a_damaged_checkpoint(files):
-    """Killed while step 5 computes (checkpoints 2 and 4 complete): --resume continues from 4. A copy of the killed
-    run whose checkpoint 4 was damaged afterwards (one file truncated) resumes from 2, with a warning naming it."""
-    out = files["tmp"] / "killed_in_step"
-    run = Run(files, out)
-    run.wait_for(lambda: (out / "checkpoints" / "4" / MANIFEST).is_file(), "checkpoint 4")
-    time.sleep(0.1)  # into step 5 (steps take ~0.4 s)
-    logged = run.steps_logged()
-    stack = run.main_thread_stack()
-    run.process.kill()
-    run.process.wait()
-    assert _in_the_train_step(stack), stack
-    assert logged == 4 and run.steps_logged() == 4  # step 5 had not finished
-    assert qj.checkpoint.latest_step(out / "checkpoints") == 4
-
-    damaged_run = files["tmp"] / "damaged"
-    shutil.copytree(out, damaged_run)
-    resume(files, out)
-    assert_same_as_straight(out, files["straight"])
-
-    file = max((p for p in (damaged_run / "checkpoints" / "4" / "optimizer").rglob("*") if p.is_file()),
-               key=lambda p: p.stat().st_size)
-    file.write_bytes(file.read_bytes()[:-10])
-    resume(files, damaged_run, rf"skipped damaged checkpoint step 4: {re.escape(str(file))}: .* restored step 2")
-    assert_same_as_straight(damaged_run, files["straight"])
-
-
-def test_sigint_while_the_jitted_step_runs(files):
-    """Ctrl-C while step 3 computes: the step finishes, is saved, the run exits with 130; --resume goes on from
-    step 3 to the straight run's result."""
-    out = files["tmp"] / "sigint"
-    run = Run(files, out)
-    run.wait_for(lambda: (out / "checkpoints" / "2" / MANIFEST).is_file(), "checkpoint 2")
-    time.sleep(0.1)  # into step 3 (steps take ~0.4 s)
-    logged = run.steps_logged()
-    stack = run.main_thread_stack(then=signal.SIGINT)  # the stack at the moment the two signals arrive
-    assert run.wait() == 130, run.stderr()
-    assert _in_the_train_step(stack), stack
-    assert logged == 2
-    assert f"interrupted: saved step 3 of {STEPS}" in run.stderr()
-    assert qj.checkpoint.latest_step(out / "checkpoints") == 3
-    assert not (out / "adapter").exists()
-    resume(files, out)
-    assert_same_as_straight(out, files["straight"])
+    # (--resume from a complete checkpoint after an interrupt: the tests above)
