@@ -229,6 +229,17 @@ def test_einsum_modules_are_quantized_exact_and_train_their_adapters_only(float_
     want = _forward(reference, tokens[:, :-1])
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=2e-5)
 
+    # (2b) merge_lora puts the merged weight back as the module's nnx.Param (same reference); unmerge_lora undoes it.
+    merged, original = nnx.clone(model), nnx.clone(model)
+    qj.merge_lora(merged)
+    assert type(merged.layers[0].attn.q_proj.w) is nnx.Param and merged.layers[0].attn.q_proj.w.shape == (D, N, H)
+    np.testing.assert_allclose(np.asarray(_forward(merged, tokens[:, :-1])), np.asarray(want), rtol=1e-5, atol=2e-5)
+    rows = {row.path: row for row in qj.merge_report(merged, original).layers}
+    assert sorted(rows) == PROJECTIONS and rows["layers/0/attn/q_proj/w"].merged == "Param"
+    qj.unmerge_lora(merged, original)
+    assert type(merged.layers[0].attn.q_proj.w) is QLoRAProduct
+    np.testing.assert_array_equal(np.asarray(_forward(merged, tokens[:, :-1])), np.asarray(got))
+
     # (3) AdamW moves the adapters and nothing else.
     bases = _host(nnx.state(model, QuantizedWeight))
     frozen_floats = _host(nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))))

@@ -499,6 +499,11 @@ class QLoRAProduct(_OperandMixin, QLoRAEinsum):
     owner_type = "its module"
 
 
+def is_product_layer(layer: Any) -> bool:
+    """Whether `layer` stands for a parameter multiplied inside a module (`QuantProduct` or `QLoRAProduct`)."""
+    return isinstance(layer, _OperandMixin)
+
+
 def product_layer(site: ProductSite, weight: Any, *, dtype: Any, lora: Any, rngs: nnx.Rngs | None) -> QuantEinsum:
     """The layer replacing `site`'s parameter: `weight` is its `QuantizedArray` or float value."""
     if lora is None:

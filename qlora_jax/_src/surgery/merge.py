@@ -47,6 +47,7 @@ from qlora_jax._src.nn import (
 )
 from qlora_jax._src.nn.adapters import active_adapter, set_adapter
 from qlora_jax._src.surgery.apply import quantize_kernel
+from qlora_jax._src.surgery.intercept import QuantProduct, is_product_layer
 from qlora_jax._src.surgery.targets import child, node_aliases, path_str, replace_node
 
 __all__ = ["MergedLayer", "MergeReport", "merge_lora", "merge_report", "merged_kernel", "unmerge_lora"]
@@ -281,11 +282,12 @@ def unmerge_lora(model: nnx.Module, original: nnx.Module) -> nnx.Module:
     for path, layer, node in _merged_layers(model, original):
         _check_unchanged(path, layer, node)
         layer = nnx.clone(layer)
-        if (node.bias is None) != (layer.bias is None):
-            raise ValueError(f"{path_str(path)}: the merged layer {'has no' if node.bias is None else 'has a'} bias, "
+        node_bias = None if isinstance(node, nnx.Variable) else node.bias  # a product's parameter has no bias
+        if (node_bias is None) != (layer.bias is None):
+            raise ValueError(f"{path_str(path)}: the merged layer {'has no' if node_bias is None else 'has a'} bias, "
                              "the original the opposite")
-        if node.bias is not None:
-            bias = node.bias[...]
+        if node_bias is not None:
+            bias = node_bias[...]
             if tuple(bias.shape) != tuple(layer.bias.shape):
                 raise ValueError(f"{path_str(path)}: bias shape {tuple(bias.shape)} differs from the original "
                                  f"{tuple(layer.bias.shape)}")
@@ -336,7 +338,7 @@ def merge_report(model: nnx.Module, original: nnx.Module) -> MergeReport:
         raise TypeError(f"original: expected the model before merging (an nnx.Module), got {type(original).__name__}")
     rows = []
     for path, layer, node in _merged_layers(model, original):
-        kernel = node.kernel.get_value()
+        kernel = node.get_value() if isinstance(node, nnx.Variable) else node.kernel.get_value()
         dtype, error = np.dtype(kernel.dtype), None
         if isinstance(kernel, QuantizedArray):
             error = float(_relative_rms_error(kernel, merged_kernel(layer, dtype)))
@@ -459,11 +461,14 @@ def _merged_layers(model: nnx.Module, original: nnx.Module) -> list[tuple[tuple[
             raise ValueError(f"{path_str(path)}: not found in the model; unmerge_lora and merge_report take the "
                              "model merge_lora returned and the model before merging") from None
         base = next(t for t in _PLAIN if isinstance(layer, t))  # QuantLinear, QuantLinearGeneral or QuantEinsum
+        plain = _PLAIN[base]
+        if is_product_layer(layer):  # a parameter multiplied inside a module: merged back into an nnx.Param
+            base, plain = QuantProduct, nnx.Param
         if type(node) is type(layer):
             continue  # left alone (with requantize, a layer without adapter)
         requantized = isinstance(layer, QLORA_LAYERS) and type(node) is base
-        if type(node) is not _PLAIN[base] and not requantized:
-            installed = _PLAIN[base].__name__ + (f" or {base.__name__}" if isinstance(layer, QLORA_LAYERS) else "")
+        if type(node) is not plain and not requantized:
+            installed = plain.__name__ + (f" or {base.__name__}" if isinstance(layer, QLORA_LAYERS) else "")
             raise ValueError(f"{path_str(path)}: expected the {installed} that merge_lora installs for a "
                              f"{type(layer).__name__}, or that {type(layer).__name__}, found a {type(node).__name__}")
         merged.append((path, layer, node))
@@ -473,8 +478,11 @@ def _merged_layers(model: nnx.Module, original: nnx.Module) -> list[tuple[tuple[
     return merged
 
 
-def _plain_layer(layer: nnx.Module, w: jax.Array) -> nnx.Module:
-    """The Flax layer computing what `layer` computes (eval mode) with the merged kernel `w`."""
+def _plain_layer(layer: nnx.Module, w: jax.Array) -> nnx.Module | nnx.Param:
+    """The Flax layer computing what `layer` computes (eval mode) with the merged kernel `w`; for a parameter
+    multiplied inside a module (`QuantProduct`, `QLoRAProduct`), the `nnx.Param` its module multiplies again."""
+    if is_product_layer(layer):
+        return nnx.Param(w)
     bias = layer.bias[...] if layer.bias is not None else None
     common = dict(use_bias=bias is not None, dtype=layer.dtype, param_dtype=w.dtype, precision=layer.precision)
     if isinstance(layer, QuantLinear):
@@ -504,12 +512,16 @@ def _quant_layer(layer: nnx.Module, q: QuantizedArray, cfg: QuantConfig) -> nnx.
         return QuantLinear(q, bias, dtype=dtype, precision=layer.precision)
     if isinstance(layer, QuantLinearGeneral):
         return QuantLinearGeneral(q, bias, axis=layer.axis, dtype=dtype, precision=layer.precision)
+    if is_product_layer(layer):
+        new = QuantProduct(layer.einsum_str, q, dtype=dtype, precision=layer.precision)
+        new.param_path, new.owner_type = layer.param_path, layer.owner_type
+        return new
     return QuantEinsum(layer.einsum_str, q, bias, dtype=dtype, precision=layer.precision)
 
 
 def _check_unchanged(path: tuple[Any, ...], layer: nnx.Module, node: nnx.Module) -> None:
     """Raises unless `node`'s kernel is exactly the one `merge_lora` installs for the original `layer`."""
-    current = node.kernel.get_value()
+    current = node.get_value() if isinstance(node, nnx.Variable) else node.kernel.get_value()
     expected = merged_kernel(layer, current.dtype)
     if isinstance(current, QuantizedArray):  # requantized: with the installed kernel's own format
         requantize = QuantConfig(fmt=current.fmt, block_size=current.block_size, double_quant=current.double_quant)
