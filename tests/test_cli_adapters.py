@@ -50,8 +50,18 @@ def test_dora_pissa_run_exports_for_peft_and_evaluates(tmp_path, capsys):
     with torch.no_grad():
         reference = PeftModel.from_pretrained(hf, out / "adapter_over_original").eval()(
             torch.tensor(ids)).logits.double().numpy()
-        # The trained adapter/ over the original weights is another model (3e-3 here): the residual base matters.
+        # adapter/ records init_lora_weights "pissa" (as PEFT does): PEFT computes PiSSA again from the original
+        # weights and applies the adapter over the residual, the same model; without that record it is another
+        # model (3e-3 here): the residual base matters.
+        assert json.loads((out / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
         plain = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path), out / "adapter")
+        np.testing.assert_allclose(plain.eval()(torch.tensor(ids)).logits.numpy(), reference, atol=1e-4, rtol=0)
+        (out / "plain").mkdir()
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            (out / "plain" / name).write_bytes((out / "adapter" / name).read_bytes())
+        config = json.loads((out / "plain" / "adapter_config.json").read_text())
+        (out / "plain" / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": True}))
+        plain = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(path), out / "plain")
         assert np.abs(plain.eval()(torch.tensor(ids)).logits.numpy() - reference).max() > 1e-3  # 10x the tolerance
     loss_sum, tokens = 0.0, 0.0
     for i, ex in enumerate(examples[:3]):
@@ -67,3 +77,8 @@ def test_dora_pissa_run_exports_for_peft_and_evaluates(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == tokens and result["format"] is None
     np.testing.assert_allclose(result["perplexity"], math.exp(loss_sum / tokens), rtol=1e-5)
+    # adapter/ alone over the original checkpoint: PiSSA computed again from it, as PEFT does; the same perplexity.
+    assert main(["eval", "--model", str(path), "--adapter", str(out / "adapter"), "--data", str(data), "--no-pack",
+                 "--format", "none", "--json"]) == 0
+    np.testing.assert_allclose(json.loads(capsys.readouterr().out)["perplexity"], math.exp(loss_sum / tokens),
+                               rtol=1e-5)

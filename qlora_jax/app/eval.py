@@ -159,6 +159,13 @@ def inference_model(model: str | os.PathLike, adapter: str | os.PathLike | None 
             raise ValueError(f"{config_path}: per-module rank_pattern/alpha_pattern are not supported")
         targets = cfg.get("target_modules")
         run = run or {}
+        init = cfg.get("init_lora_weights", True)
+        if isinstance(init, str) and init in ("pissa", "olora") and "init" not in run:
+            run = {**run, "init": init}  # as PEFT: the init computed again from the checkpoint, its residual the base
+        elif isinstance(init, str) and init != "gaussian" and "init" not in run:
+            raise ValueError(f"{config_path}: init_lora_weights {init!r}: this adapter applies over the residual "
+                             "base its run computed (random draws), not over the original checkpoint; pass the "
+                             "finetune run directory as --adapter, or its adapter_over_original/")
         lora = LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(run.get("dropout", 0.0)),
                           targets=sorted(targets) if isinstance(targets, list) else targets,
                           rslora=bool(cfg.get("use_rslora", False)), use_dora=bool(cfg.get("use_dora", False)),

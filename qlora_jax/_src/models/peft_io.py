@@ -133,7 +133,7 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
             tensors[f"{_PREFIX}{name}.lora_magnitude_vector"] = np.ascontiguousarray(m[index] if layer.stack_shape
                                                                                      else m)  # (out,)
     unique = list({id(v): v for v in layers.values()}.values())
-    for attr in ("dropout_rate", "rslora", "use_dora"):
+    for attr in ("dropout_rate", "rslora", "use_dora", "init"):
         values = {getattr(layer, attr) for layer in unique}
         if len(values) > 1:
             raise ValueError(f"model: adapters differ in {attr} ({sorted(values)}); a PEFT config has one value")
@@ -145,7 +145,11 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
         "r": rank, "lora_alpha": alpha, "lora_dropout": unique[0].dropout_rate, "use_rslora": unique[0].rslora,
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in layers}), "bias": "none",
-        "fan_in_fan_out": False, "use_dora": unique[0].use_dora, "inference_mode": True, "init_lora_weights": True,
+        "fan_in_fan_out": False, "use_dora": unique[0].use_dora, "inference_mode": True,
+        # As PEFT records it: "pissa"/"olora"/"pissa_niter_N" (PEFT computes that init again from the original
+        # base it loads the adapter over, and uses the residual), True for LoftQ (PEFT's LoftQ workflow: the adapter
+        # applies over the residual base, save_residual_base) and for the plain inits.
+        "init_lora_weights": _peft_init(unique[0]),
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {n: r for n, r in ranks.items() if r != rank},
         "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
@@ -155,6 +159,11 @@ def save_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,
         save_safetensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
         write_text(tmp / "adapter_config.json", json.dumps(config, indent=2) + "\n")
     return directory
+
+
+def _peft_init(layer: Any) -> bool | str:
+    init = getattr(layer, "init", "default")
+    return True if init in ("default", "loftq") else init
 
 
 def load_peft_adapter(model: nnx.Module, directory: str | os.PathLike, *,

@@ -64,6 +64,7 @@ class AdapterMixin:
         self.rank = rank
         self.alpha = float(lora.alpha)
         self.rslora = lora.rslora
+        self.init = lora.init  # how the adapter started; PEFT's init_lora_weights in an exported adapter_config
         self.scale = lora.scale
         self.dropout_rate = lora.dropout
         self.deterministic = False

@@ -326,6 +326,7 @@ def _build_layer(site: LinearSite, quant: QuantConfig | None, lora: LoraConfig |
         init = weight_init_kernel(m.kernel[...], contract_axes=site.contract_axes, kernel_ndim=len(site.logical_shape),
                                   lora=lora, quant=quant, key=rngs["params"]())
         factors = init[:2]
+    began_as = None if lora is None else lora.init
     if lora is not None and factors is not None:
         lora = dataclasses.replace(lora, init="default")  # the layer draws placeholders, overwritten below
     if init is not None:
@@ -349,4 +350,5 @@ def _build_layer(site: LinearSite, quant: QuantConfig | None, lora: LoraConfig |
         layer = (QuantEinsum if lora is None else QLoRAEinsum)(m.einsum_str, weight, bias, **common, **adapter)
     if factors is not None:
         set_adapter(layer, *factors)
+        layer.init = began_as  # recorded as PEFT's init_lora_weights when the adapter is exported
     return layer
