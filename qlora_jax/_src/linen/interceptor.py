@@ -29,7 +29,7 @@ from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
 from qlora_jax._src.formats.qarray import QuantizedArray
 from qlora_jax._src.linen.layers import FROZEN, QLoRABase, compute_dtype, dense_forward
 from qlora_jax._src.nn.lora import init_lora, lora_einsum
-from qlora_jax._src.nn.spec import einsum_kernel_axes, einsum_problem, split_einsum
+from qlora_jax._src.nn.spec import KernelSizes, einsum_kernel_axes, einsum_problem, split_einsum
 from qlora_jax._src.ops.qmatmul import qeinsum
 from qlora_jax._src.surgery.apply import quantize_kernel
 from qlora_jax._src.surgery.intercept import (
@@ -210,7 +210,7 @@ def _converted_call(module: nn.Module, args: tuple, kwargs: dict, quant: QuantCo
 
 
 @dataclasses.dataclass(frozen=True)
-class ProductParam:
+class ProductParam(KernelSizes):
     """A `self.param` that a Linen module (not `nn.Dense`) multiplies with its input, found by `product_params`.
 
     Example:
@@ -242,15 +242,6 @@ class ProductParam:
         """Axes of one kernel summed against the input."""
         return einsum_kernel_axes(self.spec)[0] if self.problem is None else ()
 
-    @property
-    def in_size(self) -> int:
-        """Elements of the contracted axes."""
-        return math.prod(self.logical_shape[a] for a in self.contract_axes)
-
-    @property
-    def out_size(self) -> int:
-        """Elements of the other axes."""
-        return math.prod(d for i, d in enumerate(self.logical_shape) if i not in self.contract_axes)
 
 
 def product_params(model: nn.Module, *args: Any, **kwargs: Any) -> tuple[ProductParam, ...]:

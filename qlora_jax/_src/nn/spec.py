@@ -10,9 +10,28 @@ flattened input axes to the rank and the rank to the flattened output axes.
 
 from __future__ import annotations
 
+import math
 import re
 
-__all__ = ["split_einsum", "einsum_kernel_axes", "einsum_problem"]
+__all__ = ["split_einsum", "einsum_kernel_axes", "einsum_problem", "KernelSizes"]
+
+
+class KernelSizes:
+    """`in_size` / `out_size` of a kernel site (a mixin for the classes that describe where a kernel is: they set
+    `logical_shape` and `contract_axes`)."""
+
+    logical_shape: tuple[int, ...]
+    contract_axes: tuple[int, ...]
+
+    @property
+    def in_size(self) -> int:
+        """Elements of the contracted (input) axes of one kernel."""
+        return math.prod(self.logical_shape[a] for a in self.contract_axes)
+
+    @property
+    def out_size(self) -> int:
+        """Elements of the other (output) axes of one kernel."""
+        return math.prod(d for i, d in enumerate(self.logical_shape) if i not in self.contract_axes)
 
 _SPEC = re.compile(r"([a-zA-Z.]*),([a-zA-Z.]*)->([a-zA-Z.]*)")
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import threading
 import warnings
 from collections.abc import Callable, Mapping
@@ -54,7 +53,7 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from qlora_jax._src.config import HEAD_NAMES
 from qlora_jax._src.formats.blockwise import FLOAT_DTYPES
 from qlora_jax._src.nn import QLoRAEinsum, QuantEinsum
-from qlora_jax._src.nn.spec import einsum_kernel_axes, einsum_problem, split_einsum
+from qlora_jax._src.nn.spec import KernelSizes, einsum_kernel_axes, einsum_problem, split_einsum
 from qlora_jax._src.surgery.targets import path_str
 
 __all__ = ["register_linear", "registered_linears", "ProductSite", "OperandBase", "ProductOperand", "intercepting",
@@ -135,7 +134,7 @@ def registered_linears(module: Any) -> dict[str, str]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProductSite:
+class ProductSite(KernelSizes):
     """A float `nnx.Param` that a module multiplies with its input, and how."""
 
     path: tuple[Any, ...]  # nnx path of the parameter, e.g. ("layers", 0, "attn", "q", "w")
@@ -181,15 +180,6 @@ class ProductSite:
         """`(*stack, *logical_shape)`."""
         return (*self.stack_shape, *self.logical_shape)
 
-    @property
-    def in_size(self) -> int:
-        """Elements of the contracted axes of one kernel."""
-        return math.prod(self.logical_shape[a] for a in self.contract_axes)
-
-    @property
-    def out_size(self) -> int:
-        """Elements of the other axes of one kernel."""
-        return math.prod(d for i, d in enumerate(self.logical_shape) if i not in self.contract_axes)
 
 
 def _is_library_module(module: Any) -> bool:

@@ -17,7 +17,6 @@ the report as left alone.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -28,7 +27,7 @@ from flax.nnx.nn import dtypes as nnx_dtypes
 from jax import lax
 
 from qlora_jax._src.config import ALL_LINEAR, HEAD_NAMES
-from qlora_jax._src.nn.spec import einsum_kernel_axes, einsum_problem, split_einsum
+from qlora_jax._src.nn.spec import KernelSizes, einsum_kernel_axes, einsum_problem, split_einsum
 
 __all__ = ["SUPPORTED_MODULES", "LinearSite", "find_linears", "unsupported_reason", "find_heads",
            "match_targets", "path_str", "child", "set_child", "node_aliases", "replace_node"]
@@ -42,7 +41,7 @@ SUPPORTED_MODULES: dict[type, str] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearSite:
+class LinearSite(KernelSizes):
     """One supported layer (`nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum`) of a model and where it lives."""
 
     path: tuple[Any, ...]  # nnx path from the root, e.g. ("blocks", 0, "attn", "q_proj")
@@ -67,15 +66,6 @@ class LinearSite:
         """`(*stack, *logical_shape)`."""
         return (*self.stack_shape, *self.logical_shape)
 
-    @property
-    def in_size(self) -> int:
-        """Elements of the contracted (input) axes of one kernel."""
-        return math.prod(self.logical_shape[a] for a in self.contract_axes)
-
-    @property
-    def out_size(self) -> int:
-        """Elements of the other (output) axes of one kernel."""
-        return math.prod(d for i, d in enumerate(self.logical_shape) if i not in self.contract_axes)
 
 
 def path_str(path: Iterable[Any]) -> str:
