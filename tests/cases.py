@@ -15,7 +15,7 @@ def matrix(*axes) -> list:
     (case `i` takes value `i mod len` of each axis, for `i < max(len)`) are marked slow.
 
     >>> [p.values for p in matrix("ab", [1, 2, 3]) if not p.marks]
-    [('a', 1), ('b', 2), ('a', 3)]
+    [('a', 1), ('a', 3), ('b', 2)]
     >>> len(matrix("ab", [1, 2, 3]))
     6
     """

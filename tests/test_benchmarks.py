@@ -32,6 +32,7 @@ def test_qmatmul_benchmark_runs_and_writes_json(tmp_path):
             assert "default backend is cpu" in row["paths"]["pallas_gpu"]["skipped"]
 
 
+@pytest.mark.slow  # ~40 s; what it measures (compiled step memory) is asserted by the memory tests
 def test_memory_benchmark_runs_and_writes_json(tmp_path):
     out = tmp_path / "memory.json"
     result = subprocess.run(
@@ -55,6 +56,7 @@ def test_memory_benchmark_runs_and_writes_json(tmp_path):
     assert [c["ok"] for c in data["acceptance"]] == [True, True, True]
 
 
+@pytest.mark.slow  # ~30 s; the methods it compares are tested against PEFT and NumPy in their own tests
 def test_quality_benchmark_runs_and_writes_json(tmp_path):
     out = tmp_path / "quality.json"
     demo = tmp_path / "demo.json"

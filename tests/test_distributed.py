@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from test_sharding import TRAIN
 
 import qlora_jax as qj
@@ -65,6 +66,7 @@ def test_two_processes_train_together_and_match_one_device(tmp_path, single_devi
                                    atol=1e-4 * TRAIN.lr)
 
 
+@pytest.mark.slow  # ~45 s; the library's two-process step (above) runs by default
 def test_finetune_command_on_two_processes(tmp_path):
     """`qlora-jax finetune --mesh ... --coordinator ... --num-processes 2 --process-id i` on two local processes
     (2 CPU devices each) trains like one process on one device; process 0 writes the adapter."""

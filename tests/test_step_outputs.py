@@ -74,7 +74,10 @@ def test_compiled_step_outputs_only_what_it_changes(flavour):
         assert outputs <= changing + 1024, (outputs, changing, frozen)  # + the metrics' scalars
 
 
-@pytest.mark.parametrize("flavour", ["trainer", pytest.param("readme", marks=pytest.mark.slow), "nnx-jit-default"])
+# The control (NNX's default jit writes the base out every step) also runs, compiled, in the test above; its real
+# process run is slow (-m slow), as is the README's step (the same step as the trainer's).
+@pytest.mark.parametrize("flavour", ["trainer", pytest.param("readme", marks=pytest.mark.slow),
+                                     pytest.param("nnx-jit-default", marks=pytest.mark.slow)])
 def test_real_steps_do_not_grow_the_process_by_the_frozen_base(flavour):
     result = subprocess.run([sys.executable, str(SCRIPT), flavour], capture_output=True, text=True, timeout=300,
                             check=False)
