@@ -20,6 +20,7 @@ import torch
 import transformers
 from flax import nnx
 from safetensors.numpy import load_file
+from test_nnx_layers import naive_scan_temporaries
 
 import qlora_jax as qj
 from qlora_jax import models
@@ -327,15 +328,7 @@ def test_qdora_gradient_step_keeps_no_dequantized_weights():
     grads = compiled(lora, rest, x)
     assert float(jnp.abs(grads["fc"]["lora_magnitude_vector"][...]).sum()) > 0
 
-    def naive(ab, q, x):
-        def body(h, layer):
-            ql, a, b = layer
-            return jnp.tanh(h @ qj.dequantize(ql, jnp.float32) + (h @ a) @ b * 8.0), None
-
-        return jnp.sum(jax.lax.scan(body, x, (q, *ab))[0])
-
-    naive_bytes = jax.jit(jax.grad(naive)).lower((fc.lora_a[...], fc.lora_b[...]), fc.kernel.get_value(), x) \
-        .compile().memory_analysis().temp_size_in_bytes
+    naive_bytes = naive_scan_temporaries(fc, x)
     weight_bytes = d * d * 4
     assert naive_bytes > n * weight_bytes, naive_bytes  # the baseline really keeps the weights
     assert ours < 4 * weight_bytes, (ours, naive_bytes)
