@@ -18,6 +18,7 @@ With and without a chat template; with a template found by incremental rendering
 """
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -60,7 +61,10 @@ TOKENIZERS = {
     "bpe-generation": (_make("bpe", GENERATION_TEMPLATE), "bpe", [2]),
     "bpe-no-bos-trimmed-plain": (_make("bpe", PLAIN_TEMPLATE, bos=False), "bpe", []),
 }
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# Under CI a fixed sequence of examples (a submission does not pass or fail by the draw, and a failure there
+# reproduces); elsewhere each run draws new ones, which is how the cases above were found.
+SETTINGS = dict(deadline=None, derandomize=bool(os.environ.get("CI")),
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 # ------------------------------------------------------------------------------------------------ strategies
 

@@ -156,8 +156,10 @@ def test_remat_groups_equal_every_layer_kept(group):
         model.train()
         results.append((loss_and_grads(model, ids, steps=2), jax.tree.leaves(nnx.state(model, nnx.RngCount))))
     (want, want_counts), (got, got_counts) = results
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want[0][1]))
+    assert scale > 0
     for a, b in zip(got, want, strict=True):
-        assert_close(a, b, atol=1e-7)
+        assert_close(a, b, atol=1e-6 * scale)  # float32 rounding of differently grouped programs (~4e-7 x scale)
     for a, b in zip(got_counts, want_counts, strict=True):
         np.testing.assert_array_equal(a, b)
 
