@@ -77,8 +77,8 @@ def test_notebook_runs_in_a_jupyter_kernel(checkpoint, monkeypatch):
         cell = next(c for c in notebook.cells if c.cell_type == "code" and cell_source in c.source)
         return cell.outputs
 
-    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
-               for o in outputs("tqdm(range(1, STEPS + 1)"))  # the training bar is a widget
+    for cell in ("tqdm(range(1, STEPS + 1)", "progress=True"):  # the training bar and from_pretrained's loading bar
+        assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in outputs(cell)), cell
     plot = next(c for c in notebook.cells if "plot" in c.metadata.get("tags", []))
     images = [o["data"]["image/png"] for o in plot.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 1 and base64.b64decode(images[0])[:8] == b"\x89PNG\r\n\x1a\n"

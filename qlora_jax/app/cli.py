@@ -47,7 +47,7 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, text elsewhere
 
 import qlora_jax as qj
 from qlora_jax._src.memory import METHODS, step_memory

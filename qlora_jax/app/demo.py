@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, text elsewhere
 
 import qlora_jax as qj
 from qlora_jax._src.memory import linear_param_count, step_memory

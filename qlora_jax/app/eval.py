@@ -34,7 +34,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, text elsewhere
 
 from qlora_jax._src.config import LoraConfig, QuantConfig
 from qlora_jax._src.data import Batcher, Example, load_examples

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, text elsewhere
 
 from qlora_jax._src.checkpoint import DamagedCheckpointWarning
 from qlora_jax._src.config import INITS, LoraConfig, QuantConfig, pissa_niter
