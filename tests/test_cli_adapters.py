@@ -10,6 +10,7 @@ import torch
 import transformers
 from test_data import finetune_files
 
+import qlora_jax as qj
 from qlora_jax.app.cli import main
 from qlora_jax.app.eval import inference_model
 from qlora_jax.data import load_examples
@@ -82,3 +83,49 @@ def test_dora_pissa_run_exports_for_peft_and_evaluates(tmp_path, capsys):
                  "--format", "none", "--json"]) == 0
     np.testing.assert_allclose(json.loads(capsys.readouterr().out)["perplexity"], math.exp(loss_sum / tokens),
                                rtol=1e-5)
+
+
+def test_loftq_run_adapter_alone_generates_and_exports_over_its_base(tmp_path, capsys):
+    """A LoftQ run's `adapter/` records `init_lora_weights: true` (PEFT's convention), so the adapter alone cannot
+    say it needs the LoftQ base (after more than one round it is not the plain NF4 of the weights); `generate`/`export --adapter RUN/adapter` take it from the run beside it. The
+    reference: `PeftModel` with `adapter/` over the run's `residual_base/` (the dequantized LoftQ base). The
+    same adapter copied out of the run is another model (what these commands gave before), and a LoftQ run's
+    adapter over another quantization is refused, naming both."""
+    import pytest
+    from peft import PeftModel
+
+    path, _, data = finetune_files(tmp_path, ROWS)
+    out = tmp_path / "run"
+    assert main(["finetune", "--model", str(path), "--data", str(data), "--output", str(out), "--steps", "2",
+                 "--batch-size", "2", "--seq-len", "16", "--rank", "2", "--alpha", "4", "--lr", "5e-2",
+                 "--init", "loftq", "--loftq-iter", "3", "--save-residual-base", "--no-fit"]) == 0
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] is True
+    ids = np.array([[1, 5, 9, 12, 7, 3, 22, 4]])
+    with torch.no_grad():
+        base = transformers.AutoModelForCausalLM.from_pretrained(out / "residual_base")
+        reference = PeftModel.from_pretrained(base, out / "adapter").eval()(torch.tensor(ids)).logits.numpy()
+
+    assert main(["export", "--model", str(path), "--adapter", str(out / "adapter"), "--merged",
+                 str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(merged(torch.tensor(ids)).logits.numpy(), reference, atol=1e-4, rtol=0)
+    prompt = "what is two plus two"
+    capsys.readouterr()
+    assert main(["generate", "--model", str(path), "--adapter", str(out / "adapter"), "--prompt", prompt,
+                 "--max-new-tokens", "4"]) == 0
+    tokenizer = load_tokenizer(path)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        greedy = merged.generate(torch.tensor([prompt_ids]), max_new_tokens=4, do_sample=False)[0, len(prompt_ids):]
+    assert capsys.readouterr().out.strip() == tokenizer.decode(greedy.tolist(), skip_special_tokens=True).strip()
+
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (copied / name).write_bytes((out / "adapter" / name).read_bytes())
+    alone = np.asarray(inference_model(path, copied, quant=qj.QuantConfig())(ids))
+    assert np.abs(alone - reference).max() > 1e-3  # 10x the tolerance: over plain NF4, not the LoftQ base
+    with pytest.raises(ValueError, match=r"LoftQ base quantized as nf4, block size 64, with double quantization, "
+                                         r"not fp4, block size 64"):
+        inference_model(path, out, quant=qj.QuantConfig(fmt="fp4"))

@@ -227,7 +227,9 @@ def _build_parser() -> argparse.ArgumentParser:
                            ("export", "merge an adapter into the dequantized base; write a Hugging Face checkpoint")):
         sub = commands.add_parser(name, help=helptext, description=helptext)
         sub.add_argument("--model", required=True, help="checkpoint directory or hub id")
-        sub.add_argument("--adapter", default=None, required=name == "export", help="PEFT adapter directory")
+        sub.add_argument("--adapter", default=None, required=name == "export",
+                         help="PEFT adapter directory, or a finetune --output directory (with the run's settings: a "
+                              "PiSSA/OLoRA/LoftQ run's base is computed again as in training)")
         sub.add_argument("--format", choices=["nf4", "fp4", "int4", "int8", "none"], default="nf4",
                          help="base weight format the adapter was trained on (default nf4)")
         sub.add_argument("--block-size", type=int, default=64)

@@ -83,6 +83,10 @@ class EvalArgs:
 def resolve_adapter(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
     """The PEFT adapter directory that `path` names, and the `run_config.json` of its finetune run, if any.
 
+    A run's own `adapter/` comes with the run's settings too: an adapter
+    trained over a LoftQ base records `init_lora_weights: true` (PEFT's
+    convention), so only the run says which base it needs.
+
     Args:
         path: A PEFT adapter directory (`adapter_config.json`), or a
             `finetune --output` directory (`run_config.json` and `adapter/`).
@@ -103,14 +107,18 @@ def resolve_adapter(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | Non
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--adapter: {path}: no such directory")
-    if (path / "adapter_config.json").is_file():
-        return path, None
-    if (path / "run_config.json").is_file() and (path / "adapter" / "adapter_config.json").is_file():
+
+    def run_config(run_dir: Path) -> dict[str, Any]:
         try:
-            run = json.loads((path / "run_config.json").read_text())
+            return json.loads((run_dir / "run_config.json").read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"--adapter: {path / 'run_config.json'}: invalid JSON: {e.msg}") from None
-        return path / "adapter", run
+            raise ValueError(f"--adapter: {run_dir / 'run_config.json'}: invalid JSON: {e.msg}") from None
+
+    if (path / "adapter_config.json").is_file():
+        in_run = path.name == "adapter" and (path.parent / "run_config.json").is_file()
+        return path, run_config(path.parent) if in_run else None
+    if (path / "run_config.json").is_file() and (path / "adapter" / "adapter_config.json").is_file():
+        return path / "adapter", run_config(path)
     raise FileNotFoundError(f"--adapter: {path} is neither a PEFT adapter directory (no adapter_config.json) nor a "
                             "finetune --output directory (no run_config.json and adapter/adapter_config.json)")
 
@@ -125,20 +133,23 @@ def inference_model(model: str | os.PathLike, adapter: str | os.PathLike | None 
 
     Args:
         model: A checkpoint directory or hub id.
-        adapter: A PEFT adapter directory, or None for the base alone.
+        adapter: A PEFT adapter directory or a finetune run directory (see
+            `resolve_adapter`), or None for the base alone.
         quant: How to quantize the base's projections; None keeps them float.
         dtype: Compute dtype.
         progress: A progress bar over the tensors read.
-        run: The `run_config.json` of the finetune run that trained `adapter`, if any: an `init` that reads the
-            weight (PiSSA, OLoRA, LoftQ) is computed again while loading, with the run's `loftq_iter`, `dropout`
-            and `seed` (the same residual base and draws), before the adapter replaces the initial factors.
+        run: The `run_config.json` of the finetune run that trained `adapter`; None: the run `resolve_adapter`
+            finds, if any. An `init` that reads the weight (PiSSA, OLoRA, LoftQ) is computed again while loading,
+            with the run's `loftq_iter`, `dropout` and `seed` (the same residual base and draws), before the
+            adapter replaces the initial factors.
 
     Returns:
         The `CausalLM`, after `model.eval()`.
 
     Raises:
         FileNotFoundError: A missing checkpoint or adapter file (named).
-        ValueError: An adapter this model cannot take (per-module ranks, unknown targets; named).
+        ValueError: An adapter this model cannot take (per-module ranks, unknown targets; named), or a LoftQ
+            run's adapter over another quantization than the run's (LoftQ's base depends on it).
 
     Example:
         (`checkpoint`: a tiny Llama checkpoint; `adapter_dir`: a PEFT adapter saved for it.)
@@ -150,10 +161,20 @@ def inference_model(model: str | os.PathLike, adapter: str | os.PathLike | None 
         True
     """
     lora = None
+    if adapter is not None and run is None:
+        adapter, run = resolve_adapter(adapter)
     if adapter is not None:
         config_path = Path(adapter) / "adapter_config.json"
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path}: missing (not a PEFT adapter directory)")
+        if (run or {}).get("init") == "loftq":  # LoftQ's base depends on the quantization: only the run's fits
+            trained = (None if run.get("format") is None else
+                       (run["format"], run.get("block_size", 64), bool(run.get("double_quant", True))))
+            asked = None if quant is None else (quant.fmt, quant.block_size, bool(quant.double_quant))
+            if asked != trained:
+                raise ValueError(f"{config_path}: trained over a LoftQ base quantized as {_quant_name(trained)}, "
+                                 f"not {_quant_name(asked)}; pass the run's --format, --block-size and double "
+                                 "quantization")
         cfg = json.loads(config_path.read_text())
         if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
             raise ValueError(f"{config_path}: per-module rank_pattern/alpha_pattern are not supported")
@@ -176,6 +197,13 @@ def inference_model(model: str | os.PathLike, adapter: str | os.PathLike | None 
         load_peft_adapter(loaded, adapter)
     loaded.eval()
     return loaded
+
+
+def _quant_name(quant: tuple[str, int, bool] | None) -> str:
+    if quant is None:
+        return "none (a float base)"
+    fmt, block_size, double_quant = quant
+    return f"{fmt}, block size {block_size}, {'with' if double_quant else 'no'} double quantization"
 
 
 def _settings(args: EvalArgs, run: dict[str, Any] | None, max_positions: int) -> tuple[QuantConfig | None, int]:
